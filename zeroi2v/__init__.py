@@ -1,0 +1,22 @@
+"""zeroi2v: adapt a pretrained image ViT to video at zero extra inference cost (ZeroI2V, ECCV 2024).
+
+Public API:
+    stdha_attention        functional spatial-temporal dual-headed attention (backend dispatch)
+    STDHAttention          drop-in timm ``Attention`` replacement (``zeroi2v.nn``)
+    LinearAdapter          mergeable bottleneck adapter (``zeroi2v.nn``)
+    create_video_model     timm ViT name/instance -> ZeroI2V video classifier
+    merge_adapters         fold adapters into the frozen linears -> plain ViT + STDHA
+    PRESETS                official head-offset layouts
+"""
+from .offsets import PRESETS, resolve_offsets, source_frames
+from .ops.stdha import available_backends, register_backend, stdha_attention, stdha_reference
+from .models.video_vit import ZeroI2VViT, create_video_model
+from .models.merge import merge_adapters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "resolve_offsets", "source_frames", "stdha_attention", "stdha_reference",
+    "register_backend", "available_backends", "ZeroI2VViT", "create_video_model",
+    "merge_adapters", "__version__",
+]

@@ -1,0 +1,211 @@
+"""``stdha_attention``: spatial-temporal dual-headed attention (SPEC §2) and its backend dispatch.
+
+This module is the single place that validates STDHA arguments and picks a backend. It holds the
+two pure-PyTorch backends side by side:
+
+* ``"reference"`` — the definition, written plainly (per-head gather, explicit softmax). Every fast
+  path is tested against it. It copies K/V and is slow on purpose.
+* ``"torch"`` — one vectorised gather of K and V (a copy) followed by
+  ``F.scaled_dot_product_attention``. Runs anywhere, supports autograd and dropout.
+
+Compiled backends (the Triton kernel in :mod:`zeroi2v.kernels`, the CUDA extension ``zeroi2v._C``)
+call :func:`register_backend` when they are imported; ``backend="auto"`` imports them lazily and
+picks the highest-priority backend that supports the inputs.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..offsets import HeadOffsets, check_offsets, resolve_offsets, source_frames
+
+# fn(q, k, v, num_frames, offsets: tuple[int, ...], scale: float) -> out (B*T, H, N, D)
+BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, tuple, float], torch.Tensor]
+# supports(q, k, v, needs_grad) -> bool
+SupportsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], bool]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: BackendFn
+    supports: SupportsFn
+    priority: int
+
+
+_BACKENDS: dict[str, Backend] = {}
+# Optional modules that register backends on import; tried once, failures are remembered.
+_PLUGINS = ("zeroi2v.kernels.stdha", "zeroi2v._C")
+_plugins_loaded = False
+
+
+def register_backend(
+    name: str, fn: BackendFn, *, supports: Optional[SupportsFn] = None, priority: int = 0
+) -> None:
+    """Make ``fn`` available as ``stdha_attention(..., backend=name)``.
+
+    ``fn`` receives validated arguments. ``supports(q, k, v, needs_grad)`` tells ``"auto"`` whether
+    the backend can take these inputs (device, dtype, head_dim, autograd); ``"auto"`` picks the
+    supporting backend with the highest ``priority``.
+    """
+    _BACKENDS[name] = Backend(name, fn, supports or (lambda q, k, v, g: True), priority)
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for mod in _PLUGINS:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass  # optional: no Triton / extension not built
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends (importing the optional ones first)."""
+    _load_plugins()
+    return sorted(_BACKENDS)
+
+
+def _pick_backend(name: str, q, k, v, needs_grad: bool, dropout_p: float) -> Backend:
+    if name != "auto":
+        if name not in _BACKENDS:
+            _load_plugins()
+        if name not in _BACKENDS:
+            raise ValueError(f"unknown STDHA backend {name!r}; available: {available_backends()}")
+        if dropout_p > 0 and name != "torch":
+            raise ValueError(f"attention dropout is only supported by the 'torch' backend, not {name!r}")
+        return _BACKENDS[name]
+    if dropout_p > 0:
+        return _BACKENDS["torch"]
+    _load_plugins()
+    best = None
+    for b in _BACKENDS.values():
+        if b.name == "reference":
+            continue
+        if (best is None or b.priority > best.priority) and b.supports(q, k, v, needs_grad):
+            best = b
+    return best or _BACKENDS["torch"]
+
+
+def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
+             head_offsets: HeadOffsets) -> tuple[int, ...]:
+    """Check shapes and offsets; return the offsets as a tuple of ints."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have rank 4 (B*T, heads, tokens, head_dim), got shape {tuple(t.shape)}"
+            )
+    if not (q.shape[0] == k.shape[0] == v.shape[0] and q.shape[1] == k.shape[1] == v.shape[1]):
+        raise ValueError(
+            "q, k, v must agree on batch*frames and heads, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[3] != k.shape[3] or k.shape[2] != v.shape[2]:
+        raise ValueError(
+            "q and k need the same head_dim and k, v the same token count, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    num_frames = int(num_frames)
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if q.shape[0] % num_frames:
+        raise ValueError(
+            f"wrong frame count: batch*frames = {q.shape[0]} is not divisible by "
+            f"num_frames = {num_frames}"
+        )
+    offsets = resolve_offsets(head_offsets, q.shape[1])
+    check_offsets(offsets, num_frames)
+    return offsets
+
+
+def stdha_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_frames: int,
+    head_offsets: HeadOffsets,
+    *,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Spatial-temporal dual-headed attention.
+
+    Args:
+        q, k, v: ``(B*T, H, N, D)`` in SDPA layout, the ``T`` frames of a video adjacent
+            (row ``b*T + t``).
+        num_frames: ``T``.
+        head_offsets: ``H`` ints (or a preset name from :data:`zeroi2v.offsets.PRESETS`). Head ``h``
+            of frame ``t`` reads K/V of frame ``t - d_h``, or of frame ``t`` if that is outside
+            the clip.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        dropout_p: attention-probability dropout (``"torch"`` backend only).
+        backend: ``"auto"``, ``"reference"``, ``"torch"``, or a registered compiled backend
+            (``"triton"``, ``"cuda"``).
+
+    Returns:
+        ``(B*T, H, N, D)``, same dtype as ``q``.
+    """
+    offsets = validate(q, k, v, num_frames, head_offsets)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    b = _pick_backend(backend, q, k, v, needs_grad, dropout_p)
+    if b.name == "torch":
+        return _torch_backend(q, k, v, int(num_frames), offsets, float(scale), dropout_p)
+    return b.fn(q, k, v, int(num_frames), offsets, float(scale))
+
+
+# ----------------------------------------------------------------------------- pure PyTorch
+
+
+def stdha_reference(q, k, v, num_frames: int, offsets, scale: Optional[float] = None):
+    """The definition of STDHA, written out: for each head, gather K/V frames, explicit softmax.
+
+    Computes in the input dtype; tests call it on float64 inputs as the ground truth.
+    """
+    offsets = tuple(offsets)
+    bt, h, n, d = q.shape
+    t = int(num_frames)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    src = source_frames(offsets, t)  # (T, H)
+    outs = []
+    for head in range(h):
+        # rows b*T + t of the output read rows b*T + s(t, head) of K and V
+        rows = (torch.arange(bt) // t) * t + src[torch.arange(bt) % t, head]
+        rows = rows.to(q.device)
+        kh = k[:, head].index_select(0, rows)  # (B*T, N, D)
+        vh = v[:, head].index_select(0, rows)
+        logits = (q[:, head] @ kh.transpose(-1, -2)) * scale
+        p = torch.softmax(logits, dim=-1)
+        outs.append(p @ vh)
+    return torch.stack(outs, dim=1)
+
+
+def gather_frames(x: torch.Tensor, num_frames: int, offsets: tuple[int, ...]) -> torch.Tensor:
+    """Shift K or V by whole heads: one advanced-indexing gather, ``(B*T, H, N, D)`` → same shape."""
+    bt, h = x.shape[:2]
+    src = source_frames(offsets, num_frames, x.device)  # (T, H)
+    x5 = x.unflatten(0, (bt // num_frames, num_frames))  # a view, even for strided inputs
+    heads = torch.arange(h, device=x.device).expand(num_frames, h)
+    return x5[:, src, heads].reshape(x.shape)
+
+
+def _torch_backend(q, k, v, num_frames, offsets, scale, dropout_p=0.0):
+    if any(offsets):
+        k = gather_frames(k, num_frames, offsets)
+        v = gather_frames(v, num_frames, offsets)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
+
+register_backend("reference", lambda q, k, v, t, o, s: stdha_reference(q, k, v, t, o, s), priority=-100)
+register_backend("torch", _torch_backend, priority=0)
