@@ -40,7 +40,7 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 # Optional modules that register backends on import; tried once, failures are remembered.
-_PLUGINS = ("zeroi2v.kernels.stdha", "zeroi2v._C")
+_PLUGINS = ("zeroi2v.kernels.stdha", "zeroi2v.kernels.cuda")
 _plugins_loaded = False
 
 
