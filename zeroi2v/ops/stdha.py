@@ -5,8 +5,10 @@ two pure-PyTorch backends side by side:
 
 * ``"reference"`` — the definition, written plainly (per-head gather, explicit softmax). Every fast
   path is tested against it. It copies K/V and is slow on purpose.
-* ``"torch"`` — one vectorised gather of K and V (a copy) followed by
-  ``F.scaled_dot_product_attention``. Runs anywhere, supports autograd and dropout.
+* ``"torch"`` — K/V heads shifted by slice copies per run of heads sharing an offset (no Python
+  loop over frames), then one ``F.scaled_dot_product_attention``. With ``inplace_kv=True`` (the
+  caller owns K/V, as ``STDHAttention`` does) only the moving heads are copied. Runs anywhere,
+  supports autograd and dropout.
 
 Compiled backends (the Triton kernel in :mod:`zeroi2v.kernels`, the CUDA extension ``zeroi2v._C``)
 call :func:`register_backend` when they are imported; ``backend="auto"`` imports them lazily and
@@ -17,6 +19,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Optional
 
 import torch
@@ -136,6 +139,7 @@ def stdha_attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    inplace_kv: bool = False,
 ) -> torch.Tensor:
     """Spatial-temporal dual-headed attention.
 
@@ -150,6 +154,8 @@ def stdha_attention(
         dropout_p: attention-probability dropout (``"torch"`` backend only).
         backend: ``"auto"``, ``"reference"``, ``"torch"``, or a registered compiled backend
             (``"triton"``, ``"cuda"``).
+        inplace_kv: the caller allows ``k`` and ``v`` to be overwritten (honoured by the
+            ``"torch"`` backend when no gradient is needed; kernels never need it).
 
     Returns:
         ``(B*T, H, N, D)``, same dtype as ``q``.
@@ -160,7 +166,8 @@ def stdha_attention(
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     b = _pick_backend(backend, q, k, v, needs_grad, dropout_p)
     if b.name == "torch":
-        return _torch_backend(q, k, v, int(num_frames), offsets, float(scale), dropout_p)
+        return _torch_backend(q, k, v, int(num_frames), offsets, float(scale), dropout_p,
+                              inplace_kv and not needs_grad)
     return b.fn(q, k, v, int(num_frames), offsets, float(scale))
 
 
@@ -191,19 +198,55 @@ def stdha_reference(q, k, v, num_frames: int, offsets, scale: Optional[float] = 
     return torch.stack(outs, dim=1)
 
 
-def gather_frames(x: torch.Tensor, num_frames: int, offsets: tuple[int, ...]) -> torch.Tensor:
-    """Shift K or V by whole heads: one advanced-indexing gather, ``(B*T, H, N, D)`` → same shape."""
-    bt, h = x.shape[:2]
-    src = source_frames(offsets, num_frames, x.device)  # (T, H)
-    x5 = x.unflatten(0, (bt // num_frames, num_frames))  # a view, even for strided inputs
-    heads = torch.arange(h, device=x.device).expand(num_frames, h)
-    return x5[:, src, heads].reshape(x.shape)
+@lru_cache(maxsize=256)
+def head_runs(offsets: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    """Maximal runs ``(h0, h1, d)`` of adjacent heads sharing offset ``d`` (presets: 3 or 4 runs)."""
+    runs, h0 = [], 0
+    for h in range(1, len(offsets) + 1):
+        if h == len(offsets) or offsets[h] != offsets[h0]:
+            runs.append((h0, h, offsets[h0]))
+            h0 = h
+    return tuple(runs)
 
 
-def _torch_backend(q, k, v, num_frames, offsets, scale, dropout_p=0.0):
-    if any(offsets):
-        k = gather_frames(k, num_frames, offsets)
-        v = gather_frames(v, num_frames, offsets)
+def shift_frames(x: torch.Tensor, num_frames: int, d: int) -> torch.Tensor:
+    """Frame ``t`` of the result is frame ``t - d`` of ``x``, or ``t`` itself outside the clip.
+
+    ``x`` is ``(B*T, ...)``; the result is a new tensor built from two slices per video.
+    """
+    if d == 0:
+        return x
+    x5 = x.unflatten(0, (x.shape[0] // num_frames, num_frames))  # a view, even for strided x
+    if d > 0:  # frames d.. read t-d; frames ..d keep their own
+        parts = (x5[:, :d], x5[:, : num_frames - d])
+    else:  # frames ..T+d read t-d; the last -d frames keep their own
+        parts = (x5[:, -d:], x5[:, num_frames + d:])
+    return torch.cat(parts, dim=1).flatten(0, 1)
+
+
+def shift_frames_(x: torch.Tensor, num_frames: int, d: int) -> None:
+    """In-place :func:`shift_frames`: copies only the frames that move (through one temporary)."""
+    x5 = x.unflatten(0, (x.shape[0] // num_frames, num_frames))
+    if d > 0:
+        x5[:, d:] = x5[:, : num_frames - d].clone()
+    elif d < 0:
+        x5[:, : num_frames + d] = x5[:, -d:].clone()
+
+
+def _torch_backend(q, k, v, num_frames, offsets, scale, dropout_p=0.0, inplace_kv=False):
+    runs = head_runs(offsets)
+    if inplace_kv:
+        # K/V are the caller's scratch (a fresh qkv projection): move just the temporal heads
+        # (2 of 12 for ViT-B) and run one plain SDPA. This is what makes STDHA nearly free on CPU.
+        for h0, h1, d in runs:
+            if d:
+                shift_frames_(k[:, h0:h1], num_frames, d)
+                shift_frames_(v[:, h0:h1], num_frames, d)
+    elif len(runs) > 1 or runs[0][2]:
+        # One K and one V with every head in place (one pass each), then a single SDPA: cheaper
+        # than one SDPA per run of heads.
+        k = torch.cat([shift_frames(k[:, a:b], num_frames, d) for a, b, d in runs], dim=1)
+        v = torch.cat([shift_frames(v[:, a:b], num_frames, d) for a, b, d in runs], dim=1)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
