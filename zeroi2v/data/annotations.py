@@ -1,0 +1,46 @@
+"""Annotation files in the common ``relative/path.mp4 label`` format."""
+from __future__ import annotations
+
+import os
+
+__all__ = ["read_annotations", "write_annotations"]
+
+
+def read_annotations(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """Read ``relative/path.mp4 label`` lines.
+
+    Blank lines and lines starting with ``#`` are ignored. Every other line must hold exactly two
+    whitespace-separated fields, a path and a non-negative integer label; anything else raises a
+    ``ValueError`` naming the file and the (1-based) line number. Paths are returned as written
+    (relative to the dataset root).
+    """
+    path = os.fspath(path)
+    out: list[tuple[str, int]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split()
+            if len(fields) != 2:
+                raise ValueError(
+                    f"{path}:{lineno}: expected 'relative/path label' (2 fields), got {len(fields)}: {line!r}")
+            rel, lab = fields
+            try:
+                label = int(lab)
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: label {lab!r} is not an integer: {line!r}") from None
+            if label < 0:
+                raise ValueError(f"{path}:{lineno}: label {label} is negative: {line!r}")
+            out.append((rel, label))
+    return out
+
+
+def write_annotations(path: str | os.PathLike, samples) -> None:
+    """Write ``(relative_path, label)`` pairs, one ``path label`` line each."""
+    with open(os.fspath(path), "w", encoding="utf-8") as f:
+        for rel, label in samples:
+            rel = str(rel)
+            if any(c.isspace() for c in rel):
+                raise ValueError(f"path {rel!r} contains whitespace; the annotation format cannot hold it")
+            f.write(f"{rel} {int(label)}\n")
