@@ -3,6 +3,7 @@ embedding and a video head (SPEC §3, §4)."""
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -45,10 +46,61 @@ class ZeroI2VBlock(nn.Module):
         self.mlp_adapter = LinearAdapter(dim, **kw)
         self.mlp_adapter_out = LinearAdapter(block.mlp.fc2.out_features, **kw)
 
+    #: Fused "adapter + frozen linear" ops (:mod:`zeroi2v.kernels.adapter`). ``None``: automatic
+    #: (fused when training on CUDA in float16/bfloat16, autocast included); ``True``: fused wherever
+    #: an (adapter, linear) pair allows it (also on CPU through the Triton interpreter); ``False``:
+    #: never. Unset (``None``), the environment variable ``ZEROI2V_FUSED_ADAPTERS`` (``auto``/``1``/
+    #: ``0``) decides. Either way the parameters and the state dict are the same.
+    fused_adapters: Optional[bool] = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_fused(x):
+            return self._forward_fused(x)
         a = _maybe(self.s_adapter, self.attn(_maybe(self.t_adapter, self.norm1(x))))
         x = x + self.drop_path1(self.ls1(a))
         m = _maybe(self.mlp_adapter_out, self.mlp(_maybe(self.mlp_adapter, self.norm2(x))))
+        return x + self.drop_path2(self.ls2(m))
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        mode = self.fused_adapters if self.fused_adapters is not None else _fused_env()
+        if mode is False or self.merged or getattr(self.attn, "gate", None) is not None:
+            return False
+        if mode is None:  # automatic
+            dev = x.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            if not (self.training and x.is_cuda and dt in (torch.float16, torch.bfloat16)):
+                return False
+        return _fused_ops() is not None
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Same computation as the unfused path with each (adapter, frozen linear) pair run as one
+        fused op; a pair that cannot be fused (trainable linear, dropout between the linear and its
+        adapter, ...) runs unfused. The MLP is timm's ``Mlp`` (checked at construction), spelled out
+        so its fc1/fc2 can be paired with the adapters."""
+        fa = _fused_ops()
+        attn, mlp = self.attn, self.mlp
+        h = self.norm1(x)
+        t_fused = fa.can_fuse(h, attn.qkv, self.t_adapter)
+        s_fused = fa.can_fuse(h, attn.proj, self.s_adapter) and _no_dropout(attn.proj_drop)
+        a = attn(
+            h if t_fused else _maybe(self.t_adapter, h),
+            qkv_fn=partial(fa.adapter_then_linear, self.t_adapter, attn.qkv) if t_fused else None,
+            proj_fn=partial(fa.linear_then_adapter, attn.proj, self.s_adapter) if s_fused else None,
+        )
+        if not s_fused:
+            a = _maybe(self.s_adapter, a)
+        x = x + self.drop_path1(self.ls1(a))
+
+        h = self.norm2(x)
+        if fa.can_fuse(h, mlp.fc1, self.mlp_adapter):
+            m = fa.adapter_then_linear(self.mlp_adapter, mlp.fc1, h)
+        else:
+            m = mlp.fc1(_maybe(self.mlp_adapter, h))
+        m = mlp.norm(mlp.drop1(mlp.act(m)))
+        if fa.can_fuse(m, mlp.fc2, self.mlp_adapter_out) and _no_dropout(mlp.drop2):
+            m = fa.linear_then_adapter(mlp.fc2, self.mlp_adapter_out, m)
+        else:
+            m = _maybe(self.mlp_adapter_out, mlp.drop2(mlp.fc2(m)))
         return x + self.drop_path2(self.ls2(m))
 
     @property
@@ -58,6 +110,35 @@ class ZeroI2VBlock(nn.Module):
 
 def _maybe(adapter: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return x if adapter is None else adapter(x)
+
+
+_FUSED_ENV = {"": None, "auto": None, "1": True, "on": True, "true": True, "always": True,
+              "0": False, "off": False, "false": False, "never": False}
+
+
+def _fused_env() -> Optional[bool]:
+    v = os.environ.get("ZEROI2V_FUSED_ADAPTERS", "auto").strip().lower()
+    if v not in _FUSED_ENV:
+        raise ValueError(f"ZEROI2V_FUSED_ADAPTERS={v!r}: expected auto, 1 or 0")
+    return _FUSED_ENV[v]
+
+
+_FUSED_OPS: list = []
+
+
+def _fused_ops():
+    """The fused adapter ops module, or None when Triton is unavailable (imported once)."""
+    if not _FUSED_OPS:
+        try:
+            from ..kernels import adapter as fa
+        except ImportError:
+            fa = None
+        _FUSED_OPS.append(fa)
+    return _FUSED_OPS[0]
+
+
+def _no_dropout(m: nn.Module) -> bool:
+    return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0 or not m.training))
 
 
 def _check_block(block: nn.Module) -> None:

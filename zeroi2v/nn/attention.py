@@ -1,7 +1,7 @@
 """``STDHAttention``: a drop-in replacement for timm's ``Attention`` with STDHA (SPEC §2)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -98,7 +98,10 @@ class STDHAttention(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False, num_frames: Optional[int] = None) -> torch.Tensor:
+                is_causal: bool = False, num_frames: Optional[int] = None, *,
+                qkv_fn: Optional[Callable] = None, proj_fn: Optional[Callable] = None) -> torch.Tensor:
+        """``qkv_fn(x)`` replaces ``self.qkv(x)`` and ``proj_fn(x)`` replaces
+        ``self.proj_drop(self.proj(x))`` when given (the fused adapter ops of ZeroI2VBlock)."""
         if attn_mask is not None or is_causal:
             raise ValueError("STDHAttention does not support attn_mask / is_causal")
         if x.dim() != 3:
@@ -106,17 +109,21 @@ class STDHAttention(nn.Module):
         bt, n, _ = x.shape
         t = self.num_frames if num_frames is None else num_frames
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(bt, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = (self.qkv if qkv_fn is None else qkv_fn)(x)
+        qkv = qkv.reshape(bt, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         x = stdha_attention(
             q, k, v, t, self.head_offsets, scale=self.scale,
             dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend,
+            inplace_kv=True,  # k, v are this call's own qkv activations
         )
         x = x.transpose(1, 2).reshape(bt, n, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
             x = x * gate
+        if proj_fn is not None:
+            return proj_fn(x)
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:

@@ -1,0 +1,348 @@
+"""Fused "adapter + frozen linear" ops (zeroi2v.kernels.adapter) against the unfused modules.
+
+CPU: Triton interpreter, float32 fused vs float64 reference modules, small shapes, ragged token
+counts. GPU (``@pytest.mark.gpu``): ViT-B / ViT-L widths in float16/bfloat16.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zeroi2v import create_video_model, merge_adapters
+from zeroi2v.kernels import adapter as fa
+from zeroi2v.nn import LinearAdapter
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+class FixedMask(nn.Module):
+    """Inverted dropout with a given keep-mask: what ``nn.Dropout`` computes for that mask."""
+
+    def __init__(self, mask, p):
+        super().__init__()
+        self.mask, self.p = mask, p
+
+    def forward(self, u):
+        return u * self.mask.to(u.dtype) / (1 - self.p)
+
+
+def make_pair(kind, C, r, n_other, dtype, device, gen, scale=0.5, p=0.0):
+    """(adapter, frozen linear) with random non-zero weights (fc2 would start at zero)."""
+    adapter = LinearAdapter(C, ratio=r / C, scale=scale, dropout=p).to(device, dtype)
+    lin = nn.Linear(C, n_other) if kind == "pre" else nn.Linear(n_other, C)
+    lin = lin.to(device, dtype).requires_grad_(False)
+    with torch.no_grad():  # activations of order one at any width
+        for t in [*adapter.parameters(), *lin.parameters()]:
+            t.copy_(torch.randn(t.shape, generator=gen) * (t.shape[-1] ** -0.5 if t.dim() == 2 else 0.3))
+    assert adapter.hidden == r
+    return adapter, lin
+
+
+def unfused(kind, adapter, lin, x):
+    return lin(adapter(x)) if kind == "pre" else adapter(lin(x))
+
+
+def fused(kind, adapter, lin, x, **kw):
+    if kind == "pre":
+        return fa.adapter_then_linear(adapter, lin, x, **kw)
+    return fa.linear_then_adapter(lin, adapter, x, **kw)
+
+
+def compare(kind, lead, C, r, n_other, p, strategy, dtype, device, ref_dtype, tol, seed=0):
+    """Forward and every gradient (x, A, a, B, b2) of the fused op vs the unfused modules."""
+    gen = torch.Generator().manual_seed(seed)
+    adapter, lin = make_pair(kind, C, r, n_other, ref_dtype, "cpu", gen, p=p)
+    k_in = C if kind == "pre" else n_other
+    x = torch.randn(*lead, k_in, generator=gen)
+    mask = torch.rand(*lead, r, generator=gen) >= p if p > 0 else None
+    dy = torch.randn(*lead, n_other if kind == "pre" else C, generator=gen)
+
+    ref_a, ref_l = copy.deepcopy(adapter).train(), copy.deepcopy(lin)
+    if mask is not None:
+        ref_a.drop = FixedMask(mask, p)
+    xr = x.to(ref_dtype).requires_grad_()
+    yr = unfused(kind, ref_a, ref_l, xr)
+    yr.backward(dy.to(ref_dtype))
+
+    fus_a, fus_l = adapter.to(device, dtype).train(), lin.to(device, dtype)
+    xf = x.to(device, dtype).requires_grad_()
+    yf = fused(kind, fus_a, fus_l, xf, mask=None if mask is None else mask.to(device),
+               strategy=strategy)
+    yf.backward(dy.to(device, dtype))
+
+    assert yf.shape == yr.shape and yf.dtype == dtype
+    errs = {"y": rel_err(yf, yr), "x": rel_err(xf.grad, xr.grad)}
+    for name, pf, pr in [("A", fus_a.fc1.weight, ref_a.fc1.weight), ("a", fus_a.fc1.bias, ref_a.fc1.bias),
+                         ("B", fus_a.fc2.weight, ref_a.fc2.weight), ("b2", fus_a.fc2.bias, ref_a.fc2.bias)]:
+        assert pf.grad is not None and pf.grad.dtype == pf.dtype, name
+        errs[name] = rel_err(pf.grad, pr.grad)
+    assert fus_l.weight.grad is None
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"relative errors over {tol}: {bad}"
+
+
+# (lead shape of x, C, r, N_out for "pre" / K_in for "post"); token counts are ragged
+CPU_SHAPES = {
+    "pre": [((37,), 32, 8, 96), ((2, 25), 64, 16, 128), ((5,), 48, 12, 48)],
+    "post": [((37,), 32, 8, 32), ((3, 13), 32, 8, 128), ((50,), 64, 16, 64)],
+}
+CPU_CASES = [(k, *s) for k in ("pre", "post") for s in CPU_SHAPES[k]]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("strategy", ["residual", "dual"])
+@pytest.mark.parametrize("kind,lead,C,r,n_other", CPU_CASES)
+def test_fused_matches_unfused_cpu(kind, lead, C, r, n_other, strategy, p):
+    compare(kind, lead, C, r, n_other, p, strategy, torch.float32, "cpu", torch.float64, 2e-5)
+
+
+@pytest.mark.parametrize("kind", ["pre", "post"])
+def test_auto_strategy_and_drawn_mask(kind, monkeypatch):
+    """Without a mask the op draws one with ``dropout_mask``; the result is the unfused module
+    under that very mask."""
+    drawn = []
+    orig = fa.dropout_mask
+
+    def record(shape, p, device):
+        m = orig(shape, p, device)
+        drawn.append(m)
+        return m
+
+    monkeypatch.setattr(fa, "dropout_mask", record)
+    gen = torch.Generator().manual_seed(1)
+    p = 0.3
+    adapter, lin = make_pair(kind, 32, 8, 64, torch.float32, "cpu", gen, p=p)
+    x = torch.randn(41, 32 if kind == "pre" else 64, generator=gen)
+    y = fused(kind, adapter, lin, x)
+    assert len(drawn) == 1 and drawn[0].shape == (41, 8) and drawn[0].dtype == torch.bool
+    adapter.drop = FixedMask(drawn[0], p)
+    assert rel_err(y, unfused(kind, adapter, lin, x)) < 1e-5
+
+
+def test_dropout_mask_rate():
+    m = fa.dropout_mask((4000, 16), 0.25, "cpu")
+    assert m.dtype == torch.bool and abs(m.float().mean().item() - 0.75) < 0.02
+
+
+@pytest.mark.parametrize("kind", ["pre", "post"])
+def test_eval_no_grad_and_frozen_only(kind):
+    """Eval mode: no dropout, equals the module; inputs without grad; only adapter params grad."""
+    gen = torch.Generator().manual_seed(2)
+    adapter, lin = make_pair(kind, 32, 8, 96, torch.float32, "cpu", gen, p=0.5)
+    adapter.eval()
+    x = torch.randn(2, 19, 32 if kind == "pre" else 96, generator=gen)
+    with torch.no_grad():
+        y = fused(kind, adapter, lin, x)
+    assert rel_err(y, unfused(kind, adapter, lin, x)) < 1e-5
+    adapter.train()
+    fused(kind, adapter, lin, x).sum().backward()  # x needs no grad
+    assert all(p.grad is not None for p in adapter.parameters())
+    lin.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen"):
+        fused(kind, adapter, lin, x)
+
+
+def test_bad_inputs():
+    gen = torch.Generator().manual_seed(3)
+    adapter, lin = make_pair("pre", 32, 8, 64, torch.float32, "cpu", gen, p=0.1)
+    x = torch.randn(10, 32)
+    with pytest.raises(ValueError, match="mask"):
+        fa.adapter_then_linear(adapter, lin, x, mask=torch.ones(10, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="strategy"):
+        fa.adapter_then_linear(adapter, lin, x, strategy="fast")
+    with pytest.raises(ValueError, match="dim"):
+        fa.adapter_then_linear(adapter, lin, torch.randn(10, 16))
+
+
+def test_fused_gemm_all_terms_strided():
+    """The kernel itself: residual + dense + masked low-rank + bias, transposed-view operands."""
+    gen = torch.Generator().manual_seed(4)
+    M, N, K1, K2 = 45, 40, 72, 24
+    res = torch.randn(M, N, generator=gen)
+    a1 = torch.randn(M, K1, generator=gen)
+    b1 = torch.randn(K1, N, generator=gen).t()  # (N, K1) view, column-major
+    a2 = torch.randn(K2, M, generator=gen).t()  # (M, K2) view
+    b2 = torch.randn(N, K2, generator=gen)
+    mask = torch.rand(M, K2, generator=gen) > 0.4
+    bias = torch.randn(N, generator=gen)
+    out = fa.fused_gemm(torch.empty(M, N), res=res, a1=a1, b1=b1, a2=a2, b2=b2, mask=mask, bias=bias)
+    ref = res.double() + a1.double() @ b1.double().t() + (a2.double() * mask) @ b2.double().t() + bias
+    assert rel_err(out, ref) < 1e-6
+
+
+# --------------------------------------------------------------------------- the video model
+def _tiny_vit():
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                             mlp_ratio=2.0, num_classes=0)
+
+
+class Replay(nn.Module):
+    """Dropout that replays recorded keep-masks in call order."""
+
+    def __init__(self, masks, p):
+        super().__init__()
+        self.masks, self.p = masks, p
+
+    def forward(self, u):
+        return u * self.masks.pop(0).reshape(u.shape).to(u.dtype) / (1 - self.p)
+
+
+def _train_step(model, x, y):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt.step()
+    return loss.detach(), grads
+
+
+def _one_step_fused_vs_unfused(model, x, y, p, tol, monkeypatch, autocast_dtype=None):
+    """Train one step fused (masks recorded) and unfused (masks replayed); compare everything."""
+    def set_mode(m, fused_mode):
+        for blk in m.backbone.blocks:
+            blk.fused_adapters = fused_mode
+
+    fused_m, unfused_m = model, copy.deepcopy(model)
+    set_mode(fused_m, True)
+    set_mode(unfused_m, False)
+    masks = []
+    orig = fa.dropout_mask
+
+    def record(shape, p_, device):
+        m = orig(shape, p_, device)
+        masks.append(m)
+        return m
+
+    monkeypatch.setattr(fa, "dropout_mask", record)
+    calls = {"pre": 0, "post": 0}
+    for name, key in [("adapter_then_linear", "pre"), ("linear_then_adapter", "post")]:
+        fn = getattr(fa, name)
+
+        def counted(*a, _fn=fn, _key=key, **k):
+            calls[_key] += 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(fa, name, counted)
+
+    ac = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype
+          else torch.autocast(x.device.type, enabled=False))
+    with ac:
+        loss_f, grads_f = _train_step(fused_m, x, y)
+    depth = len(model.backbone.blocks)
+    assert calls == {"pre": 2 * depth, "post": 2 * depth}
+    assert len(masks) == (4 * depth if p > 0 else 0)
+    if p > 0:
+        for blk in unfused_m.backbone.blocks:
+            for n in ("t_adapter", "s_adapter", "mlp_adapter", "mlp_adapter_out"):
+                getattr(blk, n).drop = Replay(masks, p)
+    with ac:
+        loss_u, grads_u = _train_step(unfused_m, x, y)
+    assert calls == {"pre": 2 * depth, "post": 2 * depth}  # the unfused run used no fused op
+    assert not masks  # every recorded mask was replayed, in the same order
+    assert rel_err(loss_f, loss_u) < tol
+    assert grads_f.keys() == grads_u.keys()
+    bad = {n: rel_err(grads_f[n], grads_u[n]) for n in grads_f
+           if not rel_err(grads_f[n], grads_u[n]) < tol}
+    assert not bad, bad
+    # same parameters, same layout: the state dicts match key for key after the step
+    sf, su = fused_m.state_dict(), unfused_m.state_dict()
+    assert list(sf) == list(su)
+    assert max(rel_err(sf[k], su[k]) for k in sf if sf[k].is_floating_point()) < tol
+    return fused_m
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_model_one_step_fused_equals_unfused_cpu(p, monkeypatch):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    model = create_video_model(_tiny_vit(), 2, 5, head_offsets=[1, -1, 0, 0],
+                               adapter_dropout=p, head_dropout=0.0).train()
+    for blk in model.backbone.blocks:  # attention is not under test here: keep it cheap on CPU
+        blk.attn.backend = "torch"
+    with torch.no_grad():
+        for prm in model.parameters():
+            if prm.requires_grad:
+                prm.copy_(torch.randn(prm.shape, generator=gen) * 0.1)
+    x = torch.randn(2, 3, 2, 32, 32, generator=gen)  # 2 videos x 2 frames x 17 tokens = 68 rows
+    y = torch.tensor([1, 3])
+    trained = _one_step_fused_vs_unfused(model, x, y, p, 1e-4, monkeypatch)
+    # a model trained through the fused path merges exactly like any other
+    trained.eval()
+    with torch.no_grad():
+        assert rel_err(merge_adapters(trained)(x), trained(x)) < 1e-5
+
+
+def test_model_auto_mode_stays_unfused_on_cpu(monkeypatch):
+    """Automatic mode fuses only on CUDA; the env switch forces either path."""
+    model = create_video_model(_tiny_vit(), 2, 5, head_offsets=[1, -1, 0, 0]).train()
+    blk = model.backbone.blocks[0]
+    x = torch.randn(4, 17, 32)
+    monkeypatch.delenv("ZEROI2V_FUSED_ADAPTERS", raising=False)
+    assert not blk._use_fused(x)
+    monkeypatch.setenv("ZEROI2V_FUSED_ADAPTERS", "1")
+    assert blk._use_fused(x)
+    blk.fused_adapters = False  # the attribute wins over the environment
+    assert not blk._use_fused(x)
+    blk.fused_adapters = None
+    monkeypatch.setenv("ZEROI2V_FUSED_ADAPTERS", "0")
+    assert not blk._use_fused(x)
+    monkeypatch.setenv("ZEROI2V_FUSED_ADAPTERS", "maybe")
+    with pytest.raises(ValueError, match="ZEROI2V_FUSED_ADAPTERS"):
+        blk._use_fused(x)
+
+
+# --------------------------------------------------------------------------- GPU
+# (C, r, N_out of the "pre" linears / K_in of the "post" linears), M = 3*197 + 2 tokens (ragged)
+GPU_WIDTHS = {"vit_b": (768, 192), "vit_l": (1024, 256)}
+GPU_TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("strategy", ["auto", "residual", "dual"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("kind,mult", [("pre", 3), ("pre", 4), ("post", 1), ("post", 4)],
+                         ids=["qkv", "fc1", "proj", "fc2"])
+@pytest.mark.parametrize("width", list(GPU_WIDTHS))
+def test_fused_matches_unfused_gpu(width, kind, mult, p, strategy, dtype):
+    C, r = GPU_WIDTHS[width]
+    compare(kind, (3 * 197 + 2,), C, r, mult * C, p, strategy, dtype, "cuda", torch.float32,
+            GPU_TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_model_auto_mode_fuses_on_cuda():
+    model = create_video_model(_tiny_vit(), 2, 5, head_offsets=[1, -1, 0, 0]).cuda().train()
+    blk = model.backbone.blocks[0]
+    x = torch.randn(4, 17, 32, device="cuda")
+    assert not blk._use_fused(x)  # float32: unfused
+    assert blk._use_fused(x.half())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert blk._use_fused(x)
+    assert not blk.eval()._use_fused(x.half())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_model_one_step_fused_equals_unfused_gpu(p, monkeypatch):
+    """ViT-B/16 (CLIP) widths, 2 blocks, 8 frames, fp16 autocast, ragged 197-token frames."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(6)
+    model = create_video_model("vit_base_patch16_clip_quickgelu_224", 8, 10, head_offsets="vit_b",
+                               adapter_dropout=p, head_dropout=0.0, depth=2).cuda().train()
+    with torch.no_grad():
+        for prm in model.parameters():
+            if prm.requires_grad:
+                prm.copy_(torch.randn(prm.shape, generator=gen).cuda() * 0.02)
+    x = torch.randn(2, 3, 8, 224, 224, generator=gen).cuda()
+    y = torch.tensor([1, 3], device="cuda")
+    _one_step_fused_vs_unfused(model, x, y, p, 2e-2, monkeypatch, autocast_dtype=torch.float16)
