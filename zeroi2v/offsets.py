@@ -79,15 +79,15 @@ def clamp_offsets(offsets: Sequence[int], num_frames: int) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=256)
-def _source_frames(offsets: tuple[int, ...], num_frames: int, device: torch.device) -> torch.Tensor:
-    # Small index tensors are reused every layer and step: build each once per device.
-    t = torch.arange(num_frames).unsqueeze(1)  # (T, 1)
-    d = torch.tensor(offsets, dtype=torch.long).unsqueeze(0)  # (1, H)
-    s = t - d
-    return torch.where((s >= 0) & (s < num_frames), s, t).to(device)  # (T, H)
+def _source_table(offsets: tuple[int, ...], num_frames: int) -> tuple[tuple[int, ...], ...]:
+    # Cached as plain ints, not tensors: a tensor cached while tracing (torch.export, compile)
+    # would be a fake tensor that breaks later eager calls.
+    return tuple(
+        tuple(t - d if 0 <= t - d < num_frames else t for d in offsets) for t in range(num_frames)
+    )
 
 
 def source_frames(offsets: Sequence[int], num_frames: int, device=None) -> torch.Tensor:
     """``s[t, h]``: the frame whose K/V head ``h`` of frame ``t`` attends to. Shape (T, H), int64."""
-    dev = torch.device("cpu") if device is None else torch.device(device)
-    return _source_frames(tuple(int(d) for d in offsets), int(num_frames), dev)
+    table = _source_table(tuple(int(d) for d in offsets), int(num_frames))
+    return torch.tensor(table, dtype=torch.long, device=device)

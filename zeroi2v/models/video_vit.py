@@ -320,24 +320,11 @@ def create_video_model(
 
 
 def load_image_weights(backbone: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Load an image-model checkpoint from a local file, ignoring any classifier head."""
-    from timm.models import load_checkpoint
+    """Load an image-model checkpoint from a local file, ignoring any classifier head.
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained file not found: {path}")
-    load_checkpoint(backbone, str(path), strict=False, filter_fn=_drop_head)
+    OpenAI CLIP (TorchScript archive or state dict), open_clip and timm files are accepted; see
+    :func:`zeroi2v.interop.load_clip_weights` (a mismatching key is a ``ValueError`` naming it).
+    """
+    from ..interop.clip import load_clip_weights
 
-
-def _drop_head(state_dict: dict, model: nn.Module) -> dict:
-    sd = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.startswith("head.")]
-    if missing:
-        raise ValueError(f"pretrained file does not match the model: missing keys {missing[:5]}")
-    for k, v in sd.items():
-        if k in own and own[k].shape != v.shape:
-            raise ValueError(
-                f"pretrained file does not match the model: key {k!r} has shape "
-                f"{tuple(v.shape)}, model expects {tuple(own[k].shape)}"
-            )
-    return sd
+    load_clip_weights(backbone, path)

@@ -1,0 +1,508 @@
+"""Interop (issue #7): CLIP weights from local files, official checkpoint import, export.
+
+All weights are random, written to tmp files in each layout. The reference forwards (CLIP visual
+tower, official ZeroI2V backbone with STDHA by a shift of a cloned tensor) are written here,
+independently of the library, from the official architecture's description (SPEC §2, §3, §6).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zeroi2v import merge_adapters
+from zeroi2v.interop import (
+    export_merged, export_onnx, export_program, load_clip_weights, load_merged,
+    load_official_checkpoint, official_config,
+)
+
+CLIP_B = "vit_base_patch16_clip_quickgelu_224"
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)  # 17 tokens
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ============================================================================ CLIP (OpenAI layout)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, h)
+        self.ln_1 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(OrderedDict(
+            [("c_fc", nn.Linear(d, 4 * d)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * d, d))]))
+        self.ln_2 = nn.LayerNorm(d)
+
+    def forward(self, x):  # (L, N, D)
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, d, layers, h):
+        super().__init__()
+        self.resblocks = nn.Sequential(*[ResBlock(d, h) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.resblocks(x)
+
+
+class TinyCLIPVisual(nn.Module):
+    """The CLIP image tower as OpenAI writes it (ln_pre, LND blocks, ln_post on CLS, proj)."""
+
+    def __init__(self, img=32, patch=8, width=64, layers=2, heads=4, out_dim=32):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(width))
+        self.positional_embedding = nn.Parameter(torch.randn((img // patch) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, out_dim))
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)
+        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding
+        x = self.ln_pre(x).permute(1, 0, 2)
+        x = self.transformer(x).permute(1, 0, 2)
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class TinyCLIP(nn.Module):
+    """Image tower under ``visual.`` plus a few text-side tensors, as in OpenAI's files."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.visual = TinyCLIPVisual(**kw)
+        self.token_embedding = nn.Embedding(10, 16)
+        self.positional_embedding = nn.Parameter(torch.randn(7, 16))
+        self.logit_scale = nn.Parameter(torch.ones([]))
+
+    def forward(self, image):
+        return self.visual(image)
+
+
+def _randomize(module):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_((1.0 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.1)
+                    * torch.randn(p.shape, generator=g))
+        for m in module.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    torch.manual_seed(0)
+    return _randomize(TinyCLIP()).eval()
+
+
+def _images(n=2):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _timm_clip(**kw):
+    import timm
+    return timm.create_model(CLIP_B, pretrained=False, **dict(TINY, **kw)).eval()
+
+
+def test_clip_openai_state_dict(tiny_clip, tmp_path):
+    path = tmp_path / "ViT-tiny.pt"
+    torch.save(tiny_clip.state_dict(), path)
+    vit = load_clip_weights(_timm_clip(num_classes=32), path)  # head <- visual.proj
+    x = _images()
+    with torch.no_grad():
+        assert rel_err(vit(x), tiny_clip.visual(x)) < 1e-5
+
+
+def test_clip_torchscript_archive_by_name(tiny_clip, tmp_path):
+    path = tmp_path / "ViT-tiny-jit.pt"
+    torch.jit.trace(tiny_clip, _images(1)).save(str(path))
+    vit = load_clip_weights(CLIP_B, path, num_classes=32, **TINY).eval()
+    x = _images()
+    with torch.no_grad():
+        assert rel_err(vit(x), tiny_clip.visual(x)) < 1e-5
+    # default: a headless backbone (the video model's); proj is ignored
+    feats = load_clip_weights(CLIP_B, path, **TINY).eval()
+    with torch.no_grad():
+        assert rel_err(feats(x) @ tiny_clip.visual.proj, tiny_clip.visual(x)) < 1e-5
+
+
+def test_clip_open_clip_timm_trunk_and_timm_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _randomize(_timm_clip(num_classes=0))
+    x = _images()
+    with torch.no_grad():
+        want = src(x)
+    oc = tmp_path / "open_clip.bin"
+    torch.save({"state_dict": {"visual.trunk." + k: v for k, v in src.state_dict().items()}}, oc)
+    st = tmp_path / "timm.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(st))
+    for path in (oc, st):
+        vit = load_clip_weights(_timm_clip(num_classes=0), path)
+        with torch.no_grad():
+            assert torch.equal(vit(x), want), path
+
+
+def test_clip_into_video_model_and_create_video_model(tiny_clip, tmp_path):
+    from zeroi2v import create_video_model
+
+    path = tmp_path / "clip.pt"
+    torch.save(tiny_clip.state_dict(), path)
+    ref = load_clip_weights(CLIP_B, path, **TINY)
+    video = create_video_model(CLIP_B, 4, 5, head_offsets=[1, -1, 0, 0], **TINY)
+    assert load_clip_weights(video, path) is video
+    video2 = create_video_model(CLIP_B, 4, 5, head_offsets=[1, -1, 0, 0], pretrained_file=path, **TINY)
+    for m in (video, video2):
+        got = m.backbone.state_dict()
+        for k, v in ref.state_dict().items():
+            assert torch.equal(got[k], v), k
+
+
+def test_clip_wrong_shape_names_key(tiny_clip, tmp_path):
+    path = tmp_path / "clip.pt"
+    torch.save(tiny_clip.state_dict(), path)
+    with pytest.raises(ValueError, match=r"(?s)clip\.pt.*'pos_embed'.*\(1, 17, 64\).*\(1, 17, 96\)"):
+        load_clip_weights(CLIP_B, path, **dict(TINY, embed_dim=96))
+    # a mismatch past the embeddings: one block's MLP of the wrong size
+    sd = tiny_clip.state_dict()
+    sd["visual.transformer.resblocks.1.mlp.c_fc.weight"] = torch.randn(128, 64)
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"'blocks\.1\.mlp\.fc1\.weight'.*\(128, 64\).*\(256, 64\)"):
+        load_clip_weights(CLIP_B, path, **TINY)
+
+
+# ============================================================================ official checkpoints
+
+ADAPTERS = ("T_Adapter_in", "S_Adapter", "MLP_Adapter", "MLP_Adapter_out")
+
+
+def make_official(width, layers, frames, classes, *, img=32, patch=8, adapters=ADAPTERS, seed=0):
+    """Random weights in the official mmaction2 key layout (SPEC §6)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape, std=None):
+        std = std if std is not None else (1.0 / math.sqrt(shape[-1]) if len(shape) > 1 else 0.1)
+        return std * torch.randn(*shape, generator=g)
+
+    def ln(prefix):
+        return {prefix + ".weight": 1 + rn(width, std=0.1), prefix + ".bias": rn(width, std=0.1)}
+
+    c, h = width, width // 4
+    sd = {
+        "backbone.conv1.weight": rn(c, 3, patch, patch, std=0.1),
+        "backbone.class_embedding": rn(c, std=0.5),
+        "backbone.positional_embedding": rn((img // patch) ** 2 + 1, c, std=0.5),
+        "backbone.temporal_embedding": rn(1, frames, c, std=0.5),
+        **ln("backbone.ln_pre"), **ln("backbone.ln_post"),
+        "cls_head.fc_cls.weight": rn(classes, c, std=0.5), "cls_head.fc_cls.bias": rn(classes),
+    }
+    for i in range(layers):
+        p = f"backbone.transformer.resblocks.{i}."
+        sd.update({
+            p + "attn.in_proj_weight": rn(3 * c, c), p + "attn.in_proj_bias": rn(3 * c),
+            p + "attn.out_proj.weight": rn(c, c), p + "attn.out_proj.bias": rn(c),
+            p + "mlp.c_fc.weight": rn(4 * c, c), p + "mlp.c_fc.bias": rn(4 * c),
+            p + "mlp.c_proj.weight": rn(c, 4 * c), p + "mlp.c_proj.bias": rn(c),
+            **ln(p + "ln_1"), **ln(p + "ln_2"),
+        })
+        for a in adapters:
+            sd.update({p + f"{a}.D_fc1.weight": rn(h, c), p + f"{a}.D_fc1.bias": rn(h),
+                       p + f"{a}.D_fc2.weight": rn(c, h), p + f"{a}.D_fc2.bias": rn(c)})
+    return sd
+
+
+def _ln(x, sd, p):
+    return F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-5)
+
+
+def _adapter(x, sd, p, scale):
+    if p + ".D_fc1.weight" not in sd:
+        return x
+    y = F.linear(x, sd[p + ".D_fc1.weight"], sd[p + ".D_fc1.bias"])
+    return x + scale * F.linear(y, sd[p + ".D_fc2.weight"], sd[p + ".D_fc2.bias"])
+
+
+def _shift(feat, frames, offsets):
+    """Official STDHA on (N, B*T, C): head h of frame t takes frame t - d_h from a shifted clone;
+    frames shifted in from outside the clip keep their own values."""
+    n, bt, c = feat.shape
+    d_head = c // len(offsets)
+    feat = feat.view(n, bt // frames, frames, c)
+    out = feat.clone()
+    for h, d in enumerate(offsets):
+        sl = slice(h * d_head, (h + 1) * d_head)
+        if d > 0:
+            out[:, :, d:, sl] = feat[:, :, :-d, sl]
+        elif d < 0:
+            out[:, :, :d, sl] = feat[:, :, -d:, sl]
+    return out.view(n, bt, c)
+
+
+def official_forward(sd, video, offsets, scale):
+    """The official ViT_Zero_CLIP + I3D head forward, in float64, from the state dict."""
+    sd = {k: v.double() for k, v in sd.items()}
+    x = video.double()
+    b, _, t = x.shape[:3]
+    heads = len(offsets)
+    w = sd["backbone.conv1.weight"]
+    x = x.transpose(1, 2).flatten(0, 1)
+    x = F.conv2d(x, w, stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    cls = sd["backbone.class_embedding"] + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype)
+    x = torch.cat([cls, x], 1) + sd["backbone.positional_embedding"]
+    n, c = x.shape[1:]
+    x = (x.view(b, t, n, c) + sd["backbone.temporal_embedding"].view(1, t, 1, c)).view(b * t, n, c)
+    x = _ln(x, sd, "backbone.ln_pre").permute(1, 0, 2)  # (N, BT, C)
+    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("backbone.transformer."))
+    for i in range(layers):
+        p = f"backbone.transformer.resblocks.{i}."
+        y = _adapter(_ln(x, sd, p + "ln_1"), sd, p + "T_Adapter_in", scale)
+        q, k, v = F.linear(y, sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"]).chunk(3, -1)
+        k, v = _shift(k, t, offsets), _shift(v, t, offsets)
+        dh = c // heads
+        q, k, v = (z.reshape(n, b * t * heads, dh).transpose(0, 1) for z in (q, k, v))
+        a = torch.softmax((q / math.sqrt(dh)) @ k.transpose(1, 2), -1) @ v
+        a = a.transpose(0, 1).reshape(n, b * t, c)
+        a = F.linear(a, sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"])
+        x = x + _adapter(a, sd, p + "S_Adapter", scale)
+        y = _adapter(_ln(x, sd, p + "ln_2"), sd, p + "MLP_Adapter", scale)
+        y = F.linear(y, sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])
+        y = F.linear(y * torch.sigmoid(1.702 * y), sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+        x = x + _adapter(y, sd, p + "MLP_Adapter_out", scale)
+    x = _ln(x.permute(1, 0, 2)[:, 0], sd, "backbone.ln_post")
+    x = x.view(b, t, c).mean(1)
+    return F.linear(x, sd["cls_head.fc_cls.weight"], sd["cls_head.fc_cls.bias"])
+
+
+class MmengineMeta:
+    """Stands for mmengine objects (HistoryBuffer, ...) that weights_only loading refuses."""
+
+    def __init__(self):
+        self.hook_msgs = {"best_score": np.float64(0.8)}
+
+
+def _save_official(sd, path, wrap=True):
+    obj = {"meta": {"epoch": 40, "hub": MmengineMeta(), "acc": np.float64(83.0)},
+           "state_dict": sd} if wrap else sd
+    torch.save(obj, path)
+    return path
+
+
+def _video(frames, b=2, seed=2):
+    return torch.randn(b, 3, frames, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# (preset / offsets, width, frames, classes, expected adapter scale)
+OFFICIAL_CASES = {
+    "vit_b": ("vit_b", 96, 4, 10, 0.5),            # 12 heads of 8
+    "vit_b_long": ("vit_b_long", 96, 4, 174, 1.0),  # SSv2 class count -> scale 1.0
+    "vit_l_long": ("vit_l_long", 128, 4, 10, 0.5),  # 16 heads of 8, offsets up to +3
+}
+
+
+@pytest.mark.parametrize("case", sorted(OFFICIAL_CASES))
+def test_official_import_matches_official_forward(case, tmp_path):
+    preset, width, frames, classes, scale = OFFICIAL_CASES[case]
+    sd = make_official(width, 2, frames, classes)
+    path = _save_official(sd, tmp_path / "epoch_40.pth")
+    model = load_official_checkpoint(path, head_offsets=preset).eval()
+    from zeroi2v import PRESETS
+    offsets = PRESETS[preset]
+    assert model.head_offsets == offsets
+    assert model.backbone.blocks[0].t_adapter.scale == scale
+    assert (model.num_frames, model.head.out_features) == (frames, classes)
+    x = _video(frames)
+    want = official_forward(sd, x, offsets, scale)
+    with torch.no_grad():
+        got = model(x)
+        assert rel_err(got, want) <= 1e-5
+        if case == "vit_b_long":  # the merged *_long model keeps the ±2 heads
+            merged = merge_adapters(model)
+            assert merged.head_offsets == offsets and merged.merged
+            assert rel_err(merged(x), want) <= 1e-5
+
+
+def test_official_explicit_offsets_one_mlp_adapter_and_reparameterized(tmp_path):
+    # num_tadapter=1 configs have no MLP_Adapter_out; explicit offsets give the head count
+    offsets = [1, -1, 2, 0]
+    sd = make_official(64, 2, 4, 7, adapters=ADAPTERS[:3])
+    model = load_official_checkpoint(_save_official(sd, tmp_path / "a.pth", wrap=False),
+                                     head_offsets=offsets, adapter_scale=1.0).eval()
+    assert model.backbone.blocks[0].mlp_adapter_out is None and not model.merged
+    x = _video(4)
+    with torch.no_grad():
+        assert rel_err(model(x), official_forward(sd, x, offsets, 1.0)) <= 1e-5
+    # a checkpoint without adapters (official tools/weight_reparam.py output) imports merged
+    sd = make_official(64, 2, 4, 7, adapters=())
+    model = load_official_checkpoint(_save_official(sd, tmp_path / "b.pth"), head_offsets=offsets).eval()
+    assert model.merged
+    with torch.no_grad():
+        assert rel_err(model(x), official_forward(sd, x, offsets, 0.5)) <= 1e-5
+
+
+def test_official_config_presets():
+    assert official_config(768, 12, 16, 8, 400) == dict(
+        head_offsets="vit_b", adapter_scale=0.5, timm_name=CLIP_B)
+    assert official_config(768, 12, 16, 16, 174)["head_offsets"] == "vit_b_long"
+    assert official_config(768, 12, 16, 16, 174)["adapter_scale"] == 1.0
+    assert official_config(768, 12, 16, 32, 101)["head_offsets"] == "vit_b_long"
+    assert official_config(1024, 24, 14, 8, 400)["head_offsets"] == "vit_l"
+    assert official_config(1024, 24, 14, 32, 400)["head_offsets"] == "vit_l_32f"
+    l_ssv2 = official_config(1024, 24, 14, 32, 174)
+    assert (l_ssv2["head_offsets"], l_ssv2["adapter_scale"]) == ("vit_l_long", 1.0)
+    assert l_ssv2["timm_name"] == "vit_large_patch14_clip_quickgelu_224"
+    assert official_config(64, 2, 8, 8, 10)["head_offsets"] is None
+
+
+def test_official_errors(tmp_path):
+    sd = make_official(64, 2, 4, 7)
+    good = _save_official(sd, tmp_path / "good.pth")
+    # no official layout for this size: offsets needed
+    with pytest.raises(ValueError, match="head_offsets="):
+        load_official_checkpoint(good)
+    # wrong shape: argument disagreeing with the checkpoint, and a corrupted key
+    with pytest.raises(ValueError, match=r"'backbone\.temporal_embedding'.*\(1, 4, 64\).*\(1, 8, 64\)"):
+        load_official_checkpoint(good, head_offsets=[1, -1, 0, 0], num_frames=8)
+    bad = dict(sd)
+    bad["backbone.transformer.resblocks.1.attn.out_proj.weight"] = torch.randn(64, 65)
+    with pytest.raises(ValueError, match=r"bad\.pth.*resblocks\.1\.attn\.out_proj\.weight.*\(64, 65\).*\(64, 64\)"):
+        load_official_checkpoint(_save_official(bad, tmp_path / "bad.pth"), head_offsets=[1, -1, 0, 0])
+    # wrong architecture: a timm ViT checkpoint
+    vit_path = tmp_path / "timm_vit.pth"
+    torch.save(_timm_clip().state_dict(), vit_path)
+    with pytest.raises(ValueError, match=r"timm_vit\.pth.*not an official.*'backbone\.conv1\.weight'"):
+        load_official_checkpoint(vit_path)
+    # not checkpoints at all
+    txt = tmp_path / "notes.txt"
+    txt.write_text("this is not a checkpoint\n" * 10)
+    trunc = tmp_path / "truncated.pth"
+    trunc.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for p in (txt, trunc):
+        with pytest.raises(ValueError, match=p.name):
+            load_official_checkpoint(p)
+        with pytest.raises(ValueError, match=p.name):
+            load_clip_weights(CLIP_B, p, **TINY)
+
+
+# ============================================================================ export
+
+
+@pytest.fixture(scope="module")
+def imported_long(tmp_path_factory):
+    sd = make_official(96, 2, 4, 174)
+    path = _save_official(sd, tmp_path_factory.mktemp("ckpt") / "long.pth")
+    return load_official_checkpoint(path, head_offsets="vit_b_long").eval()
+
+
+def test_export_merged_roundtrip(imported_long, tmp_path):
+    from safetensors import safe_open
+
+    x = _video(4)
+    with torch.no_grad():
+        want = imported_long(x)
+    files = export_merged(imported_long, tmp_path / "out")  # unmerged input: merged on a copy
+    assert not imported_long.merged
+    cfg = json.loads(open(files.config).read())
+    assert cfg["num_frames"] == 4 and cfg["num_classes"] == 174 and cfg["embed_dim"] == 96
+    assert cfg["head_offsets"] == [1, -1, 2, -2] + [0] * 8
+    with safe_open(files.weights, framework="pt") as f:
+        keys = set(f.keys())
+    assert {"zeroi2v.temporal_embedding", "zeroi2v.head.weight", "blocks.0.attn.qkv.weight",
+            "cls_token", "pos_embed", "norm_pre.weight"} <= keys
+    assert not any("adapter" in k for k in keys)
+    for p in (tmp_path / "out", files.weights, files.config):
+        loaded = load_merged(p)
+        assert loaded.merged and loaded.head_offsets == imported_long.head_offsets
+        with torch.no_grad():
+            assert rel_err(loaded(x), want) <= 1e-5
+    # the backbone tensors are a plain timm ViT's
+    import timm
+    from safetensors.torch import load_file
+    vit = timm.create_model(CLIP_B, pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                            embed_dim=96, depth=2, num_heads=12)
+    vit.load_state_dict({k: v for k, v in load_file(files.weights).items()
+                         if not k.startswith("zeroi2v.")})
+
+
+def test_export_merged_generic_timm_vit(tmp_path):
+    from zeroi2v import create_video_model
+
+    torch.manual_seed(0)
+    m = create_video_model("vit_tiny_patch16_224", 4, 6, head_offsets=[1, -1, 0], img_size=32,
+                           patch_size=8, embed_dim=48, depth=2, num_heads=3, init_values=0.1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m.eval()
+    files = export_merged(m, tmp_path / "tiny.safetensors")
+    assert files.config.endswith("tiny.json")
+    x = _video(4, b=1)
+    with torch.no_grad():
+        assert rel_err(load_merged(files.weights)(x), m(x)) <= 1e-5
+
+
+def test_torch_export_and_onnx(imported_long, tmp_path):
+    import onnxruntime as ort
+
+    merged = merge_adapters(imported_long).eval()
+    x = _video(4)
+    with torch.no_grad():
+        want = merged(x)
+    ep = export_program(merged, x)
+    with torch.no_grad():
+        assert rel_err(ep.module()(x), want) <= 1e-5
+        assert rel_err(merged(x), want) == 0  # eager model unaffected by tracing
+    # the TorchScript-based exporter needs nothing beyond torch (onnxscript is not a dependency)
+    path = export_onnx(merged, x, tmp_path / "model.onnx", dynamo=False)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"video": x.numpy()})
+    assert rel_err(torch.from_numpy(got), want) <= 1e-4
+
+
+@pytest.mark.slow
+def test_onnx_dynamo_exporter(imported_long, tmp_path):
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+
+    merged = merge_adapters(imported_long).eval()
+    x = _video(4)
+    path = export_onnx(merged, x, tmp_path / "model.onnx", dynamo=True)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"video": x.numpy()})
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(got), merged(x)) <= 1e-4
+
+
+def test_read_checkpoint_training_metadata_is_inert(tmp_path):
+    from zeroi2v.interop import read_checkpoint, read_state_dict
+
+    sd = {"w": torch.randn(3)}
+    path = _save_official(sd, tmp_path / "ckpt.pth")
+    obj = read_checkpoint(path)  # weights_only refuses MmengineMeta; no code from the file runs
+    assert not isinstance(obj["meta"]["hub"], MmengineMeta)
+    assert "placeholder" in repr(obj["meta"]["hub"])
+    assert torch.equal(read_state_dict(path)["w"], sd["w"])
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        read_checkpoint(tmp_path / "nope.pth")

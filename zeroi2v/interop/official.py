@@ -1,0 +1,227 @@
+"""Import of official ZeroI2V checkpoints (mmaction2 layout, SPEC §6) into :class:`ZeroI2VViT`.
+
+The official backbone is OpenAI's CLIP visual tower with four ``LinearAdapter``s per block
+(``T_Adapter_in``, ``S_Adapter``, ``MLP_Adapter``, optionally ``MLP_Adapter_out``; each with
+``D_fc1``/``D_fc2``), a ``temporal_embedding`` of shape (1, T, C), and an I3D head
+``cls_head.fc_cls``. Its CLIP keys are renamed with timm's own OpenAI-CLIP converter; adapters,
+temporal embedding and head map one to one. Checkpoints already reparameterized by the official
+``tools/weight_reparam.py`` (no adapter keys) import as a merged model.
+
+Neither the STDHA head offsets nor the adapter scale is stored in a checkpoint; they come from the
+official configuration, picked by (model, frame count, class count) -- see :func:`official_config`
+-- or from explicit arguments.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Optional, Sequence
+
+import torch
+
+from ..offsets import PRESETS, HeadOffsets
+from .checkpoint import PathLike, read_state_dict
+
+_BLOCK = "backbone.transformer.resblocks."
+_REQUIRED = (
+    "backbone.conv1.weight", "backbone.class_embedding", "backbone.positional_embedding",
+    "backbone.ln_pre.weight", "backbone.ln_post.weight",
+    _BLOCK + "0.attn.in_proj_weight", _BLOCK + "0.mlp.c_fc.weight", "cls_head.fc_cls.weight",
+)
+# official adapter module name -> this library's ZeroI2VBlock attribute
+_ADAPTERS = {"T_Adapter_in": "t_adapter", "S_Adapter": "s_adapter",
+             "MLP_Adapter": "mlp_adapter", "MLP_Adapter_out": "mlp_adapter_out"}
+_ADAPTER_RE = re.compile(r"^blocks\.(\d+)\.(T_Adapter_in|S_Adapter|MLP_Adapter|MLP_Adapter_out)"
+                         r"\.D_fc([12])\.(weight|bias)$")
+SSV2_CLASSES = 174
+
+# (arch, num_frames) -> preset, for the released configurations (SPEC §2 table).
+_OFFICIAL_PRESETS = {
+    ("vit_b16", 8): "vit_b",        # K400 8x16x1; UCF101/HMDB51 u8
+    ("vit_b16", 16): "vit_b_long",  # SSv2 u16
+    ("vit_b16", 32): "vit_b_long",  # UCF101/HMDB51 u32
+    ("vit_l14", 8): "vit_l",        # K400 8x16x1
+}
+_TIMM_NAMES = {"vit_b16": "vit_base_patch16_clip_quickgelu_224",
+               "vit_l14": "vit_large_patch14_clip_quickgelu_224"}
+
+
+def _arch(width: int, layers: int, patch_size: int) -> Optional[str]:
+    return {(768, 12, 16): "vit_b16", (1024, 24, 14): "vit_l14"}.get((width, layers, patch_size))
+
+
+def official_config(width: int, layers: int, patch_size: int, num_frames: int,
+                    num_classes: int) -> dict:
+    """The official STDHA preset and adapter scale for a checkpoint of this shape.
+
+    ===========  ======  ==================================  ==============
+    model        frames  preset                              adapter scale
+    ===========  ======  ==================================  ==============
+    ViT-B/16     8       ``vit_b``                           0.5 (1.0 SSv2)
+    ViT-B/16     16, 32  ``vit_b_long``                      0.5 (1.0 SSv2)
+    ViT-L/14     8       ``vit_l``                           0.5 (1.0 SSv2)
+    ViT-L/14     32      ``vit_l_long`` (SSv2, 174 classes)  1.0
+    ViT-L/14     32      ``vit_l_32f`` (otherwise, K400)     0.5
+    ===========  ======  ==================================  ==============
+
+    The adapter scale is 1.0 for the SSv2 recipes (174 classes), 0.5 otherwise (SPEC §3). For
+    other models or frame counts ``head_offsets`` is ``None``: pass it explicitly.
+    """
+    arch = _arch(width, layers, patch_size)
+    ssv2 = num_classes == SSV2_CLASSES
+    preset = _OFFICIAL_PRESETS.get((arch, num_frames))
+    if (arch, num_frames) == ("vit_l14", 32):
+        preset = "vit_l_long" if ssv2 else "vit_l_32f"
+    return {"head_offsets": preset, "adapter_scale": 1.0 if ssv2 else 0.5,
+            "timm_name": _TIMM_NAMES.get(arch)}
+
+
+def load_official_checkpoint(
+    path: PathLike,
+    *,
+    num_frames: Optional[int] = None,
+    head_offsets: HeadOffsets = None,
+    adapter_scale: Optional[float] = None,
+    num_classes: Optional[int] = None,
+    model_name: Optional[str] = None,
+    num_heads: Optional[int] = None,
+    adapter_dropout: float = 0.1,
+    head_dropout: float = 0.5,
+    weights_only: bool = True,
+):
+    """Build a :class:`~zeroi2v.ZeroI2VViT` from an official ZeroI2V checkpoint, adapters kept.
+
+    Everything that the checkpoint's shapes determine is inferred: width, depth, patch size,
+    image size, MLP and adapter ratios, frame count (``temporal_embedding``), class count
+    (``cls_head.fc_cls``), and which adapters exist. Head count: ``num_heads``, else the length of
+    ``head_offsets`` (a list or preset name), else ``width // 64`` (CLIP's head width).
+    ``head_offsets`` and ``adapter_scale`` default to the official configuration
+    (:func:`official_config`). ``num_frames``/``num_classes``, when given, must agree with the
+    checkpoint (use :meth:`ZeroI2VViT.set_num_frames` to re-target a model afterwards).
+    ``model_name`` picks the timm architecture instead of the CLIP ViT built from the shapes.
+
+    Errors (``ValueError``, naming ``path``): not a checkpoint; not the official layout (names
+    the first missing key); a key whose shape differs from the model's (names the key and both
+    shapes).
+    """
+    path = os.fspath(path)
+    sd = read_state_dict(path, weights_only=weights_only)
+    return build_from_official_state_dict(
+        sd, path=path, num_frames=num_frames, head_offsets=head_offsets,
+        adapter_scale=adapter_scale, num_classes=num_classes, model_name=model_name,
+        num_heads=num_heads, adapter_dropout=adapter_dropout, head_dropout=head_dropout)
+
+
+def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_frames=None,
+                                   head_offsets: HeadOffsets = None, adapter_scale=None,
+                                   num_classes=None, model_name=None, num_heads=None,
+                                   adapter_dropout: float = 0.1, head_dropout: float = 0.5):
+    """:func:`load_official_checkpoint` on an already-loaded state dict."""
+    import timm
+    from timm.models.vision_transformer import _convert_openai_clip
+
+    from ..models.video_vit import ZeroI2VViT
+
+    for k in _REQUIRED:
+        if k not in sd:
+            raise ValueError(
+                f"{path} is not an official ZeroI2V checkpoint (mmaction2 layout): missing key "
+                f"{k!r}; its keys begin {sorted(sd)[:4]}")
+
+    # ------------------------------------------------------------ shapes -> configuration
+    conv = sd["backbone.conv1.weight"]
+    if conv.dim() != 4:
+        raise ValueError(f"{path}: backbone.conv1.weight should be a 4-D conv kernel, got shape "
+                         f"{tuple(conv.shape)}")
+    width, in_chans, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(_BLOCK) + r"(\d+)\.", k)))
+    tokens = sd["backbone.positional_embedding"].shape[0]
+    grid = math.isqrt(max(tokens - 1, 0))
+    if grid * grid != tokens - 1:
+        raise ValueError(f"{path}: backbone.positional_embedding has {tokens} tokens, not 1 + a "
+                         "square grid")
+    ckpt_classes = sd["cls_head.fc_cls.weight"].shape[0]
+    te = sd.get("backbone.temporal_embedding")
+    ckpt_frames = te.shape[1] if te is not None and te.dim() == 3 else None
+    num_frames = num_frames if num_frames is not None else ckpt_frames
+    if num_frames is None:
+        raise ValueError(f"{path} has no backbone.temporal_embedding: pass num_frames=")
+    num_classes = num_classes if num_classes is not None else ckpt_classes
+    official = official_config(width, layers, patch, ckpt_frames or num_frames, ckpt_classes)
+    if head_offsets is None:
+        head_offsets = official["head_offsets"]
+        if head_offsets is None:
+            raise ValueError(
+                f"{path}: no official head-offset layout for a width-{width}, {layers}-layer, "
+                f"patch-{patch} model with {num_frames} frames; pass head_offsets= (a list or one "
+                f"of {sorted(PRESETS)})")
+    if adapter_scale is None:
+        adapter_scale = official["adapter_scale"]
+    if num_heads is None:
+        if isinstance(head_offsets, str) and head_offsets in PRESETS:
+            num_heads = len(PRESETS[head_offsets])
+        elif isinstance(head_offsets, (Sequence, torch.Tensor)) and not isinstance(head_offsets, str):
+            num_heads = len(head_offsets)
+        else:
+            num_heads = max(1, width // 64)
+    if width % num_heads:
+        raise ValueError(f"{path}: width {width} is not divisible by {num_heads} heads")
+    mlp_hidden = sd[_BLOCK + "0.mlp.c_fc.weight"].shape[0]
+    a1 = sd.get(_BLOCK + "0.T_Adapter_in.D_fc1.weight")
+    adapter_ratio = a1.shape[0] / width if a1 is not None else 0.25
+
+    # ------------------------------------------------------------ model
+    if model_name is not None:
+        backbone = timm.create_model(model_name, pretrained=False, num_classes=0,
+                                     img_size=grid * patch)
+    else:
+        backbone = timm.create_model(
+            official["timm_name"] or "vit_base_patch16_clip_quickgelu_224", pretrained=False,
+            num_classes=0, img_size=grid * patch, patch_size=patch, in_chans=in_chans,
+            embed_dim=width, depth=layers, num_heads=num_heads, mlp_ratio=mlp_hidden / width)
+    model = ZeroI2VViT(backbone, num_frames, num_classes, head_offsets, adapter_ratio,
+                       adapter_scale, adapter_dropout, head_dropout)
+    present = {(int(m.group(1)), m.group(2)) for k in sd
+               if (m := re.match(re.escape(_BLOCK) + r"(\d+)\.(\w+)\.D_fc1\.weight$", k))}
+    for i, blk in enumerate(model.backbone.blocks):
+        for off, ours in _ADAPTERS.items():
+            if (i, off) not in present:
+                setattr(blk, ours, None)
+    model.freeze()
+
+    # ------------------------------------------------------------ keys
+    converted: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    vit = model.backbone
+    for k, v in sd.items():
+        if k.startswith("cls_head.fc_cls."):
+            new = "head." + k[len("cls_head.fc_cls."):]
+        elif k == "backbone.temporal_embedding":
+            new = "temporal_embedding"
+        elif k.startswith("backbone."):
+            (ck, v), = _convert_openai_clip({k: v}, vit, prefix="backbone.").items()
+            m = _ADAPTER_RE.match(ck)
+            if m:
+                ck = f"blocks.{m.group(1)}.{_ADAPTERS[m.group(2)]}.fc{m.group(3)}.{m.group(4)}"
+            new = "backbone." + ck
+        else:
+            continue  # data_preprocessor buffers and the like
+        converted[new], source[new] = v, k
+    own = model.state_dict()
+    unexpected = [k for k in converted if k not in own]
+    if unexpected:
+        raise ValueError(f"{path} does not match the ZeroI2V architecture: unexpected key "
+                         f"{source[unexpected[0]]!r} ({len(unexpected)} unexpected in all)")
+    missing = [k for k in own if k not in converted]
+    if missing:
+        raise ValueError(f"{path} does not match the ZeroI2V architecture: no weights for "
+                         f"{missing[0]!r} ({len(missing)} missing in all)")
+    for k, v in converted.items():
+        if own[k].shape != v.shape:
+            raise ValueError(
+                f"{path} does not match the model: key {source[k]!r} has shape {tuple(v.shape)} "
+                f"in the checkpoint, the model expects {tuple(own[k].shape)} (for {k!r})")
+    with torch.no_grad():
+        model.load_state_dict(converted, strict=True)
+    return model
