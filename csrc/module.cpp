@@ -1,0 +1,30 @@
+// Python module zeroi2v._C. Importing it loads this shared library, whose static initialisers
+// register torch.ops.zeroi2v.stdha_fwd_cuda (stdha_ops.cpp). Needs no GPU: nothing here touches
+// the CUDA runtime. The functions below only describe what was compiled.
+#include <pybind11/pybind11.h>
+
+#include "stdha.h"
+
+namespace py = pybind11;
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() =
+      "zeroi2v CUDA extension: STDHA forward kernel, registered as "
+      "torch.ops.zeroi2v.stdha_fwd_cuda(q, k, v, offsets, num_frames, scale).";
+  m.def(
+      "supported",
+      [](const std::string& dtype, int64_t head_dim) {
+        if (dtype == "float16") return zeroi2v_stdha_supported(ZEROI2V_DTYPE_FP16, head_dim) != 0;
+        if (dtype == "bfloat16") return zeroi2v_stdha_supported(ZEROI2V_DTYPE_BF16, head_dim) != 0;
+        return false;
+      },
+      py::arg("dtype"), py::arg("head_dim"),
+      "Whether a kernel is compiled for dtype ('float16' or 'bfloat16') and head_dim.");
+  m.attr("HEAD_DIMS") = py::make_tuple(64, 128);
+  m.attr("MAX_HEADS") = ZEROI2V_STDHA_MAX_HEADS;
+  m.attr("OPS") = py::make_tuple("stdha_fwd_cuda");
+}
