@@ -1,0 +1,671 @@
+"""Triton STDHA attention (SPEC §2): flash-style forward and backward, temporal gather in-kernel.
+
+Head ``h`` of frame ``t`` attends to the keys/values of source frame ``s(t, h) = t - d_h`` (or
+``t`` when that frame is outside the clip). The kernels compute ``s`` from a small int32 tensor of
+per-head offsets and point their K/V tile loads at row ``b*T + s`` of the *original* K/V tensors:
+no shifted copy of K or V is ever made, so STDHA costs exactly what plain attention costs.
+
+Kernels (all one program per ``(row block, frame-row, head)``, 1-D grid):
+
+* ``_fwd_kernel``     online softmax (exp2, ``log2 e`` folded into the scale), fp32 accumulators,
+                      writes ``O`` and the natural-log log-sum-exp ``LSE`` (fp32, ``(B*T, H, N)``).
+* ``_bwd_pre_kernel`` ``delta = rowsum(dO * O)``.
+* ``_bwd_dq_kernel``  dQ for one query block, reading K/V of its source frame.
+* ``_bwd_dkdv_kernel`` dK/dV for one key block of source frame ``s``. With the boundary rule a
+                      frame is read, for head ``h``, by at most two query frames: ``t = s + d_h``
+                      (when in the clip) and ``s`` itself (when ``s - d_h`` is outside the clip).
+                      The program loops over those query frames, so every dK/dV element is written
+                      by exactly one program: no atomics, bitwise deterministic.
+
+Any ``N`` (masked tails), any head_dim up to 128 (padded to a power of two with masks; 32/64/128
+are exact tiles, 80/96 pad to 128), fp16/bf16 (fp32 too: ``tf32`` dots unless
+``torch.get_float32_matmul_precision() == "highest"``, the default, which uses IEEE fp32 dots).
+Inputs may be strided views (e.g. ``qkv.reshape(BT, N, 3, H, D).permute(2, 0, 3, 1, 4)``):
+strides are passed, nothing is copied. Outputs are contiguous.
+
+The public entry is :func:`stdha_triton`. Under ``torch.compile`` it calls the ``torch.library``
+custom op ``zeroi2v::stdha_triton_fwd`` (fake impl and autograd registered; its backward is the op
+``zeroi2v::stdha_triton_bwd``), so ``torch.compile(fullgraph=True)`` traces it as one opaque node;
+in eager mode it uses :class:`STDHATritonFunction` (same launchers, less per-call overhead).
+Importing this module registers the ``"triton"`` backend of
+:func:`zeroi2v.ops.stdha.stdha_attention` (priority 10; ``"auto"`` picks it for CUDA fp16/bf16
+inputs only). Without Triton the import raises ``ImportError``, which the
+dispatch reads as "backend absent". CPU tensors work through the Triton interpreter
+(``TRITON_INTERPRET=1``), which is how CI tests the kernels.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(f"zeroi2v.kernels.stdha needs Triton: {exc}") from exc
+
+from ..ops.stdha import register_backend
+
+__all__ = [
+    "stdha_triton",
+    "STDHATritonFunction",
+    "stdha_triton_forward",
+    "stdha_triton_backward",
+    "supports",
+    "SUPPORTED_DTYPES",
+    "AUTO_HEAD_DIMS",
+    "MAX_HEAD_DIM",
+    "CONFIGS",
+    "block_config",
+]
+
+LOG2E = 1.4426950408889634
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# dtypes / head dims for which ``backend="auto"`` picks this backend on CUDA.
+AUTO_DTYPES = (torch.float16, torch.bfloat16)
+AUTO_HEAD_DIMS = (32, 64, 80, 96, 128)
+MAX_HEAD_DIM = 128
+
+# ----------------------------------------------------------------------------- launch configs
+# The one place for block sizes / warps / stages. UNTUNED: no GPU was available when these were
+# written. They are flash-attention-style defaults chosen for ViT shapes (N = 197 / 257, D = 64):
+# 64-row blocks pad N = 257 to 320 rather than 384 (N = 197 pads to 256 either way), a 32-query
+# step pads the dK/dV loop over N = 197 to 224, and B*T*H programs (thousands) already fill an
+# H100. Only checked offline: compiled for sm_90a, the fp16/bf16 entries lower to wgmma with no
+# register spills (ptxas -v). Keyed by kernel, then by padded head dim (the first entry whose
+# bound >= BLOCK_D applies); sequences shorter than a block shrink it (min 16, tl.dot's minimum).
+# ``benchmarks/gpu_stdha_sweep.py`` times alternatives on a GPU; update this table from its output.
+CONFIGS: dict[str, tuple[tuple[int, dict], ...]] = {
+    "fwd": (
+        (64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+        (128, dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)),
+    ),
+    "bwd_pre": (
+        (128, dict(BLOCK_M=64, num_warps=4, num_stages=1)),
+    ),
+    "bwd_dq": (
+        (64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+        (128, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)),
+    ),
+    "bwd_dkdv": (  # BLOCK_N: key rows owned by a program; BLOCK_M: query step of its loop
+        (64, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)),
+        (128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)),
+    ),
+}
+
+# fp32 operands (explicit backend="triton" only; "auto" leaves fp32 to the torch backend): IEEE
+# dots run on FMA units and need far more registers, so blocks are capped (sm_90 ptxas reports
+# heavy spills at 64x64). Applied after the table, before any block_config override.
+FP32_LIMITS = dict(BLOCK_M=32, BLOCK_N=32, num_stages=2)
+
+_OVERRIDE: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def block_config(**per_kernel: dict):
+    """Temporarily override launch parameters, e.g. ``block_config(fwd=dict(BLOCK_M=16))``.
+
+    For tests (small blocks exercise multi-block loops and masked tails on small inputs) and for
+    the GPU sweep script. Not thread-safe.
+    """
+    old = dict(_OVERRIDE)
+    try:
+        for kind, cfg in per_kernel.items():
+            if kind not in CONFIGS:
+                raise ValueError(f"unknown kernel {kind!r}; known: {sorted(CONFIGS)}")
+            _OVERRIDE[kind] = dict(cfg)
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(old)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _config(kind: str, block_d: int, n_rows: int, n_cols: int, fp32: bool = False) -> dict:
+    table = CONFIGS[kind]
+    cfg = dict(table[-1][1])
+    for bound, c in table:
+        if block_d <= bound:
+            cfg = dict(c)
+            break
+    if fp32:
+        for key, lim in FP32_LIMITS.items():
+            if key in cfg:
+                cfg[key] = min(cfg[key], lim)
+    # Short sequences: do not pad a 17-token frame to 64 (tl.dot needs >= 16).
+    if "BLOCK_M" in cfg:
+        cfg["BLOCK_M"] = max(16, min(cfg["BLOCK_M"], _next_pow2(n_rows)))
+    if "BLOCK_N" in cfg:
+        cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], _next_pow2(n_cols)))
+    cfg.update(_OVERRIDE.get(kind, {}))
+    return cfg
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST is only set under the Triton interpreter for bf16, whose numpy dot cannot multiply
+    # bf16 (stored as uint16). Operands are already rounded to bf16, so results match the GPU path
+    # up to accumulation order.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _source_row(bt, h, OFF, T):
+    """Row ``b*T + s(t, h)`` of K/V read by query row ``bt = b*T + t`` for head ``h``."""
+    t = bt % T
+    d = tl.load(OFF + h)
+    s = t - d
+    s = tl.where((s >= 0) & (s < T), s, t)
+    return bt - t + s
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, OFF, O, LSE,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son,
+    H, T, NQ, NK,
+    qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(NQ, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    bt = pid_bh // H
+    h = pid_bh % H
+    src = _source_row(bt, h, OFF, T)
+
+    bt64 = bt.to(tl.int64)
+    src64 = src.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_base = Q + bt64 * sqb + h64 * sqh
+    k_base = K + src64 * skb + h64 * skh
+    v_base = V + src64 * svb + h64 * svh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < NQ
+
+    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, NK, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < NK) & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, UPCAST)
+        qk = qk * qk_scale  # log2 domain
+        if not EVEN_N:
+            qk = tl.where(cols[None, :] < NK, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log
+    o_base = O + bt64 * sob + h64 * soh
+    tl.store(o_base + offs_m[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _bwd_pre_kernel(
+    O, DO, DELTA,
+    sob, soh, son,
+    sdb, sdh, sdn, sdd,
+    H, NQ,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(NQ, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    bt = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < NQ
+    mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + bt * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + bt * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, 1), mask=mask_m)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, OFF, DQ,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,
+    sdqb, sdqh, sdqn,
+    H, T, NQ, NK,
+    qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(NQ, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    bt = pid_bh // H
+    h = pid_bh % H
+    src = _source_row(bt, h, OFF, T)
+
+    bt64 = bt.to(tl.int64)
+    src64 = src.to(tl.int64)
+    h64 = h.to(tl.int64)
+    k_base = K + src64 * skb + h64 * skh
+    v_base = V + src64 * svb + h64 * svh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < NQ
+    qmask = mask_m[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + bt64 * sqb + h64 * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=qmask, other=0.0)
+    do = tl.load(DO + bt64 * sdb + h64 * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                 mask=qmask, other=0.0)
+    row = pid_bh.to(tl.int64) * NQ + offs_m
+    lse2 = tl.load(LSE + row, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < NK) & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, UPCAST)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if not EVEN_N:
+            p = tl.where(cols[None, :] < NK, p, 0.0)
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, PREC, UPCAST)
+
+    dq = dq * sm_scale
+    tl.store(DQ + bt64 * sdqb + h64 * sdqh + offs_m[:, None] * sdqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _dkdv_frame(
+    dk, dv, k, v,
+    q_base, do_base, lse_ptr, delta_ptr,
+    sqn, sqd, sdn, sdd,
+    NQ, qk_scale,
+    offs_m, offs_d, mask_d,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Accumulate into dK/dV (key block, fp32) the contribution of every query of one frame."""
+    for start_m in range(0, NQ, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < NQ
+        qmask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=qmask, other=0.0)
+        lse2 = tl.load(lse_ptr + rows, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + rows, mask=mask_m, other=0.0)
+        # transposed scores: (BLOCK_N keys, BLOCK_M queries)
+        qkT = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PREC, UPCAST)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if not EVEN_N:
+            pT = tl.where(mask_m[None, :], pT, 0.0)
+        dv = _dot(pT.to(do.dtype), do, dv, PREC, UPCAST)
+        dpT = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PREC, UPCAST)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(q.dtype), q, dk, PREC, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, OFF, DK, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,
+    sdkb, sdkh, sdkn,
+    sdvb, sdvh, sdvn,
+    H, T, NQ, NK,
+    qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(NK, BLOCK_N)
+    pid_n = pid % num_n
+    pid_bh = pid // num_n
+    bt = pid_bh // H  # the source frame row b*T + s whose dK/dV this program owns
+    h = pid_bh % H
+    s = bt % T
+    base = bt - s
+    d = tl.load(OFF + h)
+    # Query frames that read frame s for head h (SPEC §2 boundary rule), at most two:
+    t1 = s + d
+    read_by_shifted = (t1 >= 0) & (t1 < T)  # frame t1 = s + d reads t1 - d = s
+    back = s - d
+    read_by_self = (d != 0) & ((back < 0) | (back >= T))  # frame s falls back to itself
+    n_frames = read_by_shifted.to(tl.int32) + read_by_self.to(tl.int32)
+    first = tl.where(read_by_shifted, t1, s)
+
+    bt64 = bt.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = (offs_n[:, None] < NK) & mask_d[None, :]
+    k = tl.load(K + bt64 * skb + h64 * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + bt64 * svb + h64 * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for j in range(0, n_frames):
+        tq = tl.where(j == 0, first, s)
+        btq = (base + tq).to(tl.int64)
+        row0 = (btq * H + h64) * NQ
+        dk, dv = _dkdv_frame(
+            dk, dv, k, v,
+            Q + btq * sqb + h64 * sqh, DO + btq * sdb + h64 * sdh, LSE + row0, DELTA + row0,
+            sqn, sqd, sdn, sdd, NQ, qk_scale, offs_m, offs_d, mask_d,
+            BLOCK_M, BLOCK_N, EVEN_N, PREC, UPCAST,
+        )
+
+    dk = dk * sm_scale
+    tl.store(DK + bt64 * sdkb + h64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + bt64 * sdvb + h64 * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+@functools.lru_cache(maxsize=256)
+def _offsets_tensor(offsets: tuple, device: torch.device) -> torch.Tensor:
+    # Tiny, reused by every layer and step: build once per (offsets, device).
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # Only matters for fp32 operands; "tf32" is tl.dot's default, so fp16/bf16 dots are unchanged.
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _device_ctx(t: torch.Tensor):
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _check(q, k, v, num_frames: int, offsets) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be (B*T, H, N, D)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"triton STDHA supports {SUPPORTED_DTYPES}, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+    if not q.is_cuda and not _interpreting():
+        raise ValueError("triton STDHA needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    bt, h, nq, d = q.shape
+    if k.shape[:2] != (bt, h) or v.shape[:2] != (bt, h) or k.shape[2] != v.shape[2]:
+        raise ValueError(f"shape mismatch: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if nq == 0 or k.shape[2] == 0:
+        raise ValueError("triton STDHA needs at least one query and one key token")
+    if k.shape[3] != d or v.shape[3] != d:
+        raise ValueError("triton STDHA needs one head_dim for q, k and v")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"triton STDHA supports head_dim <= {MAX_HEAD_DIM}, got {d}")
+    if len(offsets) != h:
+        raise ValueError(f"got {len(offsets)} head offsets for {h} heads")
+    if num_frames < 1 or bt % num_frames:
+        raise ValueError(f"batch*frames = {bt} is not divisible by num_frames = {num_frames}")
+    if any(abs(int(o)) >= num_frames for o in offsets):
+        raise ValueError(f"head offsets {list(offsets)} need |d| < num_frames = {num_frames}")
+
+
+def stdha_triton_forward(q, k, v, num_frames: int, offsets: Sequence[int], scale: float,
+                         out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+    """Launch the forward kernel; returns ``(out, lse)`` (``lse``: natural log, fp32, (BT, H, N)).
+
+    ``out`` / ``lse`` may be given (contiguous, right shape and dtype) to write into.
+    """
+    offsets = tuple(int(o) for o in offsets)
+    _check(q, k, v, num_frames, offsets)
+    bt, h, nq, d = q.shape
+    nk = k.shape[2]
+    if out is None:
+        out = torch.empty((bt, h, nq, d), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((bt, h, nq), dtype=torch.float32, device=q.device)
+    assert out.is_contiguous() and out.shape == q.shape and lse.is_contiguous()
+    if out.numel() == 0:
+        return out, lse
+    block_d = max(16, _next_pow2(d))
+    cfg = _config("fwd", block_d, nq, nk, q.dtype == torch.float32)
+    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    off_t = _offsets_tensor(offsets, q.device)
+    grid = (triton.cdiv(nq, bm) * bt * h,)
+    with _device_ctx(q):
+        _fwd_kernel[grid](
+            q, k, v, off_t, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
+            h, int(num_frames), nq, nk,
+            float(scale) * LOG2E,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+            EVEN_N=(nk % bn == 0), PREC=_precision(q.dtype),
+            UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+            **cfg,
+        )
+    return out, lse
+
+
+def stdha_triton_backward(do, q, k, v, out, lse, num_frames: int, offsets: Sequence[int],
+                          scale: float, dq=None, dk=None, dv=None, delta=None):
+    """Launch the backward kernels; returns ``(dq, dk, dv)`` (contiguous, in q's dtype).
+
+    Deterministic: no atomics; every gradient element is written by exactly one program.
+    """
+    offsets = tuple(int(o) for o in offsets)
+    _check(q, k, v, num_frames, offsets)
+    bt, h, nq, d = q.shape
+    nk = k.shape[2]
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    dq = torch.empty((bt, h, nq, d), dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty((bt, h, nk, d), dtype=k.dtype, device=q.device) if dk is None else dk
+    dv = torch.empty((bt, h, nk, d), dtype=v.dtype, device=q.device) if dv is None else dv
+    if delta is None:
+        delta = torch.empty((bt, h, nq), dtype=torch.float32, device=q.device)
+    assert out.stride(-1) == 1 and lse.is_contiguous() and delta.is_contiguous()
+    assert dq.stride(-1) == 1 and dk.stride(-1) == 1 and dv.stride(-1) == 1
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = max(16, _next_pow2(d))
+    prec = _precision(q.dtype)
+    fp32 = q.dtype == torch.float32
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    off_t = _offsets_tensor(offsets, q.device)
+    T = int(num_frames)
+    with _device_ctx(q):
+        cfg = _config("bwd_pre", block_d, nq, nk, fp32)
+        bm = cfg.pop("BLOCK_M")
+        cfg.pop("BLOCK_N", None)
+        _bwd_pre_kernel[(triton.cdiv(nq, bm) * bt * h,)](
+            out, do, delta, *out.stride()[:3], *do.stride(), h, nq,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, **cfg,
+        )
+        cfg = _config("bwd_dq", block_d, nq, nk, fp32)
+        bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+        _bwd_dq_kernel[(triton.cdiv(nq, bm) * bt * h,)](
+            q, k, v, do, lse, delta, off_t, dq,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride()[:3],
+            h, T, nq, nk, float(scale) * LOG2E, float(scale),
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+            EVEN_N=(nk % bn == 0), PREC=prec, UPCAST=upcast, **cfg,
+        )
+        cfg = _config("bwd_dkdv", block_d, nq, nk, fp32)
+        bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+        _bwd_dkdv_kernel[(triton.cdiv(nk, bn) * bt * h,)](
+            q, k, v, do, lse, delta, off_t, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+            *dk.stride()[:3], *dv.stride()[:3],
+            h, T, nq, nk, float(scale) * LOG2E, float(scale),
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+            EVEN_N=(nq % bm == 0), PREC=prec, UPCAST=upcast, **cfg,
+        )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("zeroi2v::stdha_triton_fwd", mutates_args=())
+def _stdha_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: list[int],
+                  num_frames: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return stdha_triton_forward(q, k, v, num_frames, offsets, scale)
+
+
+@_stdha_fwd_op.register_fake
+def _(q, k, v, offsets, num_frames, scale):
+    bt, h, n, d = q.shape
+    return q.new_empty((bt, h, n, d)), q.new_empty((bt, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("zeroi2v::stdha_triton_bwd", mutates_args=())
+def _stdha_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  out: torch.Tensor, lse: torch.Tensor, offsets: list[int], num_frames: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return stdha_triton_backward(do, q, k, v, out, lse, num_frames, offsets, scale)
+
+
+@_stdha_bwd_op.register_fake
+def _(do, q, k, v, out, lse, offsets, num_frames, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, offsets, num_frames, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.offsets = list(offsets)
+    ctx.num_frames = num_frames
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.zeroi2v.stdha_triton_bwd(
+        dout, q, k, v, out, lse, ctx.offsets, ctx.num_frames, ctx.scale
+    )
+    return dq, dk, dv, None, None, None
+
+
+_stdha_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class STDHATritonFunction(torch.autograd.Function):
+    """Eager autograd path: the same launchers as the custom op, without its dispatch overhead
+    (``torch.library`` custom ops cost tens of microseconds of Python per call in eager mode)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, offsets, num_frames, scale):
+        out, lse = stdha_triton_forward(q, k, v, num_frames, offsets, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.offsets, ctx.num_frames, ctx.scale = offsets, num_frames, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = stdha_triton_backward(dout, q, k, v, out, lse, ctx.num_frames, ctx.offsets,
+                                           ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def stdha_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
+                 offsets: Sequence[int], scale: Optional[float] = None) -> torch.Tensor:
+    """STDHA attention with the Triton kernels (differentiable, ``torch.compile``-traceable).
+
+    ``q, k, v``: ``(B*T, H, N, D)``, possibly strided views; ``offsets``: ``H`` ints with
+    ``|d| < num_frames``. Returns a contiguous ``(B*T, H, N, D)`` tensor in q's dtype.
+    Eager calls go through :class:`STDHATritonFunction`; under ``torch.compile`` the custom op
+    ``zeroi2v::stdha_triton_fwd`` (with registered fake and autograd) is traced instead.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    offsets = [int(o) for o in offsets]
+    if torch.compiler.is_compiling():
+        out, _ = torch.ops.zeroi2v.stdha_triton_fwd(q, k, v, offsets, int(num_frames),
+                                                    float(scale))
+        return out
+    return STDHATritonFunction.apply(q, k, v, tuple(offsets), int(num_frames), float(scale))
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs_grad: bool = False) -> bool:
+    """Whether ``backend="auto"`` should use this backend: CUDA, fp16/bf16, common head dims."""
+    return (
+        q.is_cuda and k.device == q.device and v.device == q.device
+        and q.dtype in AUTO_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+        and q.shape[-1] in AUTO_HEAD_DIMS and k.shape[-1] == q.shape[-1]
+        and v.shape[-1] == q.shape[-1]
+    )
+
+
+def _backend(q, k, v, num_frames, offsets, scale):
+    return stdha_triton(q, k, v, num_frames, offsets, scale)
+
+
+register_backend("triton", _backend, supports=supports, priority=10)
