@@ -1,0 +1,25 @@
+"""Training, evaluation and the offline demo (``zeroi2v train|eval|demo``).
+
+    load_config(path, overrides)   defaults <- YAML <- ``key.sub=value`` overrides
+    train(cfg, resume=None)        AdamW + warm-up/cosine, AMP, accumulation, DDP, resumable checkpoints
+    evaluate(model, dataset, ...)  top-1/top-5/mean class accuracy, softmax averaged over views
+    build_model(cfg["model"], k)   a ZeroI2VViT from a config section
+    load_trained_model(path)       rebuild from a training checkpoint or a merged model file
+    run_demo(...)                  the synthetic image-only vs STDHA demo
+"""
+from .build import build_model, load_trained_model
+from .config import DEFAULTS, apply_overrides, load_config
+from .engine import evaluate, train, write_eval_report
+from .metrics import classification_metrics
+from .optim import build_optimizer, build_scheduler, param_groups
+
+
+def run_demo(*args, **kwargs):
+    from .demo import run_demo as _run
+
+    return _run(*args, **kwargs)
+
+
+__all__ = ["DEFAULTS", "load_config", "apply_overrides", "train", "evaluate", "write_eval_report",
+           "build_model", "load_trained_model", "classification_metrics", "build_optimizer",
+           "build_scheduler", "param_groups", "run_demo"]
