@@ -47,6 +47,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 def cleanup(info: DistInfo) -> None:
     if info.initialized_here and dist.is_initialized():
+        # Every rank must be done with gloo before any tears it down: destroying the group
+        # while a peer is still communicating aborts that peer ("terminate called ...").
+        dist.barrier()
         dist.destroy_process_group()
 
 
