@@ -224,3 +224,17 @@ def test_demo_quick(tmp_path, capsys):
               "stdha_results_confusion.png", "stdha_merged_results_per_class.md"):
         assert (out / f).is_file(), f
     assert "ZeroI2V demo" in capsys.readouterr().out
+
+
+def test_demo_stdha_beats_image_only(tmp_path):
+    """The README's main job with its default settings: the claim it prints is true (~30 s)."""
+    from zeroi2v.train.demo import run_demo
+
+    r = run_demo(out_dir=str(tmp_path / "demo"), seed=0, progress=False, print_table=False)
+    io, st, mg = r["image_only"]["top1"], r["stdha"]["top1"], r["stdha_merged"]["top1"]
+    assert r["settings"]["val_videos"] >= 64
+    # chance is 25 %; the image-only model sees the same frames in every class
+    assert io <= 45.0, io
+    assert st >= 75.0 and st - io >= 40.0, (st, io)
+    assert mg == st and r["merged_vs_unmerged_max_rel_err"] < 1e-4
+    assert not r["settings"]["train_backbone"]  # the paper's recipe: frozen backbone

@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="an even smaller run (tests)")
-    p.add_argument("--frozen-backbone", action="store_true",
-                   help="train only adapters/temporal embedding/norm/head (the paper's recipe; "
-                        "weak here because no pretrained image model exists offline)")
+    p.add_argument("--train-backbone", action="store_true",
+                   help="fine-tune the whole ViT too (default: the paper's recipe, frozen backbone; "
+                        "adapters, temporal embedding, final norm and head trained)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     p = sub.add_parser("config", help="print a resolved config")
@@ -310,7 +310,7 @@ def cmd_demo(args) -> int:
     from .train.demo import run_demo
 
     run_demo(out_dir=args.out, epochs=args.epochs, seed=args.seed, quick=args.quick,
-             train_backbone=not args.frozen_backbone, threads=args.threads)
+             train_backbone=args.train_backbone, threads=args.threads)
     return 0
 
 

@@ -1,37 +1,40 @@
 """A tiny synthetic video dataset whose classes differ only in the temporal order of frames.
 
-Each *group* is one rendered base clip: a textured blob sliding to the right (+x) at constant speed
-over a textured static background, on a torus (it wraps around the left/right edges), with random
-start position, height, speed, size, colours and textures. Every class is a fixed *permutation of
-the frames of the same base clip*:
+Each *group* is one rendered base clip: a textured scene lit by a light whose colour turns around
+the hue wheel (from a random starting hue, by an irregular 20-100 degrees per frame), with a
+textured ball falling down it at an irregular pace (on a vertical torus: it re-enters at the top). Every class
+is a fixed *permutation of the frames of the same base clip*:
 
-====================  ===========================================  ======================
-class                 frame order (base frame indices, T frames)   motion
-====================  ===========================================  ======================
-``forward``           0, 1, ..., T-1                               moves right
-``backward``          T-1, ..., 1, 0                               moves left
-``forward_back``      0, 2, 4, ... then ..., 5, 3, 1               right, then back left
-``back_forward``      T-1 - (forward_back)                         left, then back right
-``forward_twice``     0, 2, 4, ... then 1, 3, 5, ...               right, jump, right
-``backward_twice``    T-1 - (forward_twice)                        left, jump, left
-====================  ===========================================  ======================
+====================  ===========================================  ===========================
+class                 frame order (base frame indices, T frames)   what happens
+====================  ===========================================  ===========================
+``forward``           0, 1, ..., T-1                               hue turns up, ball falls
+``backward``          T-1, ..., 1, 0                               hue turns down, ball rises
+``forward_back``      0, 2, 4, ... then ..., 5, 3, 1               up, then back down
+``back_forward``      T-1 - (forward_back)                         down, then back up
+``forward_twice``     0, 2, 4, ... then 1, 3, 5, ...               up, jump back, up again
+``backward_twice``    T-1 - (forward_twice)                        down, jump back, down again
+====================  ===========================================  ===========================
 
 Every group is written once per class, so the multiset of frames of each class is *identical*
 (up to video compression): a model that looks at frames independently and pools them without
-order (an image model averaging per-frame predictions) is exactly at chance. The blob position
-at any fixed frame index is uniform on the torus, so even per-index frame statistics match. Use
-all ``num_frames`` frames when training on it (e.g. uniform sampling with ``num_frames`` segments,
-or dense sampling with interval 1): sub-sampling picks different base frames in different classes.
+order (an image model averaging per-frame predictions) is exactly at chance. The starting hue and
+ball position are uniform on their circles, so even per-frame-index statistics match across
+classes, and the irregular steps keep a temporal position embedding from helping either (with
+constant rates, a per-frame feature whose phase turns with the frame index would add up coherently
+for one direction only). What separates the classes is
+how consecutive frames relate - the thing a temporal head of STDHA sees. The colour change is a
+whole-frame signal, visible to a head that attends to the next frame at all, so a small model
+learns it in a few hundred steps on a CPU; the ball is a local motion cue on top.
 
-A horizontal mirror turns class ``2k`` into class ``2k+1`` and back (the mirrored base clip moves
-left), so horizontal-flip augmentation is valid with the returned ``flip_label_map`` - the same
-mechanism as the SSv2 left/right classes. Train/val are split by group (no base clip in both).
+Use all ``num_frames`` frames when training on it (e.g. uniform sampling with ``num_frames``
+segments, or dense sampling with interval 1): sub-sampling picks different base frames in
+different classes. Horizontal flip changes neither cue, so it is a label-preserving augmentation
+here (``flip_label_map`` is ``None``). Train/val are split by group (no base clip in both).
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -63,36 +66,40 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int
 
 
 def render_base_clip(rng: np.random.Generator, num_frames: int = 16, size: int = 64) -> np.ndarray:
-    """One base clip ``(T, size, size, 3)`` uint8: a textured blob moving right (+x) on a torus."""
-    t = np.arange(num_frames)
+    """One base clip ``(T, size, size, 3)`` uint8: a textured scene under a hue-cycling light with a
+    textured ball falling (+y) on a vertical torus; both advance by random steps each frame."""
     s = size / 64.0
-    # background: low-contrast smooth colour noise around a random base colour
-    base = rng.uniform(40, 215, size=3).astype(np.float32)
-    bg = base + 60.0 * (_smooth_noise(rng, size, int(rng.integers(3, 7))) - 0.5)
-    # blob sprite: a disk of radius r with a two-colour blocky texture, contrasting colour
+    # luminance of the scene: smooth noise in [0.35, 0.95]
+    scene = 0.35 + 0.6 * _smooth_noise(rng, size, int(rng.integers(3, 7)), channels=1)[..., 0]
+    # the ball: a disk of radius r with a two-tone blocky texture, darker or brighter than the scene
     r = rng.uniform(7.0, 11.0) * s
-    fg_a = np.clip(255.0 - base + rng.normal(0, 25, size=3), 0, 255)
-    fg_b = np.clip(fg_a + rng.normal(0, 60, size=3), 0, 255)
     block = max(1, int(round(2 * s)))
     n_blk = -(-size // block)
     pattern = rng.random((n_blk, n_blk)) < 0.5
     pattern = np.kron(pattern, np.ones((block, block), dtype=bool))[:size, :size]
-    tex = np.where(pattern[..., None], fg_a, fg_b).astype(np.float32)
+    lum_a = rng.uniform(0.05, 1.0)
+    tex = np.where(pattern, lum_a, np.clip(lum_a + rng.choice([-0.3, 0.3]), 0.0, 1.0))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     c = (size - 1) / 2.0
-    alpha = np.clip(r - np.sqrt((yy - c) ** 2 + (xx - c) ** 2) + 0.5, 0.0, 1.0)[..., None]
-    # trajectory: x uniform on the torus, y fixed, constant speed to the right
-    y_shift = int(round(rng.uniform(r + 1, size - r - 1) - c))
-    x0 = rng.uniform(0, size)
-    speed = rng.uniform(1.0, 2.5) * s
-    xs = np.round(x0 + speed * t - c).astype(np.int64)
-    alpha = np.roll(alpha, y_shift, axis=0)
-    tex = np.roll(tex, y_shift, axis=0)
+    alpha = np.clip(r - np.sqrt((yy - c) ** 2 + (xx - c) ** 2) + 0.5, 0.0, 1.0)
+    x_shift = int(round(rng.uniform(r + 1, size - r - 1) - c))
+    alpha, tex = np.roll(alpha, x_shift, axis=1), np.roll(tex, x_shift, axis=1)
+    # Both cues advance by an irregular step every frame: with constant rates, an image model with a
+    # temporal embedding could match a feature's phase to the rate and tell the order apart.
+    # motion: y uniform on the torus, falling 1.5-5 px (at 64 px) per frame
+    steps = np.concatenate([[0.0], np.cumsum(rng.uniform(1.5, 5.0, num_frames - 1) * s)])
+    ys = np.round(rng.uniform(0, size) + steps - c).astype(np.int64)
+    # light: hue turning up by 20-100 degrees per frame from a uniform start, random saturation
+    hues = rng.uniform(0, 2 * np.pi) + np.concatenate(
+        [[0.0], np.cumsum(np.deg2rad(rng.uniform(20.0, 100.0, num_frames - 1)))])
+    sat = rng.uniform(0.5, 0.9)
+    phases = np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3])
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
-    for i, dx in enumerate(xs):
-        a = np.roll(alpha, int(dx), axis=1)
-        fg = np.roll(tex, int(dx), axis=1)
-        frames[i] = np.clip(a * fg + (1 - a) * bg, 0, 255).round().astype(np.uint8)
+    for i in range(num_frames):
+        a = np.roll(alpha, int(ys[i]), axis=0)
+        lum = a * np.roll(tex, int(ys[i]), axis=0) + (1 - a) * scene
+        light = 1 - sat + sat * (0.5 + 0.5 * np.cos(hues[i] - phases))
+        frames[i] = np.clip(255.0 * lum[..., None] * light, 0, 255).round().astype(np.uint8)
     return frames
 
 
@@ -106,8 +113,8 @@ def make_synthetic_dataset(out_dir, num_classes: int = 4, videos_per_class: int 
 
     Returns ``dict(root, train, val, classes, num_frames, flip_label_map, flip)``: ``root`` is the
     folder the annotation paths are relative to; ``train`` / ``val`` the annotation files;
-    ``flip_label_map`` pairs mirror-image classes and ``flip`` says whether horizontal flip is a
-    valid augmentation (False when ``num_classes`` is odd: the last class's mirror is absent).
+    ``flip`` says horizontal flip is a valid augmentation and ``flip_label_map`` (``None``: a
+    mirrored clip keeps its label) is what to pass along with it.
     """
     if not 2 <= int(num_classes) <= len(SYNTHETIC_CLASSES):
         raise ValueError(f"num_classes must be in [2, {len(SYNTHETIC_CLASSES)}], got {num_classes}")
@@ -140,7 +147,5 @@ def make_synthetic_dataset(out_dir, num_classes: int = 4, videos_per_class: int 
     write_annotations(val_ann, val)
     with open(os.path.join(out_dir, "classes.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(classes) + "\n")
-    pairs = num_classes - num_classes % 2
-    flip_map: Optional[dict[int, int]] = {k: k ^ 1 for k in range(pairs)}
     return dict(root=out_dir, train=train_ann, val=val_ann, classes=classes, num_frames=num_frames,
-                flip_label_map=flip_map, flip=num_classes % 2 == 0)
+                flip_label_map=None, flip=True)

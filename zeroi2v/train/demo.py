@@ -8,17 +8,12 @@
 4. Report accuracy, parameter counts (unmerged, merged, plain ViT), the merged-vs-unmerged error
    and the throughput of the merged model vs the plain timm ViT on the same frames.
 
-No pretrained image model exists offline, so by default the demo fine-tunes the whole (randomly
-initialised) backbone as well (``train_backbone``); ``--frozen-backbone`` runs the paper's recipe
-(frozen backbone; adapters, temporal embedding, final norm and head trained), which a random
-backbone cannot support well. Both runs use the same settings either way.
-
-Known limitation (measured on a 2-core CPU): from a random initialisation, neither run learns the
-synthetic task within the CPU budget — STDHA stays at chance like the image-only model (a
-from-scratch ViT has to discover frame differencing through its random value/output projections;
-1,500 optimiser steps were not enough in our trials, whereas a small 3-D CNN escapes chance after
-~250). The machinery (training, merge, merged == unmerged, parameter counts, throughput) is what the
-demo demonstrates reliably; the accuracy gap needs a pretrained image backbone.
+Both runs use the paper's recipe: the (here randomly initialised, since no pretrained image model
+exists offline) backbone is frozen; adapters, temporal embedding, final norm and head are trained.
+``--train-backbone`` fine-tunes everything instead. The image-only model sees exactly the same
+multiset of frames in every class (and the same per-frame-index statistics), so it stays at chance
+however long it trains; STDHA's temporal heads see how consecutive frames relate and reach
+90+ % top-1 (measured numbers in the README).
 """
 from __future__ import annotations
 
@@ -39,20 +34,22 @@ from .engine import evaluate, summary, train, write_eval_report
 
 # Settings shared by both runs (only model.head_offsets differs).
 FULL = {
-    "data": {"num_classes": 4, "videos_per_class": 32, "video_frames": 16, "size": 64},
+    "data": {"num_classes": 4, "videos_per_class": 40, "val_fraction": 0.4, "video_frames": 8,
+             "size": 64},
     "model": {"name": "vit_base_patch16_224",
               "timm_kwargs": {"img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 3,
                               "num_heads": 4},
               "num_frames": 8},
-    "epochs": 40, "batch_size": 16, "lr": 1e-3,
+    "epochs": 30, "batch_size": 16, "lr": 3e-3,
 }
 QUICK = {
-    "data": {"num_classes": 4, "videos_per_class": 6, "video_frames": 16, "size": 32},
+    "data": {"num_classes": 4, "videos_per_class": 6, "val_fraction": 0.25, "video_frames": 8,
+             "size": 32},
     "model": {"name": "vit_base_patch16_224",
               "timm_kwargs": {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 1,
                               "num_heads": 4},
               "num_frames": 8},
-    "epochs": 2, "batch_size": 8, "lr": 1e-3,
+    "epochs": 2, "batch_size": 8, "lr": 3e-3,
 }
 IMAGE_ONLY = [0, 0, 0, 0]
 STDHA = [1, -1, 0, 0]
@@ -61,17 +58,18 @@ STDHA = [1, -1, 0, 0]
 class CachedClips(Dataset):
     """Decode every video once (deterministic test-mode clip) and keep the tensors.
 
-    Training adds a horizontal flip with the dataset's label swap (mirror-image classes), drawn
-    from a generator seeded by ``(seed, epoch, index)`` so runs are reproducible.
+    Training adds a horizontal flip (``flip``) with an optional label swap for mirror-image
+    classes, drawn from a generator seeded by ``(seed, epoch, index)`` so runs are reproducible.
     """
 
-    def __init__(self, dataset, train: bool, flip_label_map: Optional[dict] = None, seed: int = 0):
+    def __init__(self, dataset, train: bool, flip: bool = False, flip_label_map: Optional[dict] = None,
+                 seed: int = 0):
         items = [dataset[i] for i in range(len(dataset))]
         self.videos = torch.stack([v[0] if v.dim() == 5 else v for v, _ in items])  # (N, C, T, H, W)
         self.labels = [int(lbl) for _, lbl in items]
         self.samples = list(getattr(dataset, "samples", []))
         self.num_classes = getattr(dataset, "num_classes", max(self.labels) + 1)
-        self.train, self.seed, self.epoch = train, seed, 0
+        self.train, self.flip, self.seed, self.epoch = train, bool(flip), seed, 0
         self.flip_label_map = {int(k): int(v) for k, v in (flip_label_map or {}).items()}
 
     def set_epoch(self, epoch: int) -> None:
@@ -82,7 +80,7 @@ class CachedClips(Dataset):
 
     def __getitem__(self, i: int):
         v, y = self.videos[i], self.labels[i]
-        if self.train and self.flip_label_map:
+        if self.train and self.flip:
             g = torch.Generator().manual_seed(hash((self.seed, self.epoch, int(i))) % 2**31)
             if torch.rand((), generator=g) < 0.5:
                 v, y = v.flip(-1), self.flip_label_map.get(y, y)
@@ -120,7 +118,7 @@ def clips_per_second(fn, x: torch.Tensor, clips: int, warmup: int = 2, runs: int
 
 
 def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int = 0,
-             quick: bool = False, train_backbone: bool = True, threads: Optional[int] = None,
+             quick: bool = False, train_backbone: bool = False, threads: Optional[int] = None,
              progress: Optional[bool] = None, print_table: bool = True) -> dict:
     import timm
 
@@ -139,13 +137,14 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
     d = s["data"]
     info = make_synthetic_dataset(out / "data", num_classes=d["num_classes"],
                                   videos_per_class=d["videos_per_class"],
-                                  num_frames=d["video_frames"], size=d["size"], seed=seed)
+                                  num_frames=d["video_frames"], size=d["size"], seed=seed,
+                                  val_fraction=d["val_fraction"])
     t_data = time.perf_counter() - t_start
     img = s["model"]["timm_kwargs"]["img_size"]
     nf = s["model"]["num_frames"]
     common = dict(num_frames=nf, sampling="uniform", size=img, seed=seed, rand_augment=None)
     train_ds = CachedClips(build_dataset(info["train"], info["root"], train=False, **common),
-                           train=True, flip_label_map=info["flip_label_map"] if info["flip"] else None,
+                           train=True, flip=info["flip"], flip_label_map=info["flip_label_map"],
                            seed=seed)
     val_ds = CachedClips(build_dataset(info["val"], info["root"], train=False, **common), train=False)
     classes = list(info["classes"])
@@ -240,9 +239,8 @@ def print_demo_table(r: dict) -> None:
               f"{r['settings']['epochs']} epochs, {r['settings']['threads']} threads")
     gap = (st["top1"] or 0) - (io["top1"] or 0)
     if gap < 10:
-        con.print(f"[yellow]note: STDHA is not clearly better than image-only here ({gap:+.1f} "
-                  "points): a randomly initialised backbone does not learn the temporal task in "
-                  "this CPU budget (see zeroi2v/train/demo.py). The image-only model cannot use frame "
-                  "order by construction; STDHA can, but here it has not learned to.[/yellow]")
+        con.print(f"[yellow]note: STDHA is not clearly better than image-only in this run "
+                  f"({gap:+.1f} points); with the default settings it is (see the README). Fewer "
+                  "epochs or a changed setting may not leave it enough steps.[/yellow]")
     con.print(f"wall time {r['wall_time_s']:.1f} s (data {r['data_time_s']:.1f} s); outputs in "
               f"{Path(r['stdha_merged']['file']).parent}")
