@@ -1,11 +1,12 @@
-"""Build script. Metadata lives in pyproject.toml; this file only adds the optional CUDA extension.
+"""Build script. Metadata lives in pyproject.toml; this file only adds the optional native extension.
 
-The extension ``zeroi2v._C`` (sources in ``csrc/``) is built when all of these hold:
-  * torch is importable in the build environment (install with ``--no-build-isolation``),
-  * torch is a CUDA build and nvcc is found (``CUDA_HOME``, else /usr/local/cuda, else PATH),
-  * ``ZEROI2V_NO_CUDA_EXT`` is not set to 1.
-Otherwise the package installs without it (Triton / PyTorch paths) and one line says why.
-Honours ``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` (through torch's build helpers).
+The extension ``zeroi2v._C`` (sources in ``csrc/``) is built when torch is importable in the build
+environment (install with ``--no-build-isolation``) and ``ZEROI2V_NO_EXT`` is not 1:
+  * with the CUDA STDHA kernel and the CPU ops when torch is a CUDA build, nvcc is found
+    (``CUDA_HOME``, else /usr/local/cuda, else PATH) and ``ZEROI2V_NO_CUDA_EXT`` is not 1;
+  * otherwise with the CPU ops only (host C++ compiler; optional: if it fails to build, the package
+    still installs and uses the pure PyTorch paths).
+One line says which. Honours ``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` (through torch's build helpers).
 """
 import os
 import shutil
@@ -28,25 +29,7 @@ def _find_cuda_home():
     return None
 
 
-def cuda_extensions():
-    """Return (ext_modules, cmdclass) for the CUDA extension, or ([], {}) with one line saying why."""
-    if os.environ.get("ZEROI2V_NO_CUDA_EXT", "0") == "1":
-        _say("ZEROI2V_NO_CUDA_EXT=1: skipping the CUDA extension")
-        return [], {}
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        _say("torch not importable in the build env (use --no-build-isolation): skipping the CUDA extension")
-        return [], {}
-    if torch.version.cuda is None:
-        _say(f"torch {torch.__version__} is not a CUDA build: skipping the CUDA extension")
-        return [], {}
-    cuda_home = _find_cuda_home()
-    if cuda_home is None:
-        _say("nvcc not found (set CUDA_HOME): skipping the CUDA extension")
-        return [], {}
-    # torch guesses CUDA_HOME at import time; set ours before its build helpers read it.
-    os.environ["CUDA_HOME"] = cuda_home
+def _make_extension():
     try:
         from csrc_build import make_extension  # csrc/ build description, kept beside the sources
     except ImportError:
@@ -54,10 +37,40 @@ def cuda_extensions():
         try:
             from csrc_build import make_extension
         except ImportError:
-            _say("csrc/csrc_build.py not present: skipping the CUDA extension")
-            return [], {}
+            return None
+    return make_extension
+
+
+def native_extensions():
+    """Return (ext_modules, cmdclass) for zeroi2v._C, or ([], {}), with one line saying which."""
+    if os.environ.get("ZEROI2V_NO_EXT", "0") == "1":
+        _say("ZEROI2V_NO_EXT=1: skipping the native extension")
+        return [], {}
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        _say("torch not importable in the build env (use --no-build-isolation): skipping the native extension")
+        return [], {}
+    make_extension = _make_extension()
+    if make_extension is None:
+        _say("csrc/csrc_build.py not present: skipping the native extension")
+        return [], {}
+    why_not = None
+    if os.environ.get("ZEROI2V_NO_CUDA_EXT", "0") == "1":
+        why_not = "ZEROI2V_NO_CUDA_EXT=1"
+    elif torch.version.cuda is None:
+        why_not = f"torch {torch.__version__} is not a CUDA build"
+    cuda_home = None if why_not else _find_cuda_home()
+    if why_not is None and cuda_home is None:
+        why_not = "nvcc not found (set CUDA_HOME)"
+    if why_not:
+        _say(f"{why_not}: building the CPU-only extension (no CUDA kernel)")
+        return make_extension(None)
+    # torch guesses CUDA_HOME at import time; set ours before its build helpers read it.
+    os.environ["CUDA_HOME"] = cuda_home
+    _say(f"building the extension with CUDA from {cuda_home}")
     return make_extension(cuda_home)
 
 
-ext_modules, cmdclass = cuda_extensions()
+ext_modules, cmdclass = native_extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

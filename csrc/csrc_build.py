@@ -1,7 +1,10 @@
-"""Build description of the CUDA extension ``zeroi2v._C`` (used by the repository's setup.py).
+"""Build description of the native extension ``zeroi2v._C`` (used by the repository's setup.py).
 
-``make_extension(cuda_home)`` returns ``(ext_modules, cmdclass)``. setup.py calls it only when
-torch is a CUDA build, nvcc exists and ``ZEROI2V_NO_CUDA_EXT`` is not 1 (it says why otherwise).
+``make_extension(cuda_home)`` returns ``(ext_modules, cmdclass)``. With a CUDA toolkit
+(``cuda_home``; setup.py passes one when torch is a CUDA build, nvcc exists and
+``ZEROI2V_NO_CUDA_EXT`` is not 1) the extension holds the CUDA STDHA kernel and the CPU ops; with
+``cuda_home=None`` it holds only the CPU ops (``shift_cpu.cpp``), built with the host C++ compiler
+and marked optional: a failed CPU-only build leaves a working install on the pure PyTorch paths.
 
 Target architectures: ``TORCH_CUDA_ARCH_LIST`` when set (torch's build helpers turn it into
 ``-gencode`` flags, e.g. ``"8.0;9.0a"``); otherwise sm_80 (+ compute_80 PTX, which the driver
@@ -14,8 +17,11 @@ import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-SOURCES = (
+CPU_SOURCES = (
     "module.cpp",        # pybind11 module zeroi2v._C
+    "shift_cpu.cpp",     # torch.ops.zeroi2v.shift_frames_ (CPU + Meta kernels)
+)
+SOURCES = CPU_SOURCES + (
     "stdha_ops.cpp",     # torch.ops.zeroi2v.stdha_fwd_cuda (CUDA + Meta kernels)
     "stdha_api.cu",      # plain C API (stdha.h)
     "stdha_fwd_fp16.cu", # kernel instantiations, one file per dtype
@@ -37,12 +43,22 @@ def nvcc_arch_flags() -> list[str]:
     return list(DEFAULT_GENCODE)
 
 
-def make_extension(cuda_home: str):
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+def make_extension(cuda_home):
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     # Sources relative to setup.py's directory (setuptools wants relative paths).
     root = os.path.dirname(_HERE)
     rel = os.path.relpath(_HERE, root)
+    if cuda_home is None:
+        ext = CppExtension(
+            name="zeroi2v._C",
+            sources=[os.path.join(rel, s) for s in CPU_SOURCES],
+            depends=[os.path.join(rel, "stdha.h")],
+            include_dirs=[_HERE],
+            extra_compile_args=["-O3", "-g0"],
+            optional=True,
+        )
+        return [ext], {"build_ext": BuildExtension}
     nvcc_flags = [
         "-O3",
         "-lineinfo",
@@ -57,6 +73,7 @@ def make_extension(cuda_home: str):
         include_dirs=[_HERE],
         library_dirs=[os.path.join(cuda_home, "lib64")],
         extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": nvcc_flags},
+        define_macros=[("ZEROI2V_WITH_CUDA", "1")],
     )
     # use_ninja follows torch's default (ninja when installed); MAX_JOBS caps its parallelism.
     return [ext], {"build_ext": BuildExtension}

@@ -1,6 +1,7 @@
 // Python module zeroi2v._C. Importing it loads this shared library, whose static initialisers
-// register torch.ops.zeroi2v.stdha_fwd_cuda (stdha_ops.cpp). Needs no GPU: nothing here touches
-// the CUDA runtime. The functions below only describe what was compiled.
+// register torch.ops.zeroi2v.shift_frames_ (shift_cpu.cpp) and, in a CUDA build
+// (ZEROI2V_WITH_CUDA), torch.ops.zeroi2v.stdha_fwd_cuda (stdha_ops.cpp). Needs no GPU: nothing here
+// touches the CUDA runtime. The attributes below only describe what was compiled.
 #include <pybind11/pybind11.h>
 
 #include "stdha.h"
@@ -12,9 +13,12 @@ namespace py = pybind11;
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef ZEROI2V_WITH_CUDA
   m.doc() =
-      "zeroi2v CUDA extension: STDHA forward kernel, registered as "
-      "torch.ops.zeroi2v.stdha_fwd_cuda(q, k, v, offsets, num_frames, scale).";
+      "zeroi2v native extension: STDHA CUDA forward kernel, registered as "
+      "torch.ops.zeroi2v.stdha_fwd_cuda(q, k, v, offsets, num_frames, scale), and the CPU op "
+      "torch.ops.zeroi2v.shift_frames_(x, num_frames, offset).";
+  m.attr("WITH_CUDA") = true;
   m.def(
       "supported",
       [](const std::string& dtype, int64_t head_dim) {
@@ -26,5 +30,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Whether a kernel is compiled for dtype ('float16' or 'bfloat16') and head_dim.");
   m.attr("HEAD_DIMS") = py::make_tuple(64, 128);
   m.attr("MAX_HEADS") = ZEROI2V_STDHA_MAX_HEADS;
-  m.attr("OPS") = py::make_tuple("stdha_fwd_cuda");
+  m.attr("OPS") = py::make_tuple("shift_frames_", "stdha_fwd_cuda");
+#else
+  m.doc() =
+      "zeroi2v native extension (CPU only): torch.ops.zeroi2v.shift_frames_(x, num_frames, offset).";
+  m.attr("WITH_CUDA") = false;
+  m.attr("OPS") = py::make_tuple("shift_frames_");
+#endif
 }

@@ -4,7 +4,8 @@ Two kinds of tests:
 
 * build/registration tests (no GPU needed). CI builds the extension on every run
   (``pip install --no-build-isolation -e .`` with nvcc present), so these run there; they skip
-  only when the package was installed without the extension (no toolkit / ZEROI2V_NO_CUDA_EXT=1).
+  only when the package was installed without the extension or with its CPU-only build (no
+  toolkit / ZEROI2V_NO_CUDA_EXT=1).
   Set ZEROI2V_REQUIRE_CUDA_EXT=1 to turn that skip into a failure (CI does, so that a broken
   build cannot hide behind a skip).
 * ``@pytest.mark.gpu`` numerics tests: skipped without a CUDA GPU.
@@ -26,6 +27,8 @@ except ImportError as exc:  # extension not built
     _IMPORT_ERROR = exc
 else:
     _IMPORT_ERROR = None
+    if not getattr(_C, "WITH_CUDA", False):  # a CPU-only build (ZEROI2V_NO_CUDA_EXT=1 / no nvcc)
+        _C, _IMPORT_ERROR = None, ImportError("zeroi2v._C was built without CUDA (CPU ops only)")
 
 needs_ext = pytest.mark.skipif(
     _C is None and os.environ.get("ZEROI2V_REQUIRE_CUDA_EXT", "0") != "1",

@@ -9,8 +9,9 @@ of a fused qkv projection are read in place. It is exposed as the dispatcher op
 
 (CUDA and Meta kernels: usable from torch.compile, TorchScript and libtorch). Inference only.
 
-Importing this module raises ImportError when the extension was not built (no CUDA toolkit at
-install time, or ``ZEROI2V_NO_CUDA_EXT=1``); ``stdha_attention``'s plugin loader then skips it.
+Importing this module raises ImportError when the extension was not built with CUDA (no CUDA
+toolkit at install time, or ``ZEROI2V_NO_CUDA_EXT=1``: then ``zeroi2v._C`` holds only the CPU ops,
+or is absent); ``stdha_attention``'s plugin loader then skips it.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
         "zeroi2v._C is not built: reinstall with a CUDA toolkit and a CUDA build of torch "
         "(pip install --no-build-isolation -e .) to get the 'cuda' STDHA backend"
     ) from exc
+if not getattr(_C, "WITH_CUDA", False):
+    raise ImportError(
+        "zeroi2v._C was built without CUDA (CPU ops only): reinstall with a CUDA toolkit and a CUDA "
+        "build of torch (pip install --no-build-isolation -e .) to get the 'cuda' STDHA backend"
+    )
 
 # Priority of "cuda" for stdha_attention(backend="auto"); the Triton backend registers 10, so
 # "auto" prefers Triton. Raise this above 10 only once benchmarks/test_bench_stdha_cuda.py has

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Optional
@@ -224,8 +225,39 @@ def shift_frames(x: torch.Tensor, num_frames: int, d: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).flatten(0, 1)
 
 
+#: Use the native CPU op ``torch.ops.zeroi2v.shift_frames_`` (csrc/shift_cpu.cpp) for the in-place
+#: shift when the extension is built: it moves each row once, where pure PyTorch needs a temporary
+#: (twice the memory traffic). ``ZEROI2V_NATIVE_SHIFT=0`` (or setting this to False) turns it off.
+USE_NATIVE_SHIFT: bool = os.environ.get("ZEROI2V_NATIVE_SHIFT", "1").strip().lower() not in ("0", "off", "false")
+_NATIVE_SHIFT: list = []
+
+
+def native_shift_op() -> Optional[Callable]:
+    """``torch.ops.zeroi2v.shift_frames_`` if the extension ``zeroi2v._C`` provides it, else None."""
+    if not _NATIVE_SHIFT:
+        op = None
+        try:
+            from .. import _C  # noqa: F401  (loading the library registers the op)
+
+            op = torch.ops.zeroi2v.shift_frames_
+        except (ImportError, AttributeError, RuntimeError):
+            pass
+        _NATIVE_SHIFT.append(op)
+    return _NATIVE_SHIFT[0]
+
+
 def shift_frames_(x: torch.Tensor, num_frames: int, d: int) -> None:
-    """In-place :func:`shift_frames`: copies only the frames that move (through one temporary)."""
+    """In-place :func:`shift_frames`. CPU tensors of rank 4 with a contiguous last dimension go
+    through the native op when it is built (see ``USE_NATIVE_SHIFT``); otherwise only the frames
+    that move are copied, through one temporary."""
+    if d == 0:
+        return
+    if USE_NATIVE_SHIFT and x.device.type == "cpu" and x.dim() == 4 and x.stride(-1) == 1 \
+            and not (x.requires_grad and torch.is_grad_enabled()):
+        op = native_shift_op()
+        if op is not None:
+            op(x, num_frames, d)
+            return
     x5 = x.unflatten(0, (x.shape[0] // num_frames, num_frames))
     if d > 0:
         x5[:, d:] = x5[:, : num_frames - d].clone()
