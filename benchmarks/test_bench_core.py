@@ -7,7 +7,6 @@ Each group holds a candidate and its baseline on identical inputs; ``ratios.py``
 median-time ratio per group (the numbers the README quotes).
 """
 import statistics
-import time
 
 import pytest
 import timm
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 import zeroi2v.ops.stdha as stdha_ops
 from zeroi2v import PRESETS, create_video_model, merge_adapters, stdha_attention
+from zeroi2v.train.demo import rotating_times
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -32,16 +32,13 @@ ATTN_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("impl", ["sdpa_no_shift", "stdha_torch_inplace", "stdha_torch_inplace_pure",
-                                  "stdha_torch_copy"])
-@pytest.mark.parametrize("shape", list(ATTN_SHAPES))
-def test_attention_forward(benchmark, shape, impl, monkeypatch):
+def _attention_case(shape, impl, monkeypatch):
+    """``(fn, (bt, h, n, d), t)``: the attention call ``impl`` on views of a fused qkv projection,
+    as inside a ViT block."""
     bt, h, n, d, t, offsets = ATTN_SHAPES[shape]
     gen = torch.Generator().manual_seed(0)
-    # a fused qkv projection's views, as inside a ViT block
     qkv = torch.randn(bt, n, 3, h, d, generator=gen).to(DEV).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    benchmark.group = f"attention-{shape}"
     if impl == "sdpa_no_shift":
         fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
     elif impl.startswith("stdha_torch_inplace"):
@@ -55,6 +52,15 @@ def test_attention_forward(benchmark, shape, impl, monkeypatch):
         fn = lambda: stdha_attention(q, k, v, t, offsets, backend="torch", inplace_kv=True)  # noqa: E731
     else:  # the functional default: the caller's K/V are left untouched, shifted copies are made
         fn = lambda: stdha_attention(q, k, v, t, offsets, backend="torch")  # noqa: E731
+    return fn, [bt, h, n, d], t
+
+
+@pytest.mark.parametrize("impl", ["sdpa_no_shift", "stdha_torch_inplace", "stdha_torch_inplace_pure",
+                                  "stdha_torch_copy"])
+@pytest.mark.parametrize("shape", list(ATTN_SHAPES))
+def test_attention_forward(benchmark, shape, impl, monkeypatch):
+    fn, dims, t = _attention_case(shape, impl, monkeypatch)
+    benchmark.group = f"attention-{shape}"
 
     def run():
         with torch.inference_mode():
@@ -62,7 +68,7 @@ def test_attention_forward(benchmark, shape, impl, monkeypatch):
         _sync()
         return out
 
-    benchmark.extra_info.update(device=str(DEV), shape=[bt, h, n, d], num_frames=t)
+    benchmark.extra_info.update(device=str(DEV), shape=dims, num_frames=t)
     benchmark.pedantic(run, warmup_rounds=2, rounds=25, iterations=1)
 
 
@@ -103,27 +109,19 @@ def test_vit_b16_8frames_forward(benchmark, vit_pair, impl):
 # Paired runs: on a shared (virtual) machine the speed drifts over seconds, more than the margins
 # measured here, so each round times the baseline and the candidate back to back (alternating
 # which goes first) and the claim is the median of the per-round ratios (extra_info; ratios.py
-# prints it). pytest-benchmark's own statistics are of the pair.
+# prints it).
 def _paired(benchmark, baseline, candidate, rounds, warmup=2):
-    times = {"baseline": [], "candidate": []}
-    order = [0]
-
     def timed(fn):
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            fn()
-        _sync()
-        return time.perf_counter() - t0
+        def call():
+            with torch.inference_mode():
+                fn()
+            _sync()
+        return call
 
-    def run():
-        first, second = (("baseline", baseline), ("candidate", candidate))[:: 1 if order[0] % 2 == 0 else -1]
-        order[0] += 1
-        for name, fn in (first, second):
-            times[name].append(timed(fn))
-
-    for _ in range(warmup):
-        timed(baseline), timed(candidate)
-    benchmark.pedantic(run, rounds=rounds, iterations=1)
+    times = {}
+    # pytest-benchmark runs the whole paired measurement once; the statistics are in extra_info
+    benchmark.pedantic(lambda: times.update(rotating_times(
+        {"baseline": timed(baseline), "candidate": timed(candidate)}, rounds, warmup)), rounds=1, iterations=1)
     ratios = [c / b for b, c in zip(times["baseline"], times["candidate"])]
     benchmark.extra_info.update(
         paired_ratio_median=statistics.median(ratios),
@@ -139,18 +137,11 @@ def _paired(benchmark, baseline, candidate, rounds, warmup=2):
 @pytest.mark.parametrize("shape", list(ATTN_SHAPES))
 def test_paired_attention_vs_sdpa(benchmark, shape, impl, monkeypatch):
     """In-place STDHA (as STDHAttention runs it) / SDPA without any shift, same inputs."""
-    bt, h, n, d, t, offsets = ATTN_SHAPES[shape]
-    gen = torch.Generator().manual_seed(0)
-    qkv = torch.randn(bt, n, 3, h, d, generator=gen).to(DEV).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    if impl.endswith("_pure"):
-        monkeypatch.setattr(stdha_ops, "USE_NATIVE_SHIFT", False)
-    elif DEV.type == "cpu" and stdha_ops.native_shift_op() is None:
-        pytest.skip("zeroi2v._C not built: no native shift op")
+    baseline, _, _ = _attention_case(shape, "sdpa_no_shift", monkeypatch)
+    candidate, dims, t = _attention_case(shape, impl, monkeypatch)
     benchmark.group = f"paired-attention-{shape}"
-    benchmark.extra_info.update(device=str(DEV), shape=[bt, h, n, d], num_frames=t, baseline="sdpa_no_shift")
-    _paired(benchmark, lambda: F.scaled_dot_product_attention(q, k, v),
-            lambda: stdha_attention(q, k, v, t, offsets, backend="torch", inplace_kv=True), rounds=40)
+    benchmark.extra_info.update(device=str(DEV), shape=dims, num_frames=t, baseline="sdpa_no_shift")
+    _paired(benchmark, baseline, candidate, rounds=40)
 
 
 def test_paired_vit_b16_8frames(benchmark, vit_pair):

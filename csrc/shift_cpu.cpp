@@ -36,6 +36,7 @@ void shift_frames_cpu(at::Tensor& x, int64_t num_frames, int64_t offset) {
   if (offset == 0 || x.numel() == 0) return;
 
   const int64_t T = num_frames, B = x.size(0) / T, H = x.size(1), N = x.size(2), D = x.size(3);
+  const int64_t shift = offset > 0 ? offset : -offset;
   const int64_t es = x.element_size();
   const int64_t sf = x.stride(0) * es, sh = x.stride(1) * es, sn = x.stride(2) * es;
   // Heads laid out back to back (the usual fused-qkv view): one memcpy covers all of them.
@@ -47,11 +48,10 @@ void shift_frames_cpu(at::Tensor& x, int64_t num_frames, int64_t offset) {
   constexpr int64_t kTokens = 16;
   const int64_t chunks = (N + kTokens - 1) / kTokens;
   char* base = static_cast<char*>(x.data_ptr());
-  const int64_t shift = offset > 0 ? offset : -offset;
 
   // Threads only pay off for large moves: waking them costs more than copying a small tensor, so
   // each thread gets at least ~256 KiB (smaller shifts run on the calling thread).
-  const int64_t task_bytes = (T - (offset > 0 ? offset : -offset)) * kTokens * row_bytes;
+  const int64_t task_bytes = (T - shift) * kTokens * row_bytes;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, task_bytes));
   at::parallel_for(0, B * hrows * chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {

@@ -229,21 +229,17 @@ def shift_frames(x: torch.Tensor, num_frames: int, d: int) -> torch.Tensor:
 #: shift when the extension is built: it moves each row once, where pure PyTorch needs a temporary
 #: (twice the memory traffic). ``ZEROI2V_NATIVE_SHIFT=0`` (or setting this to False) turns it off.
 USE_NATIVE_SHIFT: bool = os.environ.get("ZEROI2V_NATIVE_SHIFT", "1").strip().lower() not in ("0", "off", "false")
-_NATIVE_SHIFT: list = []
 
 
+@lru_cache(maxsize=None)
 def native_shift_op() -> Optional[Callable]:
     """``torch.ops.zeroi2v.shift_frames_`` if the extension ``zeroi2v._C`` provides it, else None."""
-    if not _NATIVE_SHIFT:
-        op = None
-        try:
-            from .. import _C  # noqa: F401  (loading the library registers the op)
+    try:
+        from .. import _C  # noqa: F401  (loading the library registers the op)
 
-            op = torch.ops.zeroi2v.shift_frames_
-        except (ImportError, AttributeError, RuntimeError):
-            pass
-        _NATIVE_SHIFT.append(op)
-    return _NATIVE_SHIFT[0]
+        return torch.ops.zeroi2v.shift_frames_
+    except (ImportError, AttributeError, RuntimeError):
+        return None
 
 
 def shift_frames_(x: torch.Tensor, num_frames: int, d: int) -> None:

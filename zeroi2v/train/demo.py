@@ -104,11 +104,10 @@ def _demo_config(s: dict, out_dir: Path, offsets, epochs: int, seed: int, train_
     })
 
 
-@torch.no_grad()
-def clips_per_second(fns: dict, clips: int, warmup: int = 2, runs: int = 7) -> dict:
-    """Throughput of each ``name -> zero-argument callable``: median over ``runs`` rounds after
-    ``warmup``. Every round times each callable once, in rotating order, so that the machine's
-    drift (shared CPUs) hits all of them alike."""
+def rotating_times(fns: dict, runs: int, warmup: int = 2) -> dict:
+    """Per-round wall times of each ``name -> zero-argument callable``. Every round times each
+    callable once, in rotating order (alternating for two), so that the machine's drift (shared
+    CPUs) hits all of them alike. Also used by benchmarks/test_bench_core.py."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -119,7 +118,13 @@ def clips_per_second(fns: dict, clips: int, warmup: int = 2, runs: int = 7) -> d
             t = time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t)
-    return {n: clips / statistics.median(ts) for n, ts in times.items()}
+    return times
+
+
+@torch.no_grad()
+def clips_per_second(fns: dict, clips: int, warmup: int = 2, runs: int = 7) -> dict:
+    """Throughput of each callable: ``clips`` over its median time in :func:`rotating_times`."""
+    return {n: clips / statistics.median(ts) for n, ts in rotating_times(fns, runs, warmup).items()}
 
 
 def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int = 0,
