@@ -150,4 +150,4 @@ def test_paired_vit_b16_8frames(benchmark, vit_pair):
     frames = x.transpose(1, 2).flatten(0, 1)
     benchmark.group = "paired-model-vitb16-8frames"
     benchmark.extra_info.update(device=str(DEV), frames=x.shape[2], baseline="plain_timm_vit")
-    _paired(benchmark, lambda: plain(frames), lambda: merged(x), rounds=31)
+    _paired(benchmark, lambda: plain(frames), lambda: merged(x), rounds=61)

@@ -19,7 +19,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 CPU_SOURCES = (
     "module.cpp",        # pybind11 module zeroi2v._C
-    "shift_cpu.cpp",     # torch.ops.zeroi2v.shift_frames_ (CPU + Meta kernels)
+    "shift_cpu.cpp",     # torch.ops.zeroi2v.shift_heads_ (CPU + Meta kernels)
 )
 SOURCES = CPU_SOURCES + (
     "stdha_ops.cpp",     # torch.ops.zeroi2v.stdha_fwd_cuda (CUDA + Meta kernels)

@@ -1,5 +1,5 @@
 // Python module zeroi2v._C. Importing it loads this shared library, whose static initialisers
-// register torch.ops.zeroi2v.shift_frames_ (shift_cpu.cpp) and, in a CUDA build
+// register torch.ops.zeroi2v.shift_heads_ (shift_cpu.cpp) and, in a CUDA build
 // (ZEROI2V_WITH_CUDA), torch.ops.zeroi2v.stdha_fwd_cuda (stdha_ops.cpp). Needs no GPU: nothing here
 // touches the CUDA runtime. The attributes below only describe what was compiled.
 #include <pybind11/pybind11.h>
@@ -17,7 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "zeroi2v native extension: STDHA CUDA forward kernel, registered as "
       "torch.ops.zeroi2v.stdha_fwd_cuda(q, k, v, offsets, num_frames, scale), and the CPU op "
-      "torch.ops.zeroi2v.shift_frames_(x, num_frames, offset).";
+      "torch.ops.zeroi2v.shift_heads_(xs, num_frames, offsets).";
   m.attr("WITH_CUDA") = true;
   m.def(
       "supported",
@@ -30,11 +30,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Whether a kernel is compiled for dtype ('float16' or 'bfloat16') and head_dim.");
   m.attr("HEAD_DIMS") = py::make_tuple(64, 128);
   m.attr("MAX_HEADS") = ZEROI2V_STDHA_MAX_HEADS;
-  m.attr("OPS") = py::make_tuple("shift_frames_", "stdha_fwd_cuda");
+  m.attr("OPS") = py::make_tuple("shift_heads_", "stdha_fwd_cuda");
 #else
   m.doc() =
-      "zeroi2v native extension (CPU only): torch.ops.zeroi2v.shift_frames_(x, num_frames, offset).";
+      "zeroi2v native extension (CPU only): torch.ops.zeroi2v.shift_heads_(xs, num_frames, offsets).";
   m.attr("WITH_CUDA") = false;
-  m.attr("OPS") = py::make_tuple("shift_frames_");
+  m.attr("OPS") = py::make_tuple("shift_heads_");
 #endif
 }

@@ -225,35 +225,27 @@ def shift_frames(x: torch.Tensor, num_frames: int, d: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).flatten(0, 1)
 
 
-#: Use the native CPU op ``torch.ops.zeroi2v.shift_frames_`` (csrc/shift_cpu.cpp) for the in-place
-#: shift when the extension is built: it moves each row once, where pure PyTorch needs a temporary
-#: (twice the memory traffic). ``ZEROI2V_NATIVE_SHIFT=0`` (or setting this to False) turns it off.
+#: Use the native CPU op ``torch.ops.zeroi2v.shift_heads_`` (csrc/shift_cpu.cpp) for the in-place
+#: shift when the extension is built: it moves each row once, in one sweep over K and V for all
+#: heads, where pure PyTorch needs a temporary per run of heads (twice the memory traffic).
+#: ``ZEROI2V_NATIVE_SHIFT=0`` (or setting this to False) turns it off.
 USE_NATIVE_SHIFT: bool = os.environ.get("ZEROI2V_NATIVE_SHIFT", "1").strip().lower() not in ("0", "off", "false")
 
 
 @lru_cache(maxsize=None)
 def native_shift_op() -> Optional[Callable]:
-    """``torch.ops.zeroi2v.shift_frames_`` if the extension ``zeroi2v._C`` provides it, else None."""
+    """``torch.ops.zeroi2v.shift_heads_`` if the extension ``zeroi2v._C`` provides it, else None."""
     try:
         from .. import _C  # noqa: F401  (loading the library registers the op)
 
-        return torch.ops.zeroi2v.shift_frames_
+        return torch.ops.zeroi2v.shift_heads_
     except (ImportError, AttributeError, RuntimeError):
         return None
 
 
 def shift_frames_(x: torch.Tensor, num_frames: int, d: int) -> None:
-    """In-place :func:`shift_frames`. CPU tensors of rank 4 with a contiguous last dimension go
-    through the native op when it is built (see ``USE_NATIVE_SHIFT``); otherwise only the frames
-    that move are copied, through one temporary."""
-    if d == 0:
-        return
-    if USE_NATIVE_SHIFT and x.device.type == "cpu" and x.dim() == 4 and x.stride(-1) == 1 \
-            and not (x.requires_grad and torch.is_grad_enabled()):
-        op = native_shift_op()
-        if op is not None:
-            op(x, num_frames, d)
-            return
+    """In-place :func:`shift_frames` in pure PyTorch: only the frames that move are copied, through
+    one temporary (autograd records it)."""
     x5 = x.unflatten(0, (x.shape[0] // num_frames, num_frames))
     if d > 0:
         x5[:, d:] = x5[:, : num_frames - d].clone()
@@ -261,15 +253,33 @@ def shift_frames_(x: torch.Tensor, num_frames: int, d: int) -> None:
         x5[:, : num_frames + d] = x5[:, -d:].clone()
 
 
+def shift_heads_(tensors, num_frames: int, offsets: tuple[int, ...]) -> None:
+    """Shift every head of each ``(B*T, H, N, D)`` tensor in ``tensors`` (K and V) in place by its
+    offset (SPEC §2). CPU tensors with a contiguous last dimension and no autograd go through the
+    native op when it is built (see ``USE_NATIVE_SHIFT``), in one call; otherwise
+    :func:`shift_frames_` per run of heads."""
+    runs = head_runs(tuple(offsets))
+    if all(d == 0 for _, _, d in runs):
+        return
+    if USE_NATIVE_SHIFT and all(
+        x.device.type == "cpu" and x.dim() == 4 and x.stride(-1) == 1 for x in tensors
+    ) and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
+        op = native_shift_op()
+        if op is not None:
+            op(list(tensors), num_frames, list(offsets))
+            return
+    for x in tensors:
+        for h0, h1, d in runs:
+            if d:
+                shift_frames_(x[:, h0:h1], num_frames, d)
+
+
 def _torch_backend(q, k, v, num_frames, offsets, scale, dropout_p=0.0, inplace_kv=False):
     runs = head_runs(offsets)
     if inplace_kv:
         # K/V are the caller's scratch (a fresh qkv projection): move just the temporal heads
         # (2 of 12 for ViT-B) and run one plain SDPA. This is what makes STDHA nearly free on CPU.
-        for h0, h1, d in runs:
-            if d:
-                shift_frames_(k[:, h0:h1], num_frames, d)
-                shift_frames_(v[:, h0:h1], num_frames, d)
+        shift_heads_((k, v), num_frames, offsets)
     elif len(runs) > 1 or runs[0][2]:
         # One K and one V with every head in place (one pass each), then a single SDPA: cheaper
         # than one SDPA per run of heads.
