@@ -125,7 +125,17 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
             f"wrong frame count: batch*frames = {q.shape[0]} is not divisible by "
             f"num_frames = {num_frames}"
         )
+    if isinstance(head_offsets, (tuple, str)):  # hashable: what modules pass on every call
+        return _checked_offsets(head_offsets, q.shape[1], num_frames)
     offsets = resolve_offsets(head_offsets, q.shape[1])
+    check_offsets(offsets, num_frames)
+    return offsets
+
+
+@lru_cache(maxsize=1024)
+def _checked_offsets(head_offsets, num_heads: int, num_frames: int) -> tuple[int, ...]:
+    # errors are raised, never cached
+    offsets = resolve_offsets(head_offsets, num_heads)
     check_offsets(offsets, num_frames)
     return offsets
 
