@@ -1,4 +1,4 @@
-"""CPU/GPU speed of the pure-PyTorch path: the cost of STDHA and of a merged model.
+"""CPU/GPU speed of STDHA against SDPA, and of a merged model against the plain ViT.
 
     pytest benchmarks/test_bench_core.py --benchmark-only --benchmark-json=core.json
     python benchmarks/ratios.py core.json
@@ -41,8 +41,14 @@ def _attention_case(shape, impl, monkeypatch):
     q, k, v = qkv.unbind(0)
     if impl == "sdpa_no_shift":
         fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    elif impl == "stdha_cpu_fused":
+        # the fused CPU kernel (zeroi2v._C), what STDHAttention runs at fp32 CPU inference
+        if DEV.type != "cpu" or "cpu" not in stdha_ops.available_backends():
+            pytest.skip("needs the fused CPU kernel of zeroi2v._C and CPU tensors")
+        fn = lambda: stdha_attention(q, k, v, t, offsets, backend="cpu")  # noqa: E731
     elif impl.startswith("stdha_torch_inplace"):
-        # what STDHAttention does at inference: K/V are its own qkv activations, shifted in place
+        # the "torch" backend as STDHAttention runs it without the fused kernel (other dtypes,
+        # no extension): K/V are its own qkv activations, shifted in place
         # (re-shifting the same buffer every round is the same work on still-random data). The
         # shift runs in the native CPU op when zeroi2v._C is built; "_pure" forces pure PyTorch.
         if impl.endswith("_pure"):
@@ -55,8 +61,8 @@ def _attention_case(shape, impl, monkeypatch):
     return fn, [bt, h, n, d], t
 
 
-@pytest.mark.parametrize("impl", ["sdpa_no_shift", "stdha_torch_inplace", "stdha_torch_inplace_pure",
-                                  "stdha_torch_copy"])
+@pytest.mark.parametrize("impl", ["sdpa_no_shift", "stdha_cpu_fused", "stdha_torch_inplace",
+                                  "stdha_torch_inplace_pure", "stdha_torch_copy"])
 @pytest.mark.parametrize("shape", list(ATTN_SHAPES))
 def test_attention_forward(benchmark, shape, impl, monkeypatch):
     fn, dims, t = _attention_case(shape, impl, monkeypatch)
@@ -133,10 +139,11 @@ def _paired(benchmark, baseline, candidate, rounds, warmup=2):
     return statistics.median(ratios)
 
 
-@pytest.mark.parametrize("impl", ["stdha_torch_inplace", "stdha_torch_inplace_pure"])
+@pytest.mark.parametrize("impl", ["stdha_cpu_fused", "stdha_torch_inplace", "stdha_torch_inplace_pure"])
 @pytest.mark.parametrize("shape", list(ATTN_SHAPES))
 def test_paired_attention_vs_sdpa(benchmark, shape, impl, monkeypatch):
-    """In-place STDHA (as STDHAttention runs it) / SDPA without any shift, same inputs."""
+    """STDHA (fused CPU kernel; "torch" backend's in-place path) / SDPA without any shift, same
+    inputs."""
     baseline, _, _ = _attention_case(shape, "sdpa_no_shift", monkeypatch)
     candidate, dims, t = _attention_case(shape, impl, monkeypatch)
     benchmark.group = f"paired-attention-{shape}"
@@ -144,10 +151,17 @@ def test_paired_attention_vs_sdpa(benchmark, shape, impl, monkeypatch):
     _paired(benchmark, baseline, candidate, rounds=40)
 
 
-def test_paired_vit_b16_8frames(benchmark, vit_pair):
-    """Merged ZeroI2V ViT-B/16 on one 8-frame clip / the plain timm ViT on the same 8 frames."""
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_paired_vit_b16_8frames(benchmark, vit_pair, backend, monkeypatch):
+    """Merged ZeroI2V ViT-B/16 on one 8-frame clip / the plain timm ViT on the same 8 frames.
+    ``auto``: what a user gets (the fused kernel on CPU when built); ``torch``: the pure-PyTorch
+    backend (in-place shift + SDPA)."""
     merged, plain, x = vit_pair
+    for m in merged.modules():
+        if hasattr(m, "head_offsets") and hasattr(m, "backend"):
+            monkeypatch.setattr(m, "backend", backend)
     frames = x.transpose(1, 2).flatten(0, 1)
     benchmark.group = "paired-model-vitb16-8frames"
-    benchmark.extra_info.update(device=str(DEV), frames=x.shape[2], baseline="plain_timm_vit")
-    _paired(benchmark, lambda: plain(frames), lambda: merged(x), rounds=61)
+    benchmark.extra_info.update(device=str(DEV), frames=x.shape[2], baseline="plain_timm_vit",
+                                stdha_backend=backend)
+    _paired(benchmark, lambda: plain(frames), lambda: merged(x), rounds=61 if backend == "auto" else 31)

@@ -14,12 +14,14 @@ JIT-compiles for newer GPUs such as Blackwell) and sm_90a (Hopper). Parallel com
 from __future__ import annotations
 
 import os
+import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 CPU_SOURCES = (
     "module.cpp",        # pybind11 module zeroi2v._C
     "shift_cpu.cpp",     # torch.ops.zeroi2v.shift_heads_ (CPU + Meta kernels)
+    "stdha_cpu.cpp",     # torch.ops.zeroi2v.stdha_fwd_cpu (CPU + Meta kernels)
 )
 SOURCES = CPU_SOURCES + (
     "stdha_ops.cpp",     # torch.ops.zeroi2v.stdha_fwd_cuda (CUDA + Meta kernels)
@@ -43,6 +45,11 @@ def nvcc_arch_flags() -> list[str]:
     return list(DEFAULT_GENCODE)
 
 
+# at::parallel_for is header-inline: without -fopenmp it runs the whole range on the calling thread
+# (and BLAS calls inside it go multi-threaded on tiny matrices). libgomp is the one torch loads.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def make_extension(cuda_home):
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -55,7 +62,8 @@ def make_extension(cuda_home):
             sources=[os.path.join(rel, s) for s in CPU_SOURCES],
             depends=[os.path.join(rel, "stdha.h")],
             include_dirs=[_HERE],
-            extra_compile_args=["-O3", "-g0"],
+            extra_compile_args=["-O3", "-g0", *OPENMP_FLAGS],
+            extra_link_args=OPENMP_FLAGS,
             optional=True,
         )
         return [ext], {"build_ext": BuildExtension}
@@ -72,7 +80,8 @@ def make_extension(cuda_home):
         depends=[os.path.join(rel, h) for h in HEADERS],
         include_dirs=[_HERE],
         library_dirs=[os.path.join(cuda_home, "lib64")],
-        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", "-g0", *OPENMP_FLAGS], "nvcc": nvcc_flags},
+        extra_link_args=OPENMP_FLAGS,
         define_macros=[("ZEROI2V_WITH_CUDA", "1")],
     )
     # use_ninja follows torch's default (ninja when installed); MAX_JOBS caps its parallelism.

@@ -1,5 +1,6 @@
 // Python module zeroi2v._C. Importing it loads this shared library, whose static initialisers
-// register torch.ops.zeroi2v.shift_heads_ (shift_cpu.cpp) and, in a CUDA build
+// register torch.ops.zeroi2v.shift_heads_ (shift_cpu.cpp), torch.ops.zeroi2v.stdha_fwd_cpu
+// (stdha_cpu.cpp) and, in a CUDA build
 // (ZEROI2V_WITH_CUDA), torch.ops.zeroi2v.stdha_fwd_cuda (stdha_ops.cpp). Needs no GPU: nothing here
 // touches the CUDA runtime. The attributes below only describe what was compiled.
 #include <pybind11/pybind11.h>
@@ -8,15 +9,20 @@
 
 namespace py = pybind11;
 
+bool zeroi2v_stdha_cpu_available();  // stdha_cpu.cpp
+
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("stdha_cpu_available", &zeroi2v_stdha_cpu_available,
+        "Whether torch.ops.zeroi2v.stdha_fwd_cpu can run (libtorch exports a BLAS sgemm_).");
 #ifdef ZEROI2V_WITH_CUDA
   m.doc() =
       "zeroi2v native extension: STDHA CUDA forward kernel, registered as "
-      "torch.ops.zeroi2v.stdha_fwd_cuda(q, k, v, offsets, num_frames, scale), and the CPU op "
+      "torch.ops.zeroi2v.stdha_fwd_cuda(q, k, v, offsets, num_frames, scale), and the CPU ops "
+      "torch.ops.zeroi2v.stdha_fwd_cpu(q, k, v, offsets, num_frames, scale) and "
       "torch.ops.zeroi2v.shift_heads_(xs, num_frames, offsets).";
   m.attr("WITH_CUDA") = true;
   m.def(
@@ -30,11 +36,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Whether a kernel is compiled for dtype ('float16' or 'bfloat16') and head_dim.");
   m.attr("HEAD_DIMS") = py::make_tuple(64, 128);
   m.attr("MAX_HEADS") = ZEROI2V_STDHA_MAX_HEADS;
-  m.attr("OPS") = py::make_tuple("shift_heads_", "stdha_fwd_cuda");
+  m.attr("OPS") = py::make_tuple("shift_heads_", "stdha_fwd_cpu", "stdha_fwd_cuda");
 #else
   m.doc() =
-      "zeroi2v native extension (CPU only): torch.ops.zeroi2v.shift_heads_(xs, num_frames, offsets).";
+      "zeroi2v native extension (CPU only): torch.ops.zeroi2v.stdha_fwd_cpu(q, k, v, offsets, "
+      "num_frames, scale) and torch.ops.zeroi2v.shift_heads_(xs, num_frames, offsets).";
   m.attr("WITH_CUDA") = false;
-  m.attr("OPS") = py::make_tuple("shift_heads_");
+  m.attr("OPS") = py::make_tuple("shift_heads_", "stdha_fwd_cpu");
 #endif
 }

@@ -117,12 +117,19 @@ def test_custom_scale():
     assert rel_err(a, b) < 1e-12
 
 
-def test_auto_backend_on_cpu_is_pure_torch():
+def test_auto_backend_on_cpu():
+    """CPU: the fused kernel for float32 inference where the extension has it (tested in
+    test_stdha_cpu.py), the pure-PyTorch backend for everything else."""
     assert {"reference", "torch"} <= set(zeroi2v.available_backends())
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(4, 2, 9, 8, generator=gen) for _ in range(3))
-    assert torch.equal(stdha_attention(q, k, v, 2, [1, -1]),
-                       stdha_attention(q, k, v, 2, [1, -1], backend="torch"))
+    ref = stdha_attention(q, k, v, 2, [1, -1], backend="torch")
+    assert rel_err(stdha_attention(q, k, v, 2, [1, -1]), ref) < 1e-5
+    qd, kd, vd = (x.double() for x in (q, k, v))
+    assert torch.equal(stdha_attention(qd, kd, vd, 2, [1, -1]),
+                       stdha_attention(qd, kd, vd, 2, [1, -1], backend="torch"))
+    qg = q.clone().requires_grad_()
+    assert torch.equal(stdha_attention(qg, k, v, 2, [1, -1]), ref)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -10,8 +10,8 @@ two pure-PyTorch backends side by side:
   caller owns K/V, as ``STDHAttention`` does) only the moving heads are copied. Runs anywhere,
   supports autograd and dropout.
 
-Compiled backends (the Triton kernel in :mod:`zeroi2v.kernels`, the CUDA extension ``zeroi2v._C``)
-call :func:`register_backend` when they are imported; ``backend="auto"`` imports them lazily and
+Compiled backends (the Triton kernel in :mod:`zeroi2v.kernels`, the CUDA and the fused CPU kernels
+of the extension ``zeroi2v._C``) call :func:`register_backend` when they are imported; ``backend="auto"`` imports them lazily and
 picks the highest-priority backend that supports the inputs.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 # Optional modules that register backends on import; tried once, failures are remembered.
-_PLUGINS = ("zeroi2v.kernels.stdha", "zeroi2v.kernels.cuda")
+_PLUGINS = ("zeroi2v.kernels.stdha", "zeroi2v.kernels.cuda", "zeroi2v.kernels.cpu")
 _plugins_loaded = False
 
 
@@ -164,7 +164,7 @@ def stdha_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         dropout_p: attention-probability dropout (``"torch"`` backend only).
         backend: ``"auto"``, ``"reference"``, ``"torch"``, or a registered compiled backend
-            (``"triton"``, ``"cuda"``).
+            (``"triton"``, ``"cuda"``, ``"cpu"``).
         inplace_kv: the caller allows ``k`` and ``v`` to be overwritten (honoured by the
             ``"torch"`` backend when no gradient is needed; kernels never need it).
 

@@ -1,0 +1,55 @@
+"""Python side of the fused CPU kernel in ``zeroi2v._C``: registers the STDHA backend ``"cpu"``.
+
+``torch.ops.zeroi2v.stdha_fwd_cpu(q, k, v, offsets, num_frames, scale)`` (csrc/stdha_cpu.cpp) runs
+STDHA as one attention pass: each (frame, head, query block) task reads K/V of its source frame in
+place, so no shifted copy of K/V is made, and the output comes out in the layout timm's attention
+reshapes for free. float32, inference only (no backward); ``backend="auto"`` picks it for CPU
+tensors without autograd, and STDHA then costs what ``F.scaled_dot_product_attention`` costs
+(paired benchmarks: ``benchmarks/test_bench_core.py``).
+
+Importing this module raises ImportError when the extension is not built, or when libtorch
+exports no BLAS ``sgemm_`` for the kernel; the plugin loader then skips it and the ``"torch"``
+backend runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops.stdha import register_backend
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers torch.ops.zeroi2v.*)
+except ImportError as exc:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        "zeroi2v._C is not built: reinstall with torch importable at build time "
+        "(pip install --no-build-isolation -e .) to get the 'cpu' STDHA backend"
+    ) from exc
+if not hasattr(_C, "stdha_cpu_available") or not _C.stdha_cpu_available():
+    raise ImportError("zeroi2v._C has no usable fused CPU kernel (no BLAS sgemm_ in libtorch)")
+
+# Above "torch" (0); CPU tensors only, so its order against the GPU backends does not matter.
+CPU_BACKEND_PRIORITY = 5
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs_grad: bool) -> bool:
+    """CPU float32 tensors with a contiguous last dimension, one head_dim, no autograd."""
+    if needs_grad:
+        return False
+    for t in (q, k, v):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1:
+            return False
+    return q.shape[-1] == k.shape[-1] == v.shape[-1]
+
+
+def stdha_cpu(q, k, v, num_frames: int, offsets: tuple, scale: float) -> torch.Tensor:
+    """The registered backend function (validated inputs, see ``zeroi2v.ops.stdha``)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ValueError(
+            "the 'cpu' STDHA backend is inference-only (no backward); use backend='torch' for "
+            "training, or call it under torch.no_grad() / torch.inference_mode()"
+        )
+    return torch.ops.zeroi2v.stdha_fwd_cpu(q, k, v, [int(o) for o in offsets], int(num_frames),
+                                            float(scale))
+
+
+register_backend("cpu", stdha_cpu, supports=supports, priority=CPU_BACKEND_PRIORITY)
