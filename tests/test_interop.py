@@ -506,3 +506,21 @@ def test_read_checkpoint_training_metadata_is_inert(tmp_path):
     assert torch.equal(read_state_dict(path)["w"], sd["w"])
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         read_checkpoint(tmp_path / "nope.pth")
+
+
+def test_check_state_dict_names_the_first_bad_key():
+    """The one checker both importers use: missing, unexpected and wrong-shape keys, in the file's
+    own names where the keys were converted."""
+    from zeroi2v.interop.checkpoint import check_state_dict
+
+    own = {"a.weight": torch.zeros(2, 3), "a.bias": torch.zeros(2), "head.weight": torch.zeros(4, 2)}
+    good = {"a.weight": torch.randn(2, 3), "a.bias": torch.randn(2)}
+    check_state_dict(own, good, "x.pt", optional=lambda k: k.startswith("head."))
+    with pytest.raises(ValueError, match=r"x\.pt does not match the model: missing key 'head\.weight' \(1 missing"):
+        check_state_dict(own, good, "x.pt")
+    with pytest.raises(ValueError, match=r"unexpected key 'extra' \(1 unexpected.*"):
+        check_state_dict(own, {**good, "head.weight": torch.randn(4, 2), "extra": torch.randn(1)}, "x.pt")
+    bad = {**good, "head.weight": torch.randn(4, 3)}
+    with pytest.raises(ValueError, match=r"the ZeroI2V architecture: key 'cls\.w' has shape \(4, 3\) in the "
+                                         r"file, the model expects \(4, 2\) \(for 'head\.weight'\)"):
+        check_state_dict(own, bad, "x.pt", what="the ZeroI2V architecture", source={"head.weight": "cls.w"})

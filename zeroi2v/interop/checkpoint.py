@@ -14,7 +14,7 @@ import os
 import pickle
 import types
 import zipfile
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -50,6 +50,29 @@ def read_checkpoint(path: PathLike, *, weights_only: bool = True) -> Any:
             except Exception as e:  # noqa: BLE001
                 raise ValueError(f"{path} looks like a TorchScript archive but cannot be loaded: {e}") from e
     return _torch_load(path, weights_only)
+
+
+def check_state_dict(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], path: str, *,
+                     what: str = "the model", optional: Callable[[str], bool] = lambda k: False,
+                     source: Optional[Mapping[str, str]] = None, hint: str = "") -> None:
+    """Raise a ``ValueError`` naming the first key of ``sd`` that cannot load into ``own``: a key
+    ``own`` needs (unless ``optional``), a key ``own`` lacks, or a shape. ``source`` maps converted
+    keys back to the file's names for the message; ``hint`` is appended to the missing-key error."""
+    name = (lambda k: source.get(k, k)) if source else (lambda k: k)
+    missing = [k for k in own if k not in sd and not optional(k)]
+    if missing:
+        raise ValueError(f"{path} does not match {what}: missing key {missing[0]!r} "
+                         f"({len(missing)} missing in all){hint}")
+    unexpected = [k for k in sd if k not in own]
+    if unexpected:
+        raise ValueError(f"{path} does not match {what}: unexpected key {name(unexpected[0])!r} "
+                         f"({len(unexpected)} unexpected in all)")
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            renamed = f" (for {k!r})" if name(k) != k else ""
+            raise ValueError(f"{path} does not match {what}: key {name(k)!r} has shape "
+                             f"{tuple(v.shape)} in the file, the model expects "
+                             f"{tuple(own[k].shape)}{renamed}")
 
 
 def read_state_dict(path: PathLike, *, weights_only: bool = True) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from .checkpoint import PathLike, read_state_dict
+from .checkpoint import PathLike, check_state_dict, read_state_dict
 
 _HEAD_PREFIXES = ("head.",)
 _ADAPTER_KEY = re.compile(r"(^|\.)(t|s|mlp)_adapter(_out)?\.")
@@ -81,21 +81,10 @@ def load_image_state_dict(vit: nn.Module, state_dict: dict, path: PathLike = "<s
     for k in [k for k in sd if k.startswith(_HEAD_PREFIXES)]:
         if k not in own or own[k].shape != sd[k].shape:
             del sd[k]
-    missing = [k for k in own if k not in sd and not _optional(k)]
-    if missing:
-        hint = ""
-        if not any(k in own for k in sd):
-            hint = f" (the file's keys look like {list(state_dict)[:3]}: not an image ViT checkpoint?)"
-        raise ValueError(f"{path} does not match the model: missing key {missing[0]!r} "
-                         f"({len(missing)} missing in all){hint}")
-    unexpected = [k for k in sd if k not in own]
-    if unexpected:
-        raise ValueError(f"{path} does not match the model: unexpected key {unexpected[0]!r} "
-                         f"({len(unexpected)} unexpected in all)")
-    for k, v in sd.items():
-        if own[k].shape != v.shape:
-            raise ValueError(f"{path} does not match the model: key {k!r} has shape "
-                             f"{tuple(v.shape)} in the file, the model expects {tuple(own[k].shape)}")
+    hint = ""
+    if not any(k in own for k in sd):
+        hint = f" (the file's keys look like {list(state_dict)[:3]}: not an image ViT checkpoint?)"
+    check_state_dict(own, sd, path, optional=_optional, hint=hint)
     with torch.no_grad():
         vit.load_state_dict(sd, strict=False)
 

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..offsets import PRESETS, HeadOffsets
-from .checkpoint import PathLike, read_state_dict
+from .checkpoint import PathLike, check_state_dict, read_state_dict
 
 _BLOCK = "backbone.transformer.resblocks."
 _REQUIRED = (
@@ -208,20 +208,8 @@ def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_
         else:
             continue  # data_preprocessor buffers and the like
         converted[new], source[new] = v, k
-    own = model.state_dict()
-    unexpected = [k for k in converted if k not in own]
-    if unexpected:
-        raise ValueError(f"{path} does not match the ZeroI2V architecture: unexpected key "
-                         f"{source[unexpected[0]]!r} ({len(unexpected)} unexpected in all)")
-    missing = [k for k in own if k not in converted]
-    if missing:
-        raise ValueError(f"{path} does not match the ZeroI2V architecture: no weights for "
-                         f"{missing[0]!r} ({len(missing)} missing in all)")
-    for k, v in converted.items():
-        if own[k].shape != v.shape:
-            raise ValueError(
-                f"{path} does not match the model: key {source[k]!r} has shape {tuple(v.shape)} "
-                f"in the checkpoint, the model expects {tuple(own[k].shape)} (for {k!r})")
+    check_state_dict(model.state_dict(), converted, path, what="the ZeroI2V architecture",
+                     source=source)
     with torch.no_grad():
         model.load_state_dict(converted, strict=True)
     return model
