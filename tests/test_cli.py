@@ -183,28 +183,28 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_data):
         assert m1[k] == m2[k], k
 
 
-def test_import_official_wiring(tmp_path, monkeypatch, capsys):
-    """``import-official`` writes a file that eval/merge/predict accept (converter stubbed)."""
-    import zeroi2v.interop as interop
-    from zeroi2v import create_video_model
+def test_import_official(tmp_path, capsys):
+    """``import-official`` converts a checkpoint in the official layout (random weights, an
+    mmengine-style wrapper) into a file that eval/merge accept and that rebuilds the same model."""
+    from official_ckpt import make_official
+
+    from zeroi2v.interop import load_official_checkpoint
     from zeroi2v.train.build import load_trained_model
 
-    model = create_video_model("vit_base_patch16_224", 4, 3, head_offsets=[1, -1, 0, 0], **TINY)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    model.backbone.blocks[0].mlp_adapter_out = None  # like an official ckpt without it
-    monkeypatch.setattr(interop, "load_official_checkpoint", lambda path, **kw: model,
-                        raising=False)
+    sd = make_official(64, 2, 4, 3, adapters=("T_Adapter_in", "S_Adapter", "MLP_Adapter"))
+    src = tmp_path / "official.pth"
+    torch.save({"meta": {"epoch": 3}, "state_dict": sd}, src)
     out = tmp_path / "imported.pth"
-    assert main(["import-official", "official.pth", "--out", str(out)]) == 0
+    assert main(["import-official", str(src), "--out", str(out),
+                 "--extra", "head_offsets=[1,-1,0,0]"]) == 0
     assert "converted" in capsys.readouterr().out
     rebuilt, meta = load_trained_model(out)
-    assert rebuilt.backbone.blocks[0].mlp_adapter_out is None
-    x = torch.randn(1, 3, 4, 16, 16)
-    model.eval()
+    assert rebuilt.backbone.blocks[0].mlp_adapter_out is None  # none in the checkpoint
+    assert list(rebuilt.head_offsets) == [1, -1, 0, 0] and rebuilt.num_frames == 4
+    direct = load_official_checkpoint(src, head_offsets=[1, -1, 0, 0]).eval()
+    x = torch.randn(1, 3, 4, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(x), model(x))
+        torch.testing.assert_close(rebuilt.eval()(x), direct(x))
     assert main(["merge", str(out), "--out", str(tmp_path / "m.pth")]) == 0
 
 
