@@ -29,7 +29,7 @@ SOURCES = CPU_SOURCES + (
     "stdha_fwd_fp16.cu", # kernel instantiations, one file per dtype
     "stdha_fwd_bf16.cu",
 )
-HEADERS = ("stdha.h", "stdha_kernel.cuh")
+HEADERS = ("stdha.h", "stdha_kernel.cuh", "op_checks.h")
 
 DEFAULT_GENCODE = (
     "-gencode=arch=compute_80,code=sm_80",
@@ -60,7 +60,7 @@ def make_extension(cuda_home):
         ext = CppExtension(
             name="zeroi2v._C",
             sources=[os.path.join(rel, s) for s in CPU_SOURCES],
-            depends=[os.path.join(rel, "stdha.h")],
+            depends=[os.path.join(rel, h) for h in ("stdha.h", "op_checks.h")],
             include_dirs=[_HERE],
             extra_compile_args=["-O3", "-g0", *OPENMP_FLAGS],
             extra_link_args=OPENMP_FLAGS,

@@ -19,6 +19,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -34,7 +36,6 @@ struct Run {
 
 void check(at::TensorList xs, int64_t num_frames, c10::IntArrayRef offsets, bool cpu) {
   TORCH_CHECK_VALUE(!xs.empty(), kOp, ": no tensors given");
-  TORCH_CHECK_VALUE(num_frames >= 1, kOp, ": num_frames must be >= 1, got ", num_frames);
   const auto& x0 = xs[0];
   for (const auto& x : xs) {
     TORCH_CHECK_VALUE(!cpu || x.device().is_cpu(), kOp, ": expected CPU tensors, got ", x.device());
@@ -46,14 +47,7 @@ void check(at::TensorList xs, int64_t num_frames, c10::IntArrayRef offsets, bool
     TORCH_CHECK_VALUE(x.stride(3) == 1 || x.size(3) == 1, kOp,
                       ": the last dimension must be contiguous, got strides ", x.strides());
   }
-  TORCH_CHECK_VALUE(x0.size(0) % num_frames == 0, kOp, ": batch*frames = ", x0.size(0),
-                    " is not divisible by num_frames = ", num_frames);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(offsets.size()) == x0.size(1), kOp, ": got ",
-                    offsets.size(), " head offsets for ", x0.size(1), " heads");
-  for (int64_t d : offsets) {
-    TORCH_CHECK_VALUE(d > -num_frames && d < num_frames, kOp, ": offset ", d, " is too large for ",
-                      num_frames, " frames (|offset| < num_frames)");
-  }
+  zeroi2v::check_clip(kOp, x0.size(0), x0.size(1), offsets, num_frames);
 }
 
 // Maximal runs of adjacent heads sharing a non-zero offset.

@@ -22,6 +22,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -158,15 +160,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK_VALUE(q.size(3) == k.size(3) && q.size(3) == v.size(3) && k.size(2) == v.size(2),
                     kOp, ": q, k, v need one head_dim and k, v one token count, got ", q.sizes(),
                     ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK_VALUE(num_frames >= 1, kOp, ": num_frames must be >= 1, got ", num_frames);
-  TORCH_CHECK_VALUE(q.size(0) % num_frames == 0, kOp, ": wrong frame count: batch*frames = ",
-                    q.size(0), " is not divisible by num_frames = ", num_frames);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(offsets.size()) == q.size(1), kOp, ": got ",
-                    offsets.size(), " head offsets for ", q.size(1), " heads");
-  for (int64_t d : offsets) {
-    TORCH_CHECK_VALUE(d > -num_frames && d < num_frames, kOp, ": head offset ", d,
-                      " is too large for ", num_frames, " frames (|offset| < num_frames)");
-  }
+  zeroi2v::check_clip(kOp, q.size(0), q.size(1), offsets, num_frames);
   // sgemm_ takes 32-bit sizes and leading dimensions
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK_VALUE(t->size(2) < (int64_t{1} << 30) && t->stride(2) < (int64_t{1} << 30), kOp,

@@ -19,6 +19,7 @@
 
 #include <vector>
 
+#include "op_checks.h"
 #include "stdha.h"
 
 namespace {
@@ -33,11 +34,7 @@ void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK_VALUE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
                     kOp, ": q, k, v must share a dtype, got ", q.scalar_type(), ", ",
                     k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK_VALUE(num_frames >= 1, kOp, ": num_frames must be >= 1, got ", num_frames);
-  for (int64_t d : offsets) {
-    TORCH_CHECK_VALUE(d > -num_frames && d < num_frames, kOp, ": head offset ", d,
-                      " is too large for ", num_frames, " frames (|d| < num_frames)");
-  }
+  zeroi2v::check_offsets(kOp, offsets, num_frames);  // sizes may be symbolic here (Meta)
 }
 
 // The kernel reads rows with 16-byte cp.async: D must be contiguous and the pointer and other
@@ -65,10 +62,7 @@ at::Tensor stdha_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
                         v.size(3) == d,
                     kOp, ": shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ",
                     v.sizes());
-  TORCH_CHECK_VALUE(bt % num_frames == 0, kOp, ": batch*frames = ", bt,
-                    " is not divisible by num_frames = ", num_frames);
-  TORCH_CHECK_VALUE((int64_t)offsets.size() == heads, kOp, ": got ", offsets.size(),
-                    " head offsets for ", heads, " heads");
+  zeroi2v::check_clip(kOp, bt, heads, offsets, num_frames);
   TORCH_CHECK_VALUE(heads <= ZEROI2V_STDHA_MAX_HEADS, kOp, ": at most ",
                     ZEROI2V_STDHA_MAX_HEADS, " heads, got ", heads);
   int dtype;
