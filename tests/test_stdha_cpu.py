@@ -103,7 +103,7 @@ def test_auto_picks_cpu_only_without_grad(op, monkeypatch):
     calls = []
     real = cpu_backend.stdha_cpu
     monkeypatch.setitem(ops._BACKENDS, "cpu", ops.Backend("cpu", lambda *a: calls.append(1) or real(*a),
-                                                        cpu_backend.supports, 5))
+                                                        cpu_backend.supports, 5, inference_only=True))
     q, k, v = (x.float() for x in _qkv(8, 17, 4, 8, seed=2))
     with torch.no_grad():
         out = stdha_attention(q, k, v, 4, (1, 0, -1, 2))

@@ -66,14 +66,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs_grad: bool
 
 
 def stdha_cuda(q, k, v, num_frames: int, offsets: tuple, scale: float) -> torch.Tensor:
-    """The registered backend function (validated inputs, see ``zeroi2v.ops.stdha``)."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise ValueError(
-            "the 'cuda' STDHA backend is inference-only (no backward); use backend='triton' or "
-            "'torch' for training, or call it under torch.no_grad() / torch.inference_mode()"
-        )
+    """The registered backend function (validated inputs, see ``zeroi2v.ops.stdha``; registered
+    inference-only, so the dispatch refuses inputs that need a gradient)."""
     return torch.ops.zeroi2v.stdha_fwd_cuda(q, k, v, [int(o) for o in offsets], int(num_frames),
                                              float(scale))
 
 
-register_backend("cuda", stdha_cuda, supports=supports, priority=CUDA_BACKEND_PRIORITY)
+register_backend("cuda", stdha_cuda, supports=supports, priority=CUDA_BACKEND_PRIORITY,
+                 inference_only=True)

@@ -40,6 +40,7 @@ class Backend:
     fn: BackendFn
     supports: SupportsFn
     priority: int
+    inference_only: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -49,15 +50,18 @@ _plugins_loaded = False
 
 
 def register_backend(
-    name: str, fn: BackendFn, *, supports: Optional[SupportsFn] = None, priority: int = 0
+    name: str, fn: BackendFn, *, supports: Optional[SupportsFn] = None, priority: int = 0,
+    inference_only: bool = False,
 ) -> None:
     """Make ``fn`` available as ``stdha_attention(..., backend=name)``.
 
     ``fn`` receives validated arguments. ``supports(q, k, v, needs_grad)`` tells ``"auto"`` whether
     the backend can take these inputs (device, dtype, head_dim, autograd); ``"auto"`` picks the
-    supporting backend with the highest ``priority``.
+    supporting backend with the highest ``priority``. An ``inference_only`` backend (no backward)
+    named explicitly for inputs that need a gradient gets a ``ValueError`` here, not a call.
     """
-    _BACKENDS[name] = Backend(name, fn, supports or (lambda q, k, v, g: True), priority)
+    _BACKENDS[name] = Backend(name, fn, supports or (lambda q, k, v, g: True), priority,
+                              inference_only)
 
 
 def _load_plugins() -> None:
@@ -176,6 +180,12 @@ def stdha_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     b = _pick_backend(backend, q, k, v, needs_grad, dropout_p)
+    if needs_grad and b.inference_only:
+        trainable = sorted(n for n, x in _BACKENDS.items() if not x.inference_only and n != "reference")
+        raise ValueError(
+            f"the {b.name!r} STDHA backend is inference-only (no backward); use one of {trainable} "
+            "for training, or call it under torch.no_grad() / torch.inference_mode()"
+        )
     if b.name == "torch":
         return _torch_backend(q, k, v, int(num_frames), offsets, float(scale), dropout_p,
                               inplace_kv and not needs_grad)
