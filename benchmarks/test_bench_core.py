@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import zeroi2v.ops.stdha as stdha_ops
 from zeroi2v import PRESETS, create_video_model, merge_adapters, stdha_attention
+from zeroi2v.nn import STDHAttention
 from zeroi2v.train.demo import rotating_times
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,7 +159,7 @@ def test_paired_vit_b16_8frames(benchmark, vit_pair, backend, monkeypatch):
     backend (in-place shift + SDPA)."""
     merged, plain, x = vit_pair
     for m in merged.modules():
-        if hasattr(m, "head_offsets") and hasattr(m, "backend"):
+        if isinstance(m, STDHAttention):
             monkeypatch.setattr(m, "backend", backend)
     frames = x.transpose(1, 2).flatten(0, 1)
     benchmark.group = "paired-model-vitb16-8frames"
