@@ -46,8 +46,9 @@ def test_cli_train_eval_merge_predict(tmp_path, tiny_data, capsys):
     cfg = write_cfg(tmp_path / "cfg.yaml", tiny_data)
     run = tmp_path / "run"
     assert main(["train", str(cfg), "--out", str(run), "--set", "train.seed=3"]) == 0
-    ck = run / "last.pth"
-    assert ck.is_file() and (run / "log.jsonl").is_file() and (run / "config.yaml").is_file()
+    ck = run / "last"
+    assert (ck / "training_state.pt").is_file() and (run / "log.jsonl").is_file()
+    assert (run / "config.yaml").is_file()
     capsys.readouterr()
 
     out = tmp_path / "eval.json"
@@ -61,10 +62,10 @@ def test_cli_train_eval_merge_predict(tmp_path, tiny_data, capsys):
         assert (tmp_path / f).is_file()
     assert "forward" in (tmp_path / "eval_per_class.md").read_text()  # class names used
 
-    merged = tmp_path / "merged.pth"
+    merged = tmp_path / "merged"
     assert main(["merge", str(ck), "--out", str(merged)]) == 0
     text = capsys.readouterr().out
-    assert "max relative output error" in text and merged.is_file()
+    assert "max relative output error" in text and (merged / "model.safetensors").is_file()
     err = float(text.split("max relative output error:")[1].split()[0])
     assert err < 1e-4
 
@@ -84,22 +85,22 @@ def test_cli_train_eval_merge_predict(tmp_path, tiny_data, capsys):
     assert {r["label"] for r in pred["topk"]} == {"forward", "backward"}
     assert sum(r["prob"] for r in pred["topk"]) == pytest.approx(1.0, abs=1e-5)
     assert main(["predict", str(ck), str(video)]) == 0  # training checkpoint, table output
+    assert main(["predict", str(run), str(video)]) == 0  # the run folder: its last checkpoint
+    # the merged folder alone (its .safetensors) keeps the data pipeline and class names
+    capsys.readouterr()
+    assert main(["predict", str(merged / "model.safetensors"), str(video), "--json"]) == 0
+    assert {r["label"] for r in json.loads(capsys.readouterr().out)["topk"]} <= {"forward", "backward"}
 
-    # export: a plain-ViT safetensors + JSON that zeroi2v loads back in one call
-    from zeroi2v.interop import load_merged
-    from zeroi2v.train.build import load_trained_model
-
-    assert main(["export", str(ck), "--out", str(tmp_path / "export")]) == 0
-    back = load_merged(tmp_path / "export").eval()
-    ref, _ = load_trained_model(merged)
-    x = torch.randn(1, 3, back.num_frames, 16, 16)
-    with torch.no_grad():
-        assert torch.allclose(back(x), ref.eval()(x), atol=1e-5)
+    # merge refuses to overwrite; export writes ONNX of the merged model
+    assert main(["merge", str(ck), "--out", str(merged)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert main(["export", str(ck), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 1000
 
 
 def test_cli_errors(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope.pth"), "--ann", "x.txt"]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert "model not found" in capsys.readouterr().err
     assert main(["config", "--set", "train.lrr=1"]) == 2
     assert "unknown key 'lrr'" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
@@ -172,7 +173,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_data):
         assert a["val"] == pytest.approx(b["val"])
 
     # sharded evaluation of one checkpoint: 2 ranks == 1 process
-    ck = tmp_path / "r1/last.pth"
+    ck = tmp_path / "r1/last"
     assert main(["eval", str(ck), "--out", str(tmp_path / "e1.json"), "--no-progress"]) == 0
     r = subprocess.run(cmd + ["eval", str(ck), "--out", str(tmp_path / "e2.json"), "--no-progress"],
                        env=env, capture_output=True, text=True, timeout=300)
@@ -188,24 +189,28 @@ def test_import_official(tmp_path, capsys):
     mmengine-style wrapper) into a file that eval/merge accept and that rebuilds the same model."""
     from official_ckpt import make_official
 
+    from zeroi2v import load_model
     from zeroi2v.interop import load_official_checkpoint
-    from zeroi2v.train.build import load_trained_model
 
     sd = make_official(64, 2, 4, 3, adapters=("T_Adapter_in", "S_Adapter", "MLP_Adapter"))
     src = tmp_path / "official.pth"
     torch.save({"meta": {"epoch": 3}, "state_dict": sd}, src)
-    out = tmp_path / "imported.pth"
-    assert main(["import-official", str(src), "--out", str(out),
-                 "--extra", "head_offsets=[1,-1,0,0]"]) == 0
+    out = tmp_path / "imported"
+    # not a released configuration: the head offsets are asked for, not guessed
+    assert main(["import-official", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--head-offsets" in err and "ViT-B/16 8 frames 400 classes: vit_b" in err
+    assert not out.exists()
+    assert main(["import-official", str(src), "--out", str(out), "--head-offsets", "1,-1,0,0"]) == 0
     assert "converted" in capsys.readouterr().out
-    rebuilt, meta = load_trained_model(out)
+    rebuilt = load_model(out)
     assert rebuilt.backbone.blocks[0].mlp_adapter_out is None  # none in the checkpoint
     assert list(rebuilt.head_offsets) == [1, -1, 0, 0] and rebuilt.num_frames == 4
     direct = load_official_checkpoint(src, head_offsets=[1, -1, 0, 0]).eval()
     x = torch.randn(1, 3, 4, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), direct(x))
-    assert main(["merge", str(out), "--out", str(tmp_path / "m.pth")]) == 0
+    assert main(["merge", str(out), "--out", str(tmp_path / "m")]) == 0
 
 
 def test_demo_quick(tmp_path, capsys):
@@ -220,7 +225,7 @@ def test_demo_quick(tmp_path, capsys):
     assert r["stdha_merged"]["params"] < r["stdha"]["params"]
     n_te = r["settings"]["model"]["num_frames"] * r["settings"]["model"]["timm_kwargs"]["embed_dim"]
     assert r["stdha_merged"]["params"] == r["plain_vit"]["params"] + n_te
-    for f in ("results.json", "stdha_merged.pth", "image_only_results_confusion.png",
+    for f in ("results.json", "stdha_merged/model.safetensors", "image_only_results_confusion.png",
               "stdha_results_confusion.png", "stdha_merged_results_per_class.md"):
         assert (out / f).is_file(), f
     assert "ZeroI2V demo" in capsys.readouterr().out

@@ -19,8 +19,7 @@ from torch import nn
 from official_ckpt import ADAPTERS, make_official
 from zeroi2v import merge_adapters
 from zeroi2v.interop import (
-    export_merged, export_onnx, export_program, load_clip_weights, load_merged,
-    load_official_checkpoint, official_config,
+    export_onnx, export_program, load_clip_weights, load_official_checkpoint, official_config,
 )
 
 CLIP_B = "vit_base_patch16_clip_quickgelu_224"
@@ -379,53 +378,6 @@ def imported_long(tmp_path_factory):
     return load_official_checkpoint(path, head_offsets="vit_b_long").eval()
 
 
-def test_export_merged_roundtrip(imported_long, tmp_path):
-    from safetensors import safe_open
-
-    x = _video(4)
-    with torch.no_grad():
-        want = imported_long(x)
-    files = export_merged(imported_long, tmp_path / "out")  # unmerged input: merged on a copy
-    assert not imported_long.merged
-    cfg = json.loads(open(files.config).read())
-    assert cfg["num_frames"] == 4 and cfg["num_classes"] == 174 and cfg["embed_dim"] == 96
-    assert cfg["head_offsets"] == [1, -1, 2, -2] + [0] * 8
-    with safe_open(files.weights, framework="pt") as f:
-        keys = set(f.keys())
-    assert {"zeroi2v.temporal_embedding", "zeroi2v.head.weight", "blocks.0.attn.qkv.weight",
-            "cls_token", "pos_embed", "norm_pre.weight"} <= keys
-    assert not any("adapter" in k for k in keys)
-    for p in (tmp_path / "out", files.weights, files.config):
-        loaded = load_merged(p)
-        assert loaded.merged and loaded.head_offsets == imported_long.head_offsets
-        with torch.no_grad():
-            assert rel_err(loaded(x), want) <= 1e-5
-    # the backbone tensors are a plain timm ViT's
-    import timm
-    from safetensors.torch import load_file
-    vit = timm.create_model(CLIP_B, pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                            embed_dim=96, depth=2, num_heads=12)
-    vit.load_state_dict({k: v for k, v in load_file(files.weights).items()
-                         if not k.startswith("zeroi2v.")})
-
-
-def test_export_merged_generic_timm_vit(tmp_path):
-    from zeroi2v import create_video_model
-
-    torch.manual_seed(0)
-    m = create_video_model("vit_tiny_patch16_224", 4, 6, head_offsets=[1, -1, 0], img_size=32,
-                           patch_size=8, embed_dim=48, depth=2, num_heads=3, init_values=0.1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    m.eval()
-    files = export_merged(m, tmp_path / "tiny.safetensors")
-    assert files.config.endswith("tiny.json")
-    x = _video(4, b=1)
-    with torch.no_grad():
-        assert rel_err(load_merged(files.weights)(x), m(x)) <= 1e-5
-
-
 def test_torch_export_and_onnx(imported_long, tmp_path):
     import onnxruntime as ort
 
@@ -474,7 +426,7 @@ def test_read_checkpoint_training_metadata_is_inert(tmp_path):
 def test_check_state_dict_names_the_first_bad_key():
     """The one checker both importers use: missing, unexpected and wrong-shape keys, in the file's
     own names where the keys were converted."""
-    from zeroi2v.interop.checkpoint import check_state_dict
+    from zeroi2v.files import check_state_dict
 
     own = {"a.weight": torch.zeros(2, 3), "a.bias": torch.zeros(2), "head.weight": torch.zeros(4, 2)}
     good = {"a.weight": torch.randn(2, 3), "a.bias": torch.randn(2)}

@@ -68,7 +68,7 @@ def test_merge_is_exact_and_zero_cost(name, kw, offsets):
 def test_fresh_model_is_the_image_model():
     """fc2 = 0 and a zero temporal embedding: before training, spatial heads see image features."""
     gen = torch.Generator().manual_seed(1)
-    model = create_video_model("vit_small_patch16_224", 4, 5, head_offsets=None,
+    model = create_video_model("vit_small_patch16_224", 4, 5, head_offsets="spatial",
                                img_size=32, depth=2).eval()
     vanilla = timm.create_model("vit_small_patch16_224", num_classes=0, img_size=32, depth=2).eval()
     vanilla.load_state_dict(model.backbone.state_dict(), strict=False)
@@ -159,7 +159,7 @@ def test_pretrained_file(tmp_path):
     path = tmp_path / "img.pth"
     torch.save(src.state_dict(), path)
     model = create_video_model("vit_small_patch16_224", 4, 3, img_size=32, depth=1,
-                               pretrained_file=path, head_offsets=None)
+                               pretrained_file=path, head_offsets="spatial")
     assert torch.equal(model.backbone.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         create_video_model("vit_small_patch16_224", 4, 3, img_size=32, depth=1,

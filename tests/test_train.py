@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from zeroi2v import create_video_model
-from zeroi2v.train.checkpoint import atomic_save, load_file, load_model_state, model_state
+from zeroi2v.files import atomic_dir, atomic_torch_save
+from zeroi2v.train.checkpoint import read_training_checkpoint
 from zeroi2v.train.config import apply_overrides, load_config
 from zeroi2v.train.engine import evaluate, predict_probs, train
 from zeroi2v.train.metrics import average_views, classification_metrics
@@ -224,7 +225,10 @@ def test_two_epoch_training_lowers_loss(tmp_path):
     assert after < 0.9 * before, (before, after)
     assert res["epoch"] == 2 and res["step"] == 2 * 6
     # outputs: checkpoint, JSON-lines log with train/epoch records, eval report
-    assert (tmp_path / "last.pth").is_file()
+    for f in ("config.json", "model.safetensors", "run_config.yaml", "training_state.pt"):
+        assert (tmp_path / "last" / f).is_file(), f
+    assert (tmp_path / "best").resolve() == (tmp_path / "last").resolve()  # val improved
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 1  # older epochs pruned
     import json
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     kinds = {r["type"] for r in recs}
@@ -270,45 +274,83 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        load_file(tmp_path / "missing.pth")
-    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read"):
-        load_file(tmp_path / "junk.pth")
-    torch.save({"a": 1}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not a zeroi2v checkpoint"):
-        load_file(tmp_path / "other.pth")
-    m3, m5 = tiny_model(num_classes=3), tiny_model(num_classes=5)
-    with pytest.raises(ValueError, match=r"head\.weight.*shape"):
-        load_model_state(m5, model_state(m3, full=False), full=False)
-    sd = model_state(m3, full=False)
-    sd.pop("temporal_embedding")
-    with pytest.raises(ValueError, match="lacks trainable"):
-        load_model_state(tiny_model(), sd, full=False)
+        read_training_checkpoint(tmp_path / "missing")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk"):
+        read_training_checkpoint(tmp_path / "junk")
+    tiny_model().save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        read_training_checkpoint(tmp_path / "saved")
+    # a training state carrying a pickled object is refused by the weights-only loader
+    ck = tmp_path / "saved"
+
+    import argparse
+
+    torch.save({"format": "zeroi2v-training-state", "version": 1, "x": argparse.Namespace(a=1)},
+               ck / "training_state.pt")
+    with pytest.raises(ValueError, match="training_state.pt cannot be read"):
+        read_training_checkpoint(ck)
 
 
-def test_atomic_save_leaves_no_partial_file(tmp_path):
-    target = tmp_path / "ck.pth"
-    atomic_save({"format": "zeroi2v-train", "x": 1}, target)
+def test_resume_refuses_another_model_and_missing_checkpoint(tmp_path):
+    ds, val = ColourVideos(n=8), ColourVideos(n=4, seed=1)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(tiny_cfg(tmp_path / "none"), resume="auto", datasets={"train": ds, "val": val})
+    train(tiny_cfg(tmp_path / "a", **{"train.epochs": 1}), datasets={"train": ds, "val": val})
+    other = tiny_cfg(tmp_path / "a", **{"model.head_offsets": [0, 0, 1, -1]})
+    with pytest.raises(ValueError, match="cannot resume.*head_offsets"):
+        train(other, resume="auto", datasets={"train": ds, "val": val})
+
+
+def test_atomic_writes_leave_no_partial_file(tmp_path):
+    target = tmp_path / "ck.pt"
+    atomic_torch_save({"x": 1}, target)
 
     class Boom:
         def __reduce__(self):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        atomic_save({"format": "zeroi2v-train", "x": Boom()}, target)
-    assert load_file(target)["x"] == 1  # the old file is intact
-    assert sorted(os.listdir(tmp_path)) == ["ck.pth"]
+        atomic_torch_save({"x": Boom()}, target)
+    assert torch.load(target, weights_only=True)["x"] == 1  # the old file is intact
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("crash")
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # no folder, no temporary
 
 
-def test_trainable_only_checkpoint_is_small():
+def test_trainable_only_checkpoint_is_small(tmp_path):
+    from safetensors.torch import load_file
+
+    from zeroi2v import load_model
+
     m = tiny_model()
-    part, full = model_state(m, full=False), model_state(m, full=True)
+    base = tmp_path / "image.safetensors"
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in m.backbone.state_dict().items()
+               if "adapter" not in k}, str(base))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    m.save_pretrained(tmp_path / "part", weights="trainable", base_weights=base)
+    m.save_pretrained(tmp_path / "full")
+    part = load_file(str(tmp_path / "part" / "model.safetensors"))
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
     assert set(part) < set(full)
     assert "backbone.blocks.0.attn.qkv.weight" not in part
-    m2 = tiny_model()
-    load_model_state(m2, part, full=False)
-    for k, v in part.items():
-        assert torch.equal(m2.state_dict()[k], v)
+    x = torch.randn(1, 3, 4, 16, 16)
+    with torch.no_grad():
+        want = m.eval()(x)
+        assert torch.equal(load_model(tmp_path / "part")(x), want)
+    # another base file is detected, not silently used
+    other = tmp_path / "other.safetensors"
+    save_file({k: torch.randn_like(v) for k, v in load_file(str(base)).items()}, str(other))
+    with pytest.raises(ValueError, match="not the pretrained file"):
+        load_model(tmp_path / "part", pretrained=other)
 
 
 def test_predict_probs_single_view_shape():

@@ -1,13 +1,18 @@
 """The ``zeroi2v`` command.
 
     zeroi2v train   CONFIG.yaml [--set key.sub=value ...] [--resume [CKPT]] [--out DIR]
-    zeroi2v eval    CKPT [--ann FILE] [--root DIR] [--set ...] [--out results.json]
-    zeroi2v merge   CKPT --out merged.pth
+    zeroi2v eval    MODEL [--ann FILE] [--root DIR] [--set ...] [--out results.json]
+    zeroi2v merge   MODEL --out DIR                    fold the adapters: a plain ViT + STDHA
     zeroi2v predict MODEL VIDEO [--topk 5] [--class-names FILE]
+    zeroi2v export  MODEL --out FILE [--format onnx|pt2]
+    zeroi2v import-official CKPT --out DIR [--head-offsets ...]
+    zeroi2v convert OLD.pth --out DIR                  zeroi2v 0.1 pickles -> saved model folder
     zeroi2v demo    [--out demo_out] [--epochs N] [--seed S] [--quick]
     zeroi2v config  [CONFIG.yaml] [--set ...]          print the resolved config
-    zeroi2v import-official CKPT --out FILE            (zeroi2v.interop)
-    zeroi2v export  MODEL --out FILE                   (zeroi2v.interop)
+
+MODEL is a saved model folder (``config.json`` + ``model.safetensors``, as written by
+``save_pretrained``, ``merge``, ``import-official``), its ``model.safetensors``, a training
+checkpoint folder (``OUT/last``, ``OUT/best``) or a training output folder (its ``last``).
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m zeroi2v.cli train CONFIG.yaml`` (or
 ``torchrun ... $(which zeroi2v) train ...``); the same command without torchrun is one process
@@ -19,6 +24,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -32,6 +38,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "(repeatable; values are parsed as YAML)")
     p.add_argument("--pretrained", default=None,
                    help="local image-model weights (overrides model.pretrained)")
+
+
+_MODEL_HELP = ("saved model folder (config.json + model.safetensors), its .safetensors, a "
+               "training checkpoint folder, or a training output folder (its 'last')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,24 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from a checkpoint (no value: <out>/last.pth)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint or merged model (top-1/5, mean class acc)")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("eval", help="evaluate a saved model or checkpoint (top-1/5, mean class acc)")
+    p.add_argument("checkpoint", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("--ann", default=None, help="annotation file (default data.test_ann, then data.val_ann)")
     p.add_argument("--root", default=None, help="video folder (default data.val_root/data.root)")
     _add_common(p)
-    p.add_argument("--out", default=None, help="results JSON (default: beside the checkpoint)")
+    p.add_argument("--out", default=None, help="results JSON (default: beside the model)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--class-names", default=None, help="text file, one class name per line")
     p.add_argument("--merge", action="store_true", help="merge the adapters before evaluating")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("merge", help="fold the adapters into the frozen linears (a plain ViT)")
-    p.add_argument("checkpoint")
-    p.add_argument("--out", required=True, help="merged model file")
-    p.add_argument("--pretrained", default=None)
+    p.add_argument("checkpoint", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--out", required=True, help="folder for the merged model (new or empty)")
+    p.add_argument("--pretrained", default=None,
+                   help="image weights of a checkpoint that holds only its trainable tensors")
 
     p = sub.add_parser("predict", help="classify one video file")
-    p.add_argument("model", help="training checkpoint or merged model file")
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("video")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--class-names", default=None, help="text file, one class name per line")
@@ -89,18 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     p = sub.add_parser("import-official",
-                       help="convert an official (mmaction2) ZeroI2V checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--out", required=True)
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                   help="further arguments for the converter (key=value)")
+                       help="convert an official (mmaction2) ZeroI2V checkpoint into a saved model")
+    p.add_argument("checkpoint", metavar="CKPT", help="official .pth (read without running code)")
+    p.add_argument("--out", required=True, help="folder for the saved model (new or empty)")
+    p.add_argument("--head-offsets", default=None,
+                   help="preset name or comma-separated ints; required unless the checkpoint is "
+                        "one of the released configurations")
+    p.add_argument("--adapter-scale", type=float, default=None,
+                   help="default: the recipe's (1.0 for SSv2, 0.5 otherwise)")
+    p.add_argument("--num-heads", type=int, default=None, help="default: from --head-offsets")
+    p.add_argument("--model-name", default=None, help="timm architecture (default: CLIP ViT)")
 
-    p = sub.add_parser("export", help="export a merged model (zeroi2v.interop.export_merged)")
-    p.add_argument("model")
-    p.add_argument("--out", required=True)
-    p.add_argument("--pretrained", default=None)
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                   help="further arguments for the exporter (key=value)")
+    p = sub.add_parser("export", help="export a (merged) model for other runtimes: ONNX or "
+                                      "torch.export")
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    p.add_argument("--format", choices=("onnx", "pt2"), default=None,
+                   help="default: from the --out suffix")
+    p.add_argument("--batch-size", type=int, default=1, help="videos per call (fixed shape)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (TorchScript exporter)")
+    p.add_argument("--pretrained", default=None,
+                   help="image weights of a checkpoint that holds only its trainable tensors")
+
+    p = sub.add_parser("convert", help="rewrite a zeroi2v 0.1 .pth pickle as a saved model "
+                                       "folder (read without running code)")
+    p.add_argument("checkpoint", metavar="OLD.pth")
+    p.add_argument("--out", required=True, help="folder for the saved model (new or empty)")
+    p.add_argument("--pretrained", default=None,
+                   help="image weights, for a training checkpoint that holds only its trainable "
+                        "tensors (default: the file its config names)")
     return ap
 
 
@@ -124,28 +152,39 @@ def _fmt_int(n: int) -> str:
 
 
 def _load_model_for(args, merge: bool = False):
-    from .train.build import load_trained_model
+    """``(model, run config)`` for the MODEL argument, with ``--set`` applied to the run config
+    (a different ``model.num_frames`` re-targets the model)."""
+    from .models.merge import merge_adapters
+    from .train.build import load_for_inference
     from .train.config import apply_overrides
 
-    model, meta = load_trained_model(args.checkpoint if hasattr(args, "checkpoint") else args.model,
-                                     pretrained=getattr(args, "pretrained", None), merge=merge)
-    cfg = copy.deepcopy(meta["config"])
+    path = args.checkpoint if hasattr(args, "checkpoint") else args.model
+    model, cfg, _ = load_for_inference(path, pretrained=getattr(args, "pretrained", None))
+    if merge and not model.merged:
+        model = merge_adapters(model, inplace=True).eval()
     apply_overrides(cfg, getattr(args, "overrides", None))
     t = int(cfg["model"]["num_frames"])
     if t != model.num_frames:
         model.set_num_frames(t)
-    return model, meta, cfg
+    return model, cfg
 
 
-def _kv(items: Sequence[str]) -> dict:
-    from .train.config import parse_value
+def _new_output_folder(path: str) -> Path:
+    """``--out`` for a saved model: a new folder, or an empty one (nothing is overwritten)."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder: choose a new one "
+                         "(nothing was written)")
+    if out.exists():
+        out.rmdir()
+    return out
 
-    out = {}
-    for it in items:
-        if "=" not in it:
-            raise SystemExit(f"error: expected key=value, got {it!r}")
-        k, v = it.split("=", 1)
-        out[k.lstrip("-").replace("-", "_")] = parse_value(v)
+
+def _save_new(model, out: Path, **kwargs) -> Path:
+    from .files import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, **kwargs)
     return out
 
 
@@ -180,25 +219,24 @@ def cmd_eval(args) -> int:
 
     info = zdist.init_distributed()
     try:
-        model, meta, cfg = _load_model_for(args, merge=args.merge)
+        model, cfg = _load_model_for(args, merge=args.merge)
         ann = args.ann or cfg["data"].get("test_ann") or cfg["data"].get("val_ann")
         if not ann:
             raise SystemExit("error: no annotation file (--ann, data.test_ann or data.val_ann)")
         ds = build_test_dataset(cfg, ann, args.root)
-        names = read_class_names(args.class_names) if args.class_names else (
-            meta.get("class_names") or (read_class_names(cfg["data"]["class_names"])
-                                        if cfg["data"].get("class_names") else None))
+        names = read_class_names(args.class_names) if args.class_names else model.class_names
         device = info.device
         model.to(device)
+        num_classes = model.head.out_features
         bs = args.batch_size or int(cfg["eval"].get("batch_size") or cfg["train"]["batch_size"])
         t0 = time.perf_counter()
-        m = evaluate(model, ds, bs, device, meta["num_classes"],
+        m = evaluate(model, ds, bs, device, num_classes,
                      amp_dtype(cfg["train"].get("amp", "auto"), device),
                      int(cfg["data"].get("num_workers", 0)), progress=not args.no_progress)
         dt = time.perf_counter() - t0
         if info.is_main:
-            out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
-                Path(args.checkpoint).stem + "_eval.json")
+            src = Path(args.checkpoint)
+            out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "eval.json"
             res = write_eval_report(m, out, names, extra={
                 "checkpoint": str(args.checkpoint), "ann_file": str(ann), "merged": model.merged,
                 "views": int(cfg["eval"]["num_clips"]) * int(cfg["eval"]["num_crops"]),
@@ -227,27 +265,34 @@ def cmd_merge(args) -> int:
     from rich.table import Table
 
     from .models.merge import merge_adapters
-    from .train.build import (count_params, image_model_params, load_trained_model,
-                              merged_vs_unmerged_error, save_merged)
+    from .train.build import (count_params, image_model_params, load_for_inference,
+                              merged_vs_unmerged_error)
 
-    model, meta = load_trained_model(args.checkpoint, pretrained=args.pretrained)
+    out = _new_output_folder(args.out)
+    model, cfg, art = load_for_inference(args.checkpoint, pretrained=args.pretrained)
     if model.merged:
-        raise SystemExit(f"error: {args.checkpoint} is already a merged model")
+        raise ValueError(f"{args.checkpoint} is already a merged model")
     merged = merge_adapters(model)
     err = merged_vs_unmerged_error(model, merged)
-    out = save_merged(merged, meta, args.out, source=str(args.checkpoint))
-    n_img = image_model_params(meta["config"]["model"])
+    _save_new(merged, out, run_config=cfg, extra={"merged_from": str(art.folder)})
+    n_img = image_model_params(model.config)
+    added = count_params(merged.backbone) - n_img
     t = Table(title="merge")
     t.add_column("")
     t.add_column("parameters", justify="right")
     t.add_row("image ViT (timm, no head)", _fmt_int(n_img))
     t.add_row("ZeroI2V, adapters (training)", _fmt_int(count_params(model)))
     t.add_row("ZeroI2V, merged (deployed)", _fmt_int(count_params(merged)))
-    t.add_row("  = image ViT + temporal emb. + head",
-              _fmt_int(n_img + model.temporal_embedding.numel()
+    t.add_row("  = image ViT + temporal emb. + head" + (" + folded biases" if added else ""),
+              _fmt_int(n_img + model.temporal_embedding.numel() + added
                        + sum(p.numel() for p in model.head.parameters())))
     con = _console()
     con.print(t)
+    if added:
+        kw = {k: v for k, v in merged.config.timm_kwargs.items()
+              if model.config.timm_kwargs.get(k) != v}
+        con.print(f"the merge gave {added:,} bias parameters to bias-free layers: the merged "
+                  f"backbone is timm's {merged.config.model_name} with {kw}")
     con.print(f"merged vs unmerged max relative output error: {err:.3e}")
     con.print(f"merged model written to {out}")
     return 0
@@ -276,14 +321,14 @@ def cmd_predict(args) -> int:
     from .train.build import read_class_names
     from .train.engine import amp_dtype, autocast
 
-    model, meta, cfg = _load_model_for(args)
+    model, cfg = _load_model_for(args)
     device = _device()
     model.to(device).eval()
     views = load_video_views(args.video, cfg).to(device)
     with torch.no_grad(), autocast(device, amp_dtype(cfg["train"].get("amp", "auto"), device)):
         logits = model(views)
     probs = logits.float().softmax(-1).mean(0).cpu()
-    names = read_class_names(args.class_names) if args.class_names else meta.get("class_names")
+    names = read_class_names(args.class_names) if args.class_names else model.class_names
     k = min(args.topk, probs.numel())
     top = probs.topk(k)
     rows = []
@@ -321,42 +366,73 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _offsets_arg(text: Optional[str]):
+    """``--head-offsets``: a preset name, or ints separated by commas (``1,-1,0,0``)."""
+    if text is None:
+        return None
+    if re.fullmatch(r"\s*\[?\s*[+-]?\d+(\s*,\s*[+-]?\d+)*\s*\]?\s*", text):
+        return [int(t) for t in text.strip(" []").split(",")]
+    return text.strip()
+
+
 def cmd_import_official(args) -> int:
-    """Official mmaction2 checkpoint -> a zeroi2v model file that eval/merge/predict accept."""
-    from .train.build import config_from_model, count_params, load_trained_model
-    from .train.checkpoint import TRAIN_FORMAT, atomic_save, model_state
-    from .train.config import DEFAULTS
-
+    """Official mmaction2 checkpoint -> a saved model folder that eval/merge/predict accept."""
     from .interop import load_official_checkpoint
+    from .models.artefact import load_model
+    from .train.build import count_params
 
-    model = load_official_checkpoint(args.checkpoint, **_kv(args.extra))
-    cfg = copy.deepcopy(DEFAULTS)
-    cfg["model"].update(config_from_model(model))
-    cfg["data"]["size"] = int(model.backbone.patch_embed.img_size[0])
-    atomic_save({"format": TRAIN_FORMAT, "version": 1, "config": cfg,
-                 "num_classes": int(model.head.out_features), "class_names": None,
-                 "model": model_state(model, full=True), "model_full": True, "epoch": None,
-                 "imported_from": str(args.checkpoint)}, args.out)
-    rebuilt, _ = load_trained_model(args.out)  # self-check: the file rebuilds the same model
-    print(f"converted {args.checkpoint} -> {args.out} ({count_params(rebuilt):,} parameters, "
+    out = _new_output_folder(args.out)
+    model = load_official_checkpoint(args.checkpoint, head_offsets=_offsets_arg(args.head_offsets),
+                                     adapter_scale=args.adapter_scale, num_heads=args.num_heads,
+                                     model_name=args.model_name)
+    _save_new(model, out, extra={"imported_from": str(args.checkpoint)})
+    rebuilt = load_model(out)  # self-check: the folder rebuilds the same model
+    print(f"converted {args.checkpoint} -> {out} ({count_params(rebuilt):,} parameters, "
           f"{rebuilt.num_frames} frames, head offsets {list(rebuilt.head_offsets)}, "
-          f"merged={rebuilt.merged})")
+          f"adapter scale {rebuilt.config.adapter_scale}, merged={rebuilt.merged})")
     return 0
 
 
 def cmd_export(args) -> int:
-    from .interop import export_merged
-    from .train.build import load_trained_model
+    import torch
 
-    model, _ = load_trained_model(args.model, pretrained=args.pretrained, merge=True)
-    files = export_merged(model, args.out, **_kv(args.extra))
-    print(f"exported merged model -> {files.weights} + {files.config}")
+    from .interop import export_onnx, export_program
+
+    fmt = args.format or {".onnx": "onnx", ".pt2": "pt2"}.get(Path(args.out).suffix)
+    if fmt is None:
+        raise ValueError(f"--out {args.out}: say --format onnx or pt2 (or end the name in .onnx "
+                         "/ .pt2)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, cfg = _load_model_for(argparse.Namespace(model=args.model, pretrained=args.pretrained),
+                                 merge=True)
+    size = model.backbone.patch_embed.img_size
+    example = torch.randn(args.batch_size, model.backbone.patch_embed.proj.in_channels,
+                          model.num_frames, *size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        export_onnx(model, example, out, opset_version=args.opset)
+    else:
+        torch.export.save(export_program(model, example), str(out))
+    print(f"exported merged model -> {out} ({fmt}, input video "
+          f"{tuple(example.shape)} (B, C, T, H, W))")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .train.legacy import convert_v1
+
+    out = _new_output_folder(args.out)
+    model, run_cfg = convert_v1(args.checkpoint, pretrained=args.pretrained)
+    _save_new(model, out, run_config=run_cfg, extra={"converted_from": str(args.checkpoint)})
+    print(f"converted {args.checkpoint} -> {out} ({model.config.summary()})")
     return 0
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "predict": cmd_predict,
             "demo": cmd_demo, "config": cmd_config, "import-official": cmd_import_official,
-            "export": cmd_export}
+            "export": cmd_export, "convert": cmd_convert}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

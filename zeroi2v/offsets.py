@@ -20,6 +20,9 @@ PRESETS: dict[str, tuple[int, ...]] = {
     "vit_l_long": (1, 1, -1, -1, 2, -2, 3) + (0,) * 9,
 }
 
+#: Layout names that fit any head count (beside the fixed-size :data:`PRESETS`).
+SPATIAL = "spatial"  # every head spatial: the image model, frame by frame
+
 HeadOffsets = Union[str, Sequence[int], torch.Tensor, None]
 
 
@@ -29,12 +32,13 @@ def resolve_offsets(head_offsets: HeadOffsets, num_heads: int) -> tuple[int, ...
     Checks the count against ``num_heads``; the range check against the frame count is
     :func:`check_offsets`, because a module may be built before it knows its clip length.
     """
-    if head_offsets is None:
+    if head_offsets is None or head_offsets == SPATIAL:
         return (0,) * num_heads
     if isinstance(head_offsets, str):
         if head_offsets not in PRESETS:
             raise ValueError(
-                f"unknown head-offset preset {head_offsets!r}; known presets: {sorted(PRESETS)}"
+                f"unknown head-offset preset {head_offsets!r}; known presets: "
+                f"{sorted(PRESETS) + [SPATIAL]}"
             )
         offsets = PRESETS[head_offsets]
         if len(offsets) != num_heads:

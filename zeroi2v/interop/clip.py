@@ -14,15 +14,14 @@ from typing import Union
 import torch
 from torch import nn
 
-from .checkpoint import PathLike, check_state_dict, read_state_dict
+from ..files import PathLike, check_state_dict, read_state_dict
 
 _HEAD_PREFIXES = ("head.",)
 _ADAPTER_KEY = re.compile(r"(^|\.)(t|s|mlp)_adapter(_out)?\.")
 
 
 def load_clip_weights(backbone_or_name: Union[str, nn.Module], path: PathLike, *,
-                      resample: bool = False, weights_only: bool = True,
-                      **timm_kwargs) -> nn.Module:
+                      resample: bool = False, **timm_kwargs) -> nn.Module:
     """Load CLIP/timm image weights from the local file ``path`` into a timm ViT.
 
     Args:
@@ -34,7 +33,8 @@ def load_clip_weights(backbone_or_name: Union[str, nn.Module], path: PathLike, *
             checkpoint, a timm ``.pth``/``.bin``/``.safetensors`` file.
         resample: allow timm to interpolate the position embedding (and patch kernel) to the
             model's image/patch size; by default a size difference is an error.
-        weights_only: see :mod:`zeroi2v.interop.checkpoint`.
+
+    The file is read without running code (:func:`zeroi2v.files.read_checkpoint`).
 
     The classifier is loaded only when the model has one of the same shape (OpenAI's
     ``visual.proj`` is the head of a timm CLIP model built with ``num_classes=embed dim``);
@@ -57,7 +57,7 @@ def load_clip_weights(backbone_or_name: Union[str, nn.Module], path: PathLike, *
     else:
         raise TypeError("backbone_or_name must be a timm model name or an nn.Module, got "
                         f"{type(backbone_or_name).__name__}")
-    load_image_state_dict(target, read_state_dict(path, weights_only=weights_only), path,
+    load_image_state_dict(target, read_state_dict(path), path,
                           resample=resample)
     return model
 

@@ -20,8 +20,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..models.config import ZeroI2VConfig
 from ..offsets import PRESETS, HeadOffsets
-from .checkpoint import PathLike, check_state_dict, read_state_dict
+from ..files import PathLike, check_state_dict, read_state_dict
 
 _BLOCK = "backbone.transformer.resblocks."
 _REQUIRED = (
@@ -36,13 +37,21 @@ _ADAPTER_RE = re.compile(r"^blocks\.(\d+)\.(T_Adapter_in|S_Adapter|MLP_Adapter|M
                          r"\.D_fc([12])\.(weight|bias)$")
 SSV2_CLASSES = 174
 
-# (arch, num_frames) -> preset, for the released configurations (SPEC §2 table).
-_OFFICIAL_PRESETS = {
-    ("vit_b16", 8): "vit_b",        # K400 8x16x1; UCF101/HMDB51 u8
-    ("vit_b16", 16): "vit_b_long",  # SSv2 u16
-    ("vit_b16", 32): "vit_b_long",  # UCF101/HMDB51 u32
-    ("vit_l14", 8): "vit_l",        # K400 8x16x1
+# The released configurations (SPEC §2, §4): (arch, frames, classes) -> (preset, adapter scale).
+# Frame count alone does not determine the layout (a ViT-B/16 16-frame Kinetics config shifts only
+# heads 0/1), so nothing outside this table is guessed.
+RELEASED_CONFIGS: dict[tuple[str, int, int], tuple[str, float]] = {
+    ("vit_b16", 8, 400): ("vit_b", 0.5),        # K400 8x16x1
+    ("vit_b16", 8, 101): ("vit_b", 0.5),        # UCF101 u8
+    ("vit_b16", 8, 51): ("vit_b", 0.5),         # HMDB51 u8
+    ("vit_b16", 16, 174): ("vit_b_long", 1.0),  # SSv2 u16
+    ("vit_b16", 32, 101): ("vit_b_long", 0.5),  # UCF101 u32
+    ("vit_b16", 32, 51): ("vit_b_long", 0.5),   # HMDB51 u32
+    ("vit_l14", 8, 400): ("vit_l", 0.5),        # K400 8x16x1
+    ("vit_l14", 32, 400): ("vit_l_32f", 0.5),   # K400 32x4x1
+    ("vit_l14", 32, 174): ("vit_l_long", 1.0),  # SSv2 u32
 }
+_ARCH_NAMES = {"vit_b16": "ViT-B/16", "vit_l14": "ViT-L/14"}
 _TIMM_NAMES = {"vit_b16": "vit_base_patch16_clip_quickgelu_224",
                "vit_l14": "vit_large_patch14_clip_quickgelu_224"}
 
@@ -53,28 +62,22 @@ def _arch(width: int, layers: int, patch_size: int) -> Optional[str]:
 
 def official_config(width: int, layers: int, patch_size: int, num_frames: int,
                     num_classes: int) -> dict:
-    """The official STDHA preset and adapter scale for a checkpoint of this shape.
+    """The released STDHA preset and adapter scale for a checkpoint of this shape.
 
-    ===========  ======  ==================================  ==============
-    model        frames  preset                              adapter scale
-    ===========  ======  ==================================  ==============
-    ViT-B/16     8       ``vit_b``                           0.5 (1.0 SSv2)
-    ViT-B/16     16, 32  ``vit_b_long``                      0.5 (1.0 SSv2)
-    ViT-L/14     8       ``vit_l``                           0.5 (1.0 SSv2)
-    ViT-L/14     32      ``vit_l_long`` (SSv2, 174 classes)  1.0
-    ViT-L/14     32      ``vit_l_32f`` (otherwise, K400)     0.5
-    ===========  ======  ==================================  ==============
-
-    The adapter scale is 1.0 for the SSv2 recipes (174 classes), 0.5 otherwise (SPEC §3). For
-    other models or frame counts ``head_offsets`` is ``None``: pass it explicitly.
+    Only the nine released (backbone, frames, classes) combinations of :data:`RELEASED_CONFIGS`
+    have a known layout; for any other, ``head_offsets`` is ``None`` (the caller must say) and the
+    adapter scale is the recipe's (1.0 for 174-class SSv2, 0.5 otherwise, SPEC §3).
     """
     arch = _arch(width, layers, patch_size)
-    ssv2 = num_classes == SSV2_CLASSES
-    preset = _OFFICIAL_PRESETS.get((arch, num_frames))
-    if (arch, num_frames) == ("vit_l14", 32):
-        preset = "vit_l_long" if ssv2 else "vit_l_32f"
-    return {"head_offsets": preset, "adapter_scale": 1.0 if ssv2 else 0.5,
-            "timm_name": _TIMM_NAMES.get(arch)}
+    preset, scale = RELEASED_CONFIGS.get((arch, num_frames, num_classes),
+                                         (None, 1.0 if num_classes == SSV2_CLASSES else 0.5))
+    return {"head_offsets": preset, "adapter_scale": scale, "timm_name": _TIMM_NAMES.get(arch)}
+
+
+def released_layouts() -> str:
+    """The released configurations, one phrase each (for error messages)."""
+    return "; ".join(f"{_ARCH_NAMES[a]} {t} frames {k} classes: {p}"
+                     for (a, t, k), (p, _) in RELEASED_CONFIGS.items())
 
 
 def load_official_checkpoint(
@@ -86,9 +89,8 @@ def load_official_checkpoint(
     num_classes: Optional[int] = None,
     model_name: Optional[str] = None,
     num_heads: Optional[int] = None,
-    adapter_dropout: float = 0.1,
-    head_dropout: float = 0.5,
-    weights_only: bool = True,
+    adapter_dropout: float = ZeroI2VConfig.adapter_dropout,
+    head_dropout: float = ZeroI2VConfig.head_dropout,
 ):
     """Build a :class:`~zeroi2v.ZeroI2VViT` from an official ZeroI2V checkpoint, adapters kept.
 
@@ -96,8 +98,9 @@ def load_official_checkpoint(
     image size, MLP and adapter ratios, frame count (``temporal_embedding``), class count
     (``cls_head.fc_cls``), and which adapters exist. Head count: ``num_heads``, else the length of
     ``head_offsets`` (a list or preset name), else ``width // 64`` (CLIP's head width).
-    ``head_offsets`` and ``adapter_scale`` default to the official configuration
-    (:func:`official_config`). ``num_frames``/``num_classes``, when given, must agree with the
+    ``head_offsets`` and ``adapter_scale`` default to the released configuration of the
+    checkpoint's (backbone, frames, classes) (:data:`RELEASED_CONFIGS`); for any other
+    combination ``head_offsets`` must be given (the error lists the released layouts). ``num_frames``/``num_classes``, when given, must agree with the
     checkpoint (use :meth:`ZeroI2VViT.set_num_frames` to re-target a model afterwards).
     ``model_name`` picks the timm architecture instead of the CLIP ViT built from the shapes.
 
@@ -106,7 +109,7 @@ def load_official_checkpoint(
     shapes).
     """
     path = os.fspath(path)
-    sd = read_state_dict(path, weights_only=weights_only)
+    sd = read_state_dict(path)
     return build_from_official_state_dict(
         sd, path=path, num_frames=num_frames, head_offsets=head_offsets,
         adapter_scale=adapter_scale, num_classes=num_classes, model_name=model_name,
@@ -116,9 +119,9 @@ def load_official_checkpoint(
 def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_frames=None,
                                    head_offsets: HeadOffsets = None, adapter_scale=None,
                                    num_classes=None, model_name=None, num_heads=None,
-                                   adapter_dropout: float = 0.1, head_dropout: float = 0.5):
+                                   adapter_dropout: float = ZeroI2VConfig.adapter_dropout,
+                                   head_dropout: float = ZeroI2VConfig.head_dropout):
     """:func:`load_official_checkpoint` on an already-loaded state dict."""
-    import timm
     from timm.models.vision_transformer import _convert_openai_clip
 
     from ..models.video_vit import ZeroI2VViT
@@ -153,9 +156,11 @@ def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_
         head_offsets = official["head_offsets"]
         if head_offsets is None:
             raise ValueError(
-                f"{path}: no official head-offset layout for a width-{width}, {layers}-layer, "
-                f"patch-{patch} model with {num_frames} frames; pass head_offsets= (a list or one "
-                f"of {sorted(PRESETS)})")
+                f"{path}: a width-{width}, {layers}-layer, patch-{patch} model with "
+                f"{ckpt_frames or num_frames} frames and {ckpt_classes} classes is not one of the "
+                "released configurations, so its head offsets are unknown (they are not stored "
+                "in the checkpoint): pass head_offsets= (--head-offsets: a list or one of "
+                f"{sorted(PRESETS)}). Released: {released_layouts()}")
     if adapter_scale is None:
         adapter_scale = official["adapter_scale"]
     if num_heads is None:
@@ -173,22 +178,22 @@ def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_
 
     # ------------------------------------------------------------ model
     if model_name is not None:
-        backbone = timm.create_model(model_name, pretrained=False, num_classes=0,
-                                     img_size=grid * patch)
+        name, kwargs = model_name, {"img_size": grid * patch}
     else:
-        backbone = timm.create_model(
-            official["timm_name"] or "vit_base_patch16_clip_quickgelu_224", pretrained=False,
-            num_classes=0, img_size=grid * patch, patch_size=patch, in_chans=in_chans,
-            embed_dim=width, depth=layers, num_heads=num_heads, mlp_ratio=mlp_hidden / width)
-    model = ZeroI2VViT(backbone, num_frames, num_classes, head_offsets, adapter_ratio,
-                       adapter_scale, adapter_dropout, head_dropout)
+        name = official["timm_name"] or "vit_base_patch16_clip_quickgelu_224"
+        kwargs = {"img_size": grid * patch, "patch_size": patch, "in_chans": in_chans,
+                  "embed_dim": width, "depth": layers, "num_heads": num_heads,
+                  "mlp_ratio": mlp_hidden / width}
     present = {(int(m.group(1)), m.group(2)) for k in sd
                if (m := re.match(re.escape(_BLOCK) + r"(\d+)\.(\w+)\.D_fc1\.weight$", k))}
-    for i, blk in enumerate(model.backbone.blocks):
-        for off, ours in _ADAPTERS.items():
-            if (i, off) not in present:
-                setattr(blk, ours, None)
-    model.freeze()
+    adapters = tuple(tuple(ours for off, ours in _ADAPTERS.items() if (i, off) in present)
+                     for i in range(layers))
+    config = ZeroI2VConfig(
+        model_name=name, timm_kwargs=kwargs, num_frames=num_frames, num_classes=num_classes,
+        head_offsets=head_offsets, adapter_ratio=adapter_ratio, adapter_scale=adapter_scale,
+        adapter_dropout=adapter_dropout, head_dropout=head_dropout,
+        adapters=None if all(len(a) == len(_ADAPTERS) for a in adapters) else adapters)
+    model = ZeroI2VViT.from_config(config)
 
     # ------------------------------------------------------------ keys
     converted: dict[str, torch.Tensor] = {}

@@ -2,9 +2,10 @@
 embedding and a video head (SPEC §3, §4)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import partial
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -12,9 +13,9 @@ from torch import nn
 
 from ..nn.adapter import LinearAdapter
 from ..nn.attention import STDHAttention
-from ..offsets import HeadOffsets, clamp_offsets
-
-ADAPTER_NAMES = ("t_adapter", "s_adapter", "mlp_adapter", "mlp_adapter_out")
+from ..offsets import HeadOffsets, check_offsets, clamp_offsets, resolve_offsets
+from . import timm_spec
+from .config import ADAPTER_NAMES, ZeroI2VConfig
 
 
 class ZeroI2VBlock(nn.Module):
@@ -28,7 +29,8 @@ class ZeroI2VBlock(nn.Module):
     """
 
     def __init__(self, block: nn.Module, num_frames: int, head_offsets: HeadOffsets,
-                 adapter_ratio: float, adapter_scale: float, adapter_dropout: float):
+                 adapter_ratio: float, adapter_scale: float, adapter_dropout: float,
+                 adapters: Sequence[str] = ADAPTER_NAMES):
         super().__init__()
         _check_block(block)
         self.norm1 = block.norm1
@@ -41,10 +43,10 @@ class ZeroI2VBlock(nn.Module):
         p = block.attn.qkv.weight
         kw = dict(ratio=adapter_ratio, scale=adapter_scale, dropout=adapter_dropout,
                   device=p.device, dtype=p.dtype)
-        self.t_adapter = LinearAdapter(dim, **kw)
-        self.s_adapter = LinearAdapter(block.attn.proj.out_features, **kw)
-        self.mlp_adapter = LinearAdapter(dim, **kw)
-        self.mlp_adapter_out = LinearAdapter(block.mlp.fc2.out_features, **kw)
+        dims = {"t_adapter": dim, "s_adapter": block.attn.proj.out_features,
+                "mlp_adapter": dim, "mlp_adapter_out": block.mlp.fc2.out_features}
+        for n in ADAPTER_NAMES:
+            setattr(self, n, LinearAdapter(dims[n], **kw) if n in adapters else None)
 
     #: Fused "adapter + frozen linear" ops (:mod:`zeroi2v.kernels.adapter`). ``None``: automatic
     #: (fused when training on CUDA in float16/bfloat16, autocast included); ``True``: fused wherever
@@ -164,14 +166,18 @@ class ZeroI2VViT(nn.Module):
     Input ``(B, C, T, H, W)``; frames go through the ViT as ``B*T`` images. Trainable: adapters,
     ``temporal_embedding``, the final norm and ``head`` (SPEC §3); everything else is frozen.
 
+    Build one with :func:`create_video_model` (a timm name or instance) or
+    :meth:`from_config`; save it with :meth:`save_pretrained` and read it back with
+    :func:`zeroi2v.load_model`. :attr:`config` describes the model as it is now.
+
     The frame count is fixed at construction (it sizes the temporal embedding). A clip of another
     length is an error; :meth:`set_num_frames` re-targets the model instead (see its doc).
     """
 
-    def __init__(self, backbone: nn.Module, num_frames: int, num_classes: int,
-                 head_offsets: HeadOffsets = "vit_b", adapter_ratio: float = 0.25,
-                 adapter_scale: float = 0.5, adapter_dropout: float = 0.1,
-                 head_dropout: float = 0.5):
+    def __init__(self, backbone: nn.Module, config: ZeroI2VConfig):
+        """Wrap ``backbone`` (a timm ``VisionTransformer`` without classifier, used as is) as
+        ``config`` says. ``config.model_name``/``timm_kwargs`` must describe ``backbone``; use
+        :meth:`from_config` or :func:`create_video_model`, which guarantee that."""
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
@@ -179,24 +185,85 @@ class ZeroI2VViT(nn.Module):
             raise TypeError(
                 f"ZeroI2V supports timm VisionTransformer models, got {type(backbone).__name__}"
             )
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        backbone.reset_classifier(0)
+        if not isinstance(config, ZeroI2VConfig):
+            raise TypeError(f"config must be a ZeroI2VConfig, got {type(config).__name__}")
+        _check_backbone(backbone, config)
+        if backbone.num_classes:
+            backbone.reset_classifier(0)
         self.backbone = backbone
-        self.num_frames = int(num_frames)
+        self.num_frames = config.num_frames
         self.embed_dim = backbone.embed_dim
         self.backbone.blocks = nn.Sequential(*[
-            ZeroI2VBlock(b, num_frames, head_offsets, adapter_ratio, adapter_scale, adapter_dropout)
-            for b in backbone.blocks
+            ZeroI2VBlock(b, config.num_frames, config.head_offsets, config.adapter_ratio,
+                         config.adapter_scale, config.adapter_dropout, config.adapters_of(i))
+            for i, b in enumerate(backbone.blocks)
         ])
         p = next(backbone.parameters())
         self.temporal_embedding = nn.Parameter(
-            torch.zeros(1, num_frames, self.embed_dim, device=p.device, dtype=p.dtype))
-        self.head_drop = nn.Dropout(head_dropout)
-        self.head = nn.Linear(backbone.num_features, num_classes, device=p.device, dtype=p.dtype)
-        nn.init.trunc_normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+            torch.zeros(1, config.num_frames, self.embed_dim, device=p.device, dtype=p.dtype))
+        self.head_drop = nn.Dropout(config.head_dropout)
+        self.head = nn.Linear(backbone.num_features, config.num_classes, device=p.device,
+                              dtype=p.dtype)
+        if p.device.type != "meta":
+            nn.init.trunc_normal_(self.head.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
+        # what the live modules cannot tell: the timm recipe and the adapter settings
+        self._spec = config.replace(head_offsets=self.backbone.blocks[0].attn.head_offsets,
+                                    adapters=None)
         self.freeze()
+
+    @classmethod
+    def from_config(cls, config: ZeroI2VConfig, *, device=None, dtype=None,
+                    empty: bool = False) -> "ZeroI2VViT":
+        """A model with freshly initialised weights, built exactly as ``config`` says (the
+        backbone through ``timm.create_model``). ``empty=True`` leaves the parameters on the meta
+        device, to be loaded with ``load_state_dict(..., assign=True)`` (what
+        :func:`zeroi2v.load_model` does; buffers are real)."""
+        if config.timm_kwargs is None:
+            raise ValueError(
+                f"the config does not say how to build its {config.model_name!r} backbone "
+                "(timm_kwargs unknown): the model was made from an instance zeroi2v could not "
+                "describe; build it with create_video_model(name, ..., **timm_kwargs)")
+        ctx = timm_spec.parameters_on_meta() if empty else contextlib.nullcontext()
+        with ctx:
+            backbone = timm_spec.create(config.model_name, dict(config.timm_kwargs), device=device)
+            model = cls(backbone, config)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    # ------------------------------------------------------------------ description
+    @property
+    def config(self) -> ZeroI2VConfig:
+        """The model's :class:`ZeroI2VConfig` as it is now (frame count, head offsets and
+        adapters are read from the modules)."""
+        offsets = {blk.attn.head_offsets for blk in self.backbone.blocks}
+        if len(offsets) != 1:
+            raise ValueError("the blocks use different head offsets; a ZeroI2VConfig holds one "
+                             f"layout for all blocks, got {sorted(offsets)}")
+        adapters = tuple(tuple(n for n in ADAPTER_NAMES if getattr(blk, n) is not None)
+                         for blk in self.backbone.blocks)
+        if all(len(a) == len(ADAPTER_NAMES) for a in adapters):
+            adapters = None
+        return self._spec.replace(num_frames=self.num_frames, num_classes=self.head.out_features,
+                                  head_offsets=offsets.pop(), adapters=adapters,
+                                  head_dropout=self.head_drop.p)
+
+    @property
+    def class_names(self) -> Optional[tuple[str, ...]]:
+        return self._spec.class_names
+
+    @class_names.setter
+    def class_names(self, names: Optional[Sequence[str]]) -> None:
+        self._spec = self._spec.replace(class_names=None if names is None else tuple(names),
+                                        num_classes=self.head.out_features)
+
+    def save_pretrained(self, path, **kwargs):
+        """Write ``config.json`` + ``model.safetensors`` into the folder ``path``; see
+        :func:`zeroi2v.models.artefact.save_pretrained`."""
+        from .artefact import save_pretrained
+
+        return save_pretrained(self, path, **kwargs)
 
     # ------------------------------------------------------------------ parameters
     def freeze(self) -> None:
@@ -292,31 +359,89 @@ def create_video_model(
     model: Union[str, nn.Module],
     num_frames: int,
     num_classes: int,
-    head_offsets: HeadOffsets = "vit_b",
-    adapter_ratio: float = 0.25,
-    adapter_scale: float = 0.5,
-    adapter_dropout: float = 0.1,
+    head_offsets: HeadOffsets = ZeroI2VConfig.head_offsets,
+    adapter_ratio: float = ZeroI2VConfig.adapter_ratio,
+    adapter_scale: float = ZeroI2VConfig.adapter_scale,
+    adapter_dropout: float = ZeroI2VConfig.adapter_dropout,
     pretrained_file: Optional[Union[str, os.PathLike]] = None,
-    head_dropout: float = 0.5,
+    head_dropout: float = ZeroI2VConfig.head_dropout,
+    class_names: Optional[Sequence[str]] = None,
     **timm_kwargs,
 ) -> ZeroI2VViT:
     """Build a ZeroI2V video model from a timm ViT name or instance.
 
-    ``pretrained_file`` is a local timm/safetensors/torch checkpoint loaded into the image model
-    before conversion (no network access). ``timm_kwargs`` go to ``timm.create_model``.
+    With a name, the backbone is ``timm.create_model(model, pretrained=False, num_classes=0,
+    **timm_kwargs)`` and ``model.config`` records exactly that. With an instance, the instance is
+    checked first and then *copied* (the caller's model is never modified); its timm name and
+    construction kwargs are recovered and verified (:func:`zeroi2v.models.timm_spec.describe`),
+    so the result can be saved and rebuilt; where they cannot be recovered the model works but
+    :meth:`ZeroI2VViT.save_pretrained` refuses it. ``pretrained_file`` is a local
+    timm/safetensors/CLIP checkpoint loaded into the image model before conversion (no network).
     """
-    import timm
+    import copy
 
     if isinstance(model, str):
-        backbone = timm.create_model(model, pretrained=False, num_classes=0, **timm_kwargs)
+        # kwargs that are classes or functions build a model but cannot be saved as JSON
+        kwargs = dict(timm_kwargs) if _jsonable(timm_kwargs) else None
+        _check_timm_name(model, num_frames, num_classes, head_offsets, kwargs)
+        backbone = timm_spec.create(model, timm_kwargs)
+        name = model
     elif isinstance(model, nn.Module):
-        backbone = model
+        if timm_kwargs:
+            raise TypeError(f"timm keyword arguments {sorted(timm_kwargs)} only apply to a model "
+                            "name; an instance is used as built")
+        _check_instance(model)
+        backbone = copy.deepcopy(model)
+        if getattr(backbone, "num_classes", 0):
+            backbone.reset_classifier(0)
+        name, kwargs = timm_spec.describe(backbone)
     else:
         raise TypeError(f"model must be a timm model name or nn.Module, got {type(model).__name__}")
+    config = ZeroI2VConfig(
+        model_name=name or type(model).__name__, timm_kwargs=kwargs, num_frames=num_frames,
+        num_classes=num_classes, head_offsets=head_offsets, adapter_ratio=adapter_ratio,
+        adapter_scale=adapter_scale, adapter_dropout=adapter_dropout, head_dropout=head_dropout,
+        class_names=class_names)
     if pretrained_file is not None:
         load_image_weights(backbone, pretrained_file)
-    return ZeroI2VViT(backbone, num_frames, num_classes, head_offsets, adapter_ratio,
-                      adapter_scale, adapter_dropout, head_dropout)
+    return ZeroI2VViT(backbone, config)
+
+
+def _jsonable(kwargs: dict) -> bool:
+    import json
+
+    try:
+        json.dumps(kwargs)
+        return True
+    except TypeError:
+        return False
+
+
+def _check_timm_name(name: str, num_frames, num_classes, head_offsets, timm_kwargs) -> None:
+    """Everything that can be checked before building a (possibly large) backbone."""
+    ZeroI2VConfig(model_name=name, timm_kwargs=timm_kwargs, num_frames=num_frames,
+                  num_classes=num_classes, head_offsets=head_offsets)
+
+
+def _check_instance(model: nn.Module) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"ZeroI2V supports timm VisionTransformer models, got {type(model).__name__}")
+    for b in model.blocks:
+        _check_block(b)
+
+
+def _check_backbone(backbone: nn.Module, config: ZeroI2VConfig) -> None:
+    """Refuse before any module is replaced: every block supported, the adapter list and the
+    head offsets fit the backbone."""
+    for b in backbone.blocks:
+        _check_block(b)
+    if config.adapters is not None and len(config.adapters) != len(backbone.blocks):
+        raise ValueError(f"model config: adapters lists {len(config.adapters)} blocks, the "
+                         f"backbone has {len(backbone.blocks)}")
+    offsets = resolve_offsets(config.head_offsets, backbone.blocks[0].attn.num_heads)
+    check_offsets(offsets, config.num_frames)
 
 
 def load_image_weights(backbone: nn.Module, path: Union[str, os.PathLike]) -> None:

@@ -1,4 +1,4 @@
-"""Build models and datasets from a config; rebuild trained/merged models from their files."""
+"""Build models and datasets from a config; rebuild saved models for evaluation and prediction."""
 from __future__ import annotations
 
 import copy
@@ -9,108 +9,100 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..models.merge import merge_adapters
-from ..models.video_vit import ZeroI2VViT, create_video_model
-from .checkpoint import MERGED_FORMAT, TRAIN_FORMAT, load_file, load_model_state
+from ..models.artefact import Artefact, load_from_artefact, read_artefact
+from ..models.config import ZeroI2VConfig
+from ..models.video_vit import ZeroI2VViT, load_image_weights
+
+
+def model_config(mcfg: dict, num_classes: int,
+                 class_names: Optional[Sequence[str]] = None) -> ZeroI2VConfig:
+    """The :class:`ZeroI2VConfig` that the ``model`` section of a run config describes."""
+    if num_classes is None or isinstance(num_classes, bool) or int(num_classes) < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    offsets = mcfg.get("head_offsets", ZeroI2VConfig.head_offsets)
+    return ZeroI2VConfig(
+        model_name=mcfg["name"], timm_kwargs=dict(mcfg.get("timm_kwargs") or {}),
+        num_frames=int(mcfg["num_frames"]), num_classes=int(num_classes),
+        head_offsets=list(offsets) if isinstance(offsets, (list, tuple)) else offsets,
+        adapter_ratio=mcfg.get("adapter_ratio", ZeroI2VConfig.adapter_ratio),
+        adapter_scale=mcfg.get("adapter_scale", ZeroI2VConfig.adapter_scale),
+        adapter_dropout=mcfg.get("adapter_dropout", ZeroI2VConfig.adapter_dropout),
+        head_dropout=mcfg.get("head_dropout", ZeroI2VConfig.head_dropout),
+        class_names=tuple(class_names) if class_names is not None else None)
 
 
 def build_model(mcfg: dict, num_classes: int, pretrained: Optional[str] = None,
-                load_pretrained: bool = True) -> ZeroI2VViT:
+                load_pretrained: bool = True,
+                class_names: Optional[Sequence[str]] = None) -> ZeroI2VViT:
     """A :class:`ZeroI2VViT` from the ``model`` section (``pretrained`` overrides its path)."""
-    if num_classes is None or int(num_classes) < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    config = model_config(mcfg, num_classes, class_names)
     path = pretrained if pretrained is not None else mcfg.get("pretrained")
     if path is not None and load_pretrained and not os.path.isfile(path):
         raise FileNotFoundError(
             f"pretrained image-model file not found: {path} (set model.pretrained or --pretrained)"
         )
-    model = create_video_model(
-        mcfg["name"], int(mcfg["num_frames"]), int(num_classes),
-        head_offsets=_offsets(mcfg.get("head_offsets")),
-        adapter_ratio=float(mcfg.get("adapter_ratio", 0.25)),
-        adapter_scale=float(mcfg.get("adapter_scale", 0.5)),
-        adapter_dropout=float(mcfg.get("adapter_dropout", 0.1)),
-        head_dropout=float(mcfg.get("head_dropout", 0.5)),
-        pretrained_file=path if load_pretrained else None,
-        **dict(mcfg.get("timm_kwargs") or {}),
-    )
-    for i, name in mcfg.get("absent_adapters") or ():  # e.g. official checkpoints without some
-        setattr(model.backbone.blocks[int(i)], str(name), None)
+    model = ZeroI2VViT.from_config(config)
+    if path is not None and load_pretrained:
+        load_image_weights(model.backbone, path)
     if mcfg.get("train_backbone"):
         for p in model.parameters():
             p.requires_grad_(True)
     return model
 
 
-def config_from_model(model: ZeroI2VViT) -> dict:
-    """A ``model`` config section that rebuilds ``model``'s architecture (used for imported
-    models). Raises ``ValueError`` if the model cannot be described this way."""
-    from ..models.video_vit import ADAPTER_NAMES
+def run_config_for(art: Artefact) -> dict:
+    """The run config of a saved model: its ``run_config.yaml`` when it has one (a training
+    checkpoint, or a model merged from one), else the defaults around the model's config. The
+    ``model`` section always restates the saved model's config."""
+    import yaml
 
-    vit = model.backbone
-    name = (getattr(vit, "pretrained_cfg", None) or {}).get("architecture")
-    if not name:
-        raise ValueError("cannot tell which timm architecture the model was built from")
-    blk0 = vit.blocks[0]
-    adapters = [a for b in vit.blocks for a in (getattr(b, n) for n in ADAPTER_NAMES) if a is not None]
-    ratio = adapters[0].hidden / adapters[0].dim if adapters else 0.25
-    scale = adapters[0].scale if adapters else 0.5
-    dropout = adapters[0].drop.p if adapters else 0.1
-    pe = vit.patch_embed
-    kw = {"img_size": list(pe.img_size), "patch_size": list(pe.patch_size),
-          "in_chans": pe.proj.in_channels, "embed_dim": vit.embed_dim, "depth": len(vit.blocks),
-          "num_heads": blk0.attn.num_heads,
-          "mlp_ratio": blk0.mlp.fc1.out_features / vit.embed_dim}
-    absent = [[i, n] for i, b in enumerate(vit.blocks) for n in ADAPTER_NAMES if getattr(b, n) is None]
-    return {"name": name, "pretrained": None, "timm_kwargs": kw, "num_frames": model.num_frames,
-            "head_offsets": list(model.head_offsets), "adapter_ratio": ratio,
-            "adapter_scale": scale, "adapter_dropout": dropout,
-            "head_dropout": model.head_drop.p, "train_backbone": False,
-            "num_classes": model.head.out_features, "absent_adapters": absent}
+    from .config import load_config
+
+    base = None
+    if art.run_config_file is not None:
+        try:
+            base = yaml.safe_load(art.run_config_file.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"{art.run_config_file} is not valid YAML: {e}") from None
+    cfg = load_config(None, base=base or {})
+    c = art.config
+    cfg["model"].update(name=c.model_name, timm_kwargs=dict(c.timm_kwargs or {}),
+                        num_frames=c.num_frames, num_classes=c.num_classes,
+                        head_offsets=list(c.head_offsets), adapter_ratio=c.adapter_ratio,
+                        adapter_scale=c.adapter_scale, adapter_dropout=c.adapter_dropout,
+                        head_dropout=c.head_dropout)
+    if base is None:
+        img = (c.timm_kwargs or {}).get("img_size")
+        if img is not None:
+            cfg["data"]["size"] = int(img[0] if isinstance(img, (list, tuple)) else img)
+    return cfg
 
 
-def _offsets(x: Any):
-    if isinstance(x, (list, tuple)):
-        return [int(v) for v in x]
-    return x
+def load_for_inference(path: Union[str, os.PathLike], pretrained: Optional[str] = None,
+                       device: Union[str, torch.device] = "cpu"
+                       ) -> tuple[ZeroI2VViT, dict, Artefact]:
+    """``(model, run config, artefact)`` for any saved model: a folder written by
+    ``save_pretrained``/``merge``/``import-official``, a training checkpoint folder (or a run's
+    output folder: its ``last`` checkpoint), or their ``model.safetensors``/``config.json``."""
+    from .checkpoint import find_checkpoint
+
+    p = Path(path)
+    art = read_artefact(find_checkpoint(p) if p.is_dir() else p)
+    model = load_from_artefact(art, pretrained=pretrained, device=device)
+    return model, run_config_for(art), art
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def image_model_params(mcfg: dict) -> int:
-    """Parameter count of the plain timm image ViT (no classifier) that the model is built from."""
-    import timm
+def image_model_params(config: ZeroI2VConfig) -> int:
+    """Parameter count of the plain timm image ViT (no classifier) the model is built from (as
+    timm builds it from the config: for a merged model, with the biases the merge added)."""
+    from ..models import timm_spec
 
-    m = timm.create_model(mcfg["name"], pretrained=False, num_classes=0,
-                          **dict(mcfg.get("timm_kwargs") or {}))
-    return count_params(m)
-
-
-def load_trained_model(path: Union[str, os.PathLike], pretrained: Optional[str] = None,
-                       merge: bool = False) -> tuple[ZeroI2VViT, dict]:
-    """Rebuild a model from a training checkpoint or a merged model file.
-
-    Returns ``(model, meta)`` with ``meta`` holding ``config``, ``num_classes``, ``class_names``,
-    ``format`` and ``merged``. A training checkpoint that stores only the trainable parameters
-    needs the pretrained image file named in its config (or ``pretrained``).
-    """
-    ck = load_file(path, expect=(TRAIN_FORMAT, MERGED_FORMAT))
-    cfg = copy.deepcopy(ck["config"])
-    mcfg = cfg["model"]
-    num_classes = int(ck["num_classes"])
-    full = bool(ck.get("model_full", ck["format"] == MERGED_FORMAT))
-    model = build_model(mcfg, num_classes, pretrained=pretrained, load_pretrained=not full)
-    if ck["format"] == MERGED_FORMAT:
-        model = merge_adapters(model, inplace=True)
-    load_model_state(model, ck["model"], full=full, source=str(path))
-    if merge and not model.merged:
-        model = merge_adapters(model, inplace=True)
-    model.eval()
-    meta = {"config": cfg, "num_classes": num_classes, "class_names": ck.get("class_names"),
-            "format": ck["format"], "merged": model.merged, "epoch": ck.get("epoch")}
-    return model, meta
+    return count_params(timm_spec.create(config.model_name, dict(config.timm_kwargs or {}),
+                                         device="meta"))
 
 
 def merged_vs_unmerged_error(model, merged, num_videos: int = 2, seed: int = 0) -> float:
@@ -127,17 +119,6 @@ def merged_vs_unmerged_error(model, merged, num_videos: int = 2, seed: int = 0) 
     with torch.no_grad():
         ref, out = model(x), merged(x)
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def save_merged(merged, meta: dict, path, source: Optional[str] = None) -> Path:
-    from .checkpoint import MERGED_FORMAT, atomic_save
-
-    if not merged.merged:
-        raise ValueError("save_merged needs a merged model (call merge_adapters first)")
-    return atomic_save({"format": MERGED_FORMAT, "version": 1, "config": meta["config"],
-                        "num_classes": meta["num_classes"], "class_names": meta.get("class_names"),
-                        "model": {k: v.detach().cpu() for k, v in merged.state_dict().items()},
-                        "merged_from": source}, path)
 
 
 def read_class_names(path: Optional[Union[str, os.PathLike]]) -> Optional[list[str]]:

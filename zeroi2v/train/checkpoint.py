@@ -1,67 +1,108 @@
-"""Checkpoints: atomic writes, RNG state capture/restore, trainable-only model states, clear errors."""
+"""Training checkpoints: a saved-model folder plus the state that resumes the run exactly.
+
+``train`` writes, after every epoch, ``OUT/checkpoints/epoch_NNNN/`` holding
+
+* ``config.json`` + ``model.safetensors``: the model (see :mod:`zeroi2v.models.artefact`; with a
+  pretrained image file only the trainable tensors, the frozen rest comes from that file);
+* ``run_config.yaml``: the run's full config (what ``eval``/``predict`` read for the data
+  pipeline);
+* ``training_state.pt``: optimiser, schedule, gradient scaler, every rank's RNG streams, epoch,
+  step and best result, in plain tensors, numbers, strings, lists and dicts only, so it is read
+  with ``torch.load(weights_only=True)`` and no allow-list at all.
+
+The folder is written under a temporary name and renamed when complete; ``OUT/last`` and
+``OUT/best`` are symbolic links replaced in one step, so an interrupted run always leaves a
+complete previous checkpoint. Older epoch folders are removed once nothing points at them.
+"""
 from __future__ import annotations
 
 import os
 import random
-import tempfile
+import shutil
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-TRAIN_FORMAT = "zeroi2v-train"
-MERGED_FORMAT = "zeroi2v-merged"
+from ..files import PathLike, atomic_dir, atomic_torch_save, replace_symlink
+from ..models.artefact import TRAINING_STATE_FILE, Artefact, read_artefact, save_pretrained
+
+STATE_FORMAT = "zeroi2v-training-state"
+STATE_VERSION = 1
+CHECKPOINTS = "checkpoints"
 
 
-def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
-    """``torch.save`` to a temporary file in the target folder, then ``os.replace`` it into place,
-    so a crash never leaves a truncated checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+def save_checkpoint(out_dir: PathLike, model: nn.Module, *, epoch: int, run_config: dict,
+                    state: dict, weights: str = "full", base_weights: Optional[dict] = None,
+                    best: bool = False) -> Path:
+    """Write ``OUT/checkpoints/epoch_NNNN`` (model + run config + training state) and point
+    ``OUT/last`` (and ``OUT/best`` if ``best``) at it. Returns the folder."""
+    out_dir = Path(out_dir)
+    folder = out_dir / CHECKPOINTS / f"epoch_{int(epoch):04d}"
+    n = 1
+    while folder.exists():  # resumed from an earlier epoch: never touch what `last` points at
+        n += 1
+        folder = out_dir / CHECKPOINTS / f"epoch_{int(epoch):04d}_{n}"
+    with atomic_dir(folder) as tmp:
+        save_pretrained(unwrap(model), tmp, weights=weights, base_weights=base_weights,
+                        run_config=run_config, extra={"epoch": int(epoch)})
+        atomic_torch_save(dict(state, format=STATE_FORMAT, version=STATE_VERSION),
+                          tmp / TRAINING_STATE_FILE)
+    replace_symlink(out_dir / "last", folder)
+    if best:
+        replace_symlink(out_dir / "best", folder)
+    _prune(out_dir)
+    return folder
 
 
-def load_file(path: Union[str, os.PathLike], expect: Optional[tuple[str, ...]] = None) -> dict:
-    """Load a zeroi2v checkpoint/model file with readable errors (missing, corrupt, wrong kind)."""
-    path = Path(path)
-    if not path.is_file():
+def _prune(out_dir: Path) -> None:
+    keep = {(out_dir / n).resolve() for n in ("last", "best") if (out_dir / n).exists()}
+    for d in (out_dir / CHECKPOINTS).glob("epoch_*"):
+        if d.resolve() not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def find_checkpoint(path: PathLike) -> Path:
+    """A training checkpoint folder: ``path`` itself, or ``path/last`` for a run's output folder."""
+    p = Path(path)
+    if p.is_dir() and not (p / TRAINING_STATE_FILE).is_file() and (p / "last").exists():
+        p = p / "last"
+    if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    return p.resolve()
+
+
+def read_training_checkpoint(path: PathLike) -> tuple[Artefact, dict]:
+    """``(artefact, training state)`` of a checkpoint folder written by :func:`save_checkpoint`."""
+    art = read_artefact(find_checkpoint(path))
+    state_file = art.training_state_file
+    if state_file is None:
+        raise ValueError(f"{art.folder} is a saved model, not a training checkpoint (no "
+                         f"{TRAINING_STATE_FILE}): it can be evaluated, not resumed")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(obj, dict) or "format" not in obj:
-        raise ValueError(
-            f"{path} is not a zeroi2v checkpoint (no 'format' key); official mmaction2 checkpoints "
-            "are converted with `zeroi2v import-official`"
-        )
-    if expect is not None and obj["format"] not in expect:
-        raise ValueError(f"{path} is a {obj['format']!r} file, expected one of {list(expect)}")
-    return obj
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, foreign or code-carrying files
+        raise ValueError(f"{state_file} cannot be read as a training state (it must hold only "
+                         f"tensors and plain values): {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{state_file} is not a zeroi2v training state")
+    if int(state.get("version", 0)) > STATE_VERSION:
+        raise ValueError(f"{state_file} has training-state version {state['version']}, newer than "
+                         f"this zeroi2v reads ({STATE_VERSION}): upgrade zeroi2v")
+    return art, state
 
 
 # ----------------------------------------------------------------------------- RNG
 
 
 def rng_state() -> dict:
+    """Every RNG stream of this process as plain values (``weights_only``-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -70,8 +111,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -95,41 +138,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
-def model_state(model: nn.Module, full: bool) -> dict:
-    """The full state dict, or only the trainable parameters (the frozen backbone comes from the
-    pretrained file when the model is rebuilt)."""
-    model = unwrap(model)
-    sd = model.state_dict()
-    if full:
-        return {k: v.detach().cpu().clone() for k, v in sd.items()}
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in sd.items() if k in names}
+def base_weights_digest(path: Optional[Union[str, os.PathLike]]) -> Optional[dict]:
+    from ..models.artefact import file_digest
 
-
-def load_model_state(model: nn.Module, state: dict, full: bool, source: str = "checkpoint") -> None:
-    """Load ``state`` into ``model`` checking names and shapes first (``ValueError`` otherwise)."""
-    model = unwrap(model)
-    own = model.state_dict()
-    unexpected = [k for k in state if k not in own]
-    if unexpected:
-        raise ValueError(
-            f"{source} does not match the model: unexpected keys {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''} (was it written for another architecture?)"
-        )
-    for k, v in state.items():
-        if tuple(own[k].shape) != tuple(v.shape):
-            raise ValueError(
-                f"{source} does not match the model: {k!r} has shape {tuple(v.shape)} in the "
-                f"checkpoint but {tuple(own[k].shape)} in the model (different num_classes, "
-                "num_frames or backbone?)"
-            )
-    if full:
-        missing = [k for k in own if k not in state]
-        if missing:
-            raise ValueError(f"{source} does not match the model: missing keys {missing[:5]}")
-    else:
-        need = {n for n, p in model.named_parameters() if p.requires_grad}
-        missing = sorted(need - set(state))
-        if missing:
-            raise ValueError(f"{source} lacks trainable parameters {missing[:5]}")
-    model.load_state_dict(state, strict=full)
+    return None if path is None else file_digest(path)

@@ -18,20 +18,21 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from ..models.config import ZeroI2VConfig as _M
+
 DEFAULTS: dict[str, Any] = {
-    "model": {
+    "model": {  # a ZeroI2VConfig (same defaults) plus where the image weights come from
         "name": "vit_base_patch16_clip_quickgelu_224",  # timm model name
         "pretrained": None,        # local image-model checkpoint (no network)
         "timm_kwargs": {},         # extra timm.create_model kwargs (img_size, depth, ...)
         "num_frames": 8,
-        "head_offsets": "vit_b",   # preset name or list of per-head ints
-        "adapter_ratio": 0.25,
-        "adapter_scale": 0.5,
-        "adapter_dropout": 0.1,
-        "head_dropout": 0.5,
+        "head_offsets": _M.head_offsets,  # preset name or list of per-head ints
+        "adapter_ratio": _M.adapter_ratio,
+        "adapter_scale": _M.adapter_scale,
+        "adapter_dropout": _M.adapter_dropout,
+        "head_dropout": _M.head_dropout,
         "train_backbone": False,   # True: fine-tune the whole ViT (demo without pretrained weights)
         "num_classes": None,       # inferred from the training annotations when null
-        "absent_adapters": [],     # [[block, adapter_name], ...] removed (imported checkpoints)
     },
     "data": {
         "root": None,              # video folder; annotation paths are relative to it

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..models.merge import merge_adapters
-from .build import count_params, image_model_params, merged_vs_unmerged_error, save_merged
+from .build import count_params, image_model_params, merged_vs_unmerged_error
 from .config import load_config
 from .engine import evaluate, summary, train, write_eval_report
 
@@ -179,8 +179,8 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
     write_eval_report(merged_metrics, out / "stdha_merged_results.json", classes,
                       title="STDHA, merged")
     cfg = runs["stdha"]["config"]
-    merged_path = save_merged(merged, {"config": cfg, "num_classes": len(classes),
-                                       "class_names": classes}, out / "stdha_merged.pth")
+    merged.class_names = classes
+    merged_path = merged.save_pretrained(out / "stdha_merged", run_config=cfg)
     (out / "classes.txt").write_text("\n".join(classes) + "\n")
 
     # ---- 4. parameters and throughput (merged ZeroI2V vs the plain timm ViT, same frames)
@@ -188,7 +188,7 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
     plain = timm.create_model(mk["name"], pretrained=False, num_classes=len(classes),
                               **mk["timm_kwargs"]).eval()
     n_plain = count_params(plain)
-    n_image = image_model_params(cfg["model"])
+    n_image = image_model_params(model.config)
     clips = 8
     x = val_ds.videos[torch.arange(clips) % len(val_ds)]
     # The plain ViT does the same job as the video model: it gets the same (B, C, T, H, W) clips,

@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from . import dist as zdist
+from ..files import check_state_dict
 from .build import (build_model, build_test_dataset, build_train_dataset, count_params,
                     dataset_num_classes, read_class_names)
-from .checkpoint import (TRAIN_FORMAT, atomic_save, load_file, load_model_state, model_state,
-                         rng_state, seed_everything, set_rng_state)
+from .checkpoint import (base_weights_digest, read_training_checkpoint, rng_state,
+                         save_checkpoint, seed_everything, set_rng_state)
 from .config import dump_config
 from .metrics import average_views, classification_metrics, plot_confusion_matrix, \
     write_per_class_tables
@@ -275,6 +276,11 @@ def _train(cfg, info, resume, on_epoch_end, datasets, model) -> dict:
     # ---- model, optimiser, schedule
     if model is None:
         model = build_model(mcfg, num_classes)
+    if class_names is not None:
+        if len(class_names) != num_classes:
+            raise ValueError(f"{dcfg['class_names']} names {len(class_names)} classes, the data "
+                             f"has {num_classes}")
+        model.class_names = class_names
     model.to(device)
     lr = scaled_lr(float(tcfg["lr"]), global_batch, int(tcfg.get("ref_batch_size", global_batch)),
                    bool(tcfg.get("scale_lr", True)))
@@ -290,17 +296,20 @@ def _train(cfg, info, resume, on_epoch_end, datasets, model) -> dict:
     if full_save == "auto":
         full_save = not mcfg.get("pretrained") or bool(mcfg.get("train_backbone"))
     full_save = bool(full_save)
+    base = None if full_save else base_weights_digest(mcfg.get("pretrained"))
+    if not full_save and base is None:
+        raise ValueError("train.save_full=false needs model.pretrained (the frozen weights of a "
+                         "trainable-only checkpoint come from that file)")
 
     start_epoch, step, best = 0, 0, None
     ckpt_rng = None
     if resume == "auto":
-        resume = str(out_dir / "last.pth") if (out_dir / "last.pth").is_file() else None
+        if not (out_dir / "last").exists():
+            raise FileNotFoundError(f"nothing to resume: {out_dir} has no checkpoint "
+                                    f"({out_dir / 'last'} is missing)")
+        resume = str(out_dir / "last")
     if resume:
-        ck = load_file(resume, expect=(TRAIN_FORMAT,))
-        if int(ck["num_classes"]) != num_classes:
-            raise ValueError(f"checkpoint {resume} has {ck['num_classes']} classes, the data "
-                             f"{num_classes}")
-        load_model_state(model, ck["model"], full=bool(ck["model_full"]), source=str(resume))
+        ck = _resume_into(resume, model, base)
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         if ck.get("scaler"):
@@ -334,7 +343,7 @@ def _train(cfg, info, resume, on_epoch_end, datasets, model) -> dict:
     log_interval = max(1, int(tcfg.get("log_interval", 20)))
     stop_after = tcfg.get("stop_after_epoch")
     result: dict = {"epoch": start_epoch, "step": step, "val": None, "best": best}
-    last_path = out_dir / "last.pth"
+    last_path = out_dir / "last"
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
@@ -417,15 +426,14 @@ def _train(cfg, info, resume, on_epoch_end, datasets, model) -> dict:
         # ---- checkpoint (all ranks' RNG states, so a resume continues every rank exactly)
         rngs = zdist.all_gather_object(rng_state())
         if info.is_main:
-            ck = {"format": TRAIN_FORMAT, "version": 1, "config": cfg, "num_classes": num_classes,
-                  "class_names": class_names, "model": model_state(model, full_save),
-                  "model_full": full_save, "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                  "rng": rngs, "epoch": epoch + 1, "step": step, "best": best,
-                  "world_size": info.world_size, "val": summary(val) if val else None}
-            atomic_save(ck, last_path)
-            if val is not None and best is not None and best["epoch"] == epoch + 1:
-                atomic_save(ck, out_dir / "best.pth")
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": rngs, "epoch": epoch + 1,
+                     "step": step, "best": best, "world_size": info.world_size,
+                     "num_classes": num_classes, "val": summary(val) if val else None}
+            save_checkpoint(out_dir, model, epoch=epoch + 1, run_config=cfg, state=state,
+                            weights="full" if full_save else "trainable", base_weights=base,
+                            best=val is not None and best is not None
+                            and best["epoch"] == epoch + 1)
         zdist.barrier()
         result = {"epoch": epoch + 1, "step": step, "train_loss": rec["train_loss"],
                   "train_acc": rec["train_acc"], "val": val, "best": best,
@@ -438,6 +446,34 @@ def _train(cfg, info, resume, on_epoch_end, datasets, model) -> dict:
             break
     result["model"] = model
     return result
+
+
+def _resume_into(path, model: nn.Module, base: Optional[dict]) -> dict:
+    """Load a training checkpoint's weights into ``model`` (built from the run config, which must
+    describe the same model) and return its training state."""
+    from safetensors.torch import load_file
+
+    art, state = read_training_checkpoint(path)
+    have, want = art.config, model.config
+    for f in ("model_name", "timm_kwargs", "num_frames", "num_classes", "head_offsets",
+              "adapter_ratio", "adapter_scale", "adapters"):
+        if getattr(have, f) != getattr(want, f):
+            raise ValueError(f"cannot resume from {art.folder}: its model has {f}="
+                             f"{getattr(have, f)!r}, the config {getattr(want, f)!r}")
+    tensors = load_file(str(art.weights_file), device="cpu")
+    own = model.state_dict()
+    if art.weights == "trainable":
+        if base is None or (art.base_weights or {}).get("sha256") != base["sha256"]:
+            raise ValueError(f"cannot resume from {art.folder}: it holds only the trainable "
+                             f"tensors of a model whose frozen weights came from "
+                             f"{(art.base_weights or {}).get('path')}, not from this run's "
+                             "model.pretrained")
+        own = {k: v for k, v in own.items() if k in {n for n, p in model.named_parameters()
+                                                     if p.requires_grad}}
+    check_state_dict(own, tensors, str(art.weights_file), what="the run's model")
+    with torch.no_grad():
+        model.load_state_dict(tensors, strict=art.weights == "full")
+    return state
 
 
 def steps_per_epoch_for(n_samples: int, batch_size: int, world: int = 1, accum: int = 1) -> int:

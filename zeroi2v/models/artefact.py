@@ -1,0 +1,348 @@
+"""The saved model: a folder with ``config.json`` and ``model.safetensors``. Nothing in it runs.
+
+::
+
+    model.save_pretrained("my_model")        # my_model/config.json + my_model/model.safetensors
+    model = zeroi2v.load_model("my_model")   # also: the .safetensors file alone, or config.json
+
+* ``config.json`` is the model's :class:`~zeroi2v.models.config.ZeroI2VConfig` (timm name and
+  constructor kwargs, frames, head offsets, adapters, classes ...) plus an ``"artefact"`` entry
+  about the files (which weights they hold, the zeroi2v version that wrote them).
+* ``model.safetensors`` holds the tensors under the model's own state-dict names
+  (``backbone.*`` are the timm ViT's names, then ``temporal_embedding`` and ``head.*``); its
+  metadata repeats ``config.json``, so the file alone is self-describing and a pair from two
+  different saves is detected.
+* The same folder serves an unmerged model (adapters kept, fine-tunable), a merged one (no
+  adapters: its ``backbone.*`` tensors load ``strict=True`` into
+  ``timm.create_model(config.model_name, num_classes=0, **config.timm_kwargs)``) and a training
+  checkpoint, which adds ``training_state.pt`` (optimiser, schedule, RNG; read with
+  ``torch.load(weights_only=True)``) and ``run_config.yaml`` (the run's settings).
+
+A training checkpoint may hold only the trainable tensors (``"weights": "trainable"``): the frozen
+backbone then comes from the pretrained image file named in ``config.json`` (checked by size and
+SHA-256), or from the file passed as ``pretrained=``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from ..files import PathLike, atomic_path, atomic_write_text, check_state_dict, looks_like_safetensors
+from .config import FORMAT, FORMAT_VERSION, ZeroI2VConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+RUN_CONFIG_FILE = "run_config.yaml"
+TRAINING_STATE_FILE = "training_state.pt"
+_META_KEY = "zeroi2v_config"
+_OLD_FORMATS = ("zeroi2v-train", "zeroi2v-merged")
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """What a saved model folder says about itself (no tensors read yet)."""
+
+    folder: Path
+    config: ZeroI2VConfig
+    weights: str                  # "full" or "trainable"
+    base_weights: Optional[dict]  # for "trainable": {"path", "size", "sha256"}
+    info: dict                    # the whole "artefact" entry of config.json
+
+    @property
+    def weights_file(self) -> Path:
+        return self.folder / WEIGHTS_FILE
+
+    @property
+    def run_config_file(self) -> Optional[Path]:
+        p = self.folder / RUN_CONFIG_FILE
+        return p if p.is_file() else None
+
+    @property
+    def training_state_file(self) -> Optional[Path]:
+        p = self.folder / TRAINING_STATE_FILE
+        return p if p.is_file() else None
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def file_digest(path: PathLike) -> dict:
+    """``{"path", "size", "sha256"}`` of a file (identifies the base weights of a checkpoint)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def save_pretrained(model, path: PathLike, *, weights: str = "full",
+                    base_weights: Optional[Union[PathLike, dict]] = None,
+                    run_config: Optional[dict] = None, extra: Optional[dict] = None) -> Path:
+    """Write ``model`` (a :class:`~zeroi2v.ZeroI2VViT`) into the folder ``path``.
+
+    ``weights="trainable"`` stores only the trainable tensors and needs ``base_weights``: the
+    pretrained image file the frozen rest comes from (or its :func:`file_digest`).
+    ``run_config`` (a training config dict) is written beside as ``run_config.yaml``; ``extra``
+    is stored in the ``"artefact"`` entry of ``config.json``. The model must be rebuildable from
+    its config; that is checked (on the meta device) before anything is written. Each file is
+    replaced atomically. Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    from .video_vit import ZeroI2VViT
+
+    if not isinstance(model, ZeroI2VViT):
+        raise TypeError(f"save_pretrained expects a ZeroI2VViT, got {type(model).__name__}")
+    if weights not in ("full", "trainable"):
+        raise ValueError(f"weights must be 'full' or 'trainable', got {weights!r}")
+    config = model.config
+    _check_rebuilds(model, config)
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
+    info: dict[str, Any] = {"weights": weights, "written_by": _version()}
+    state = model.state_dict()
+    if weights == "trainable":
+        if base_weights is None:
+            raise ValueError("weights='trainable' needs base_weights= (the pretrained image file "
+                             "the frozen backbone comes from)")
+        info["base_weights"] = dict(base_weights) if isinstance(base_weights, dict) \
+            else file_digest(base_weights)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trainable}
+    info.update(extra or {})
+    doc = dict(config.to_dict(), artefact=info)
+    text = json.dumps(doc, indent=2)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", _META_KEY: json.dumps(doc)})
+    atomic_write_text(folder / CONFIG_FILE, text + "\n")
+    if run_config is not None:
+        import yaml
+
+        atomic_write_text(folder / RUN_CONFIG_FILE, yaml.safe_dump(_plain(run_config), sort_keys=False))
+    return folder
+
+
+def _check_rebuilds(model, config: ZeroI2VConfig) -> None:
+    """The saved config must build a model with exactly these tensor names and shapes."""
+    from .video_vit import ZeroI2VViT
+
+    if config.timm_kwargs is None:
+        raise ValueError(
+            f"cannot save: zeroi2v does not know how this {config.model_name!r} backbone was "
+            "built (an instance it could not describe, or timm kwargs that are classes or "
+            "functions), so a saved config could not rebuild it; create the model with "
+            "create_video_model(name, ..., **timm_kwargs) using JSON values (e.g. "
+            "act_layer='gelu')")
+    with torch.device("meta"):
+        rebuilt = ZeroI2VViT.from_config(config)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        raise ValueError(
+            f"cannot save: the model's config does not rebuild it (first difference: {diff[0]!r});"
+            f" timm.create_model({config.model_name!r}, **{dict(config.timm_kwargs)}) is another "
+            "architecture")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return f"zeroi2v {__version__}"
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_artefact(path: PathLike) -> Artefact:
+    """Read ``config.json`` (or the safetensors metadata) of a saved model.
+
+    ``path``: the folder, its ``config.json`` or its ``model.safetensors``. Everything that is not
+    such a model gets a ``ValueError`` (``FileNotFoundError`` if absent) naming the path and what
+    it is instead (a zeroi2v 0.1 pickle, an official checkpoint, ...).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model not found: {p}")
+    if p.is_dir():
+        folder = p
+    elif p.name == CONFIG_FILE or looks_like_safetensors(str(p)):
+        folder = p.parent
+    else:
+        raise ValueError(_not_a_model(p))
+    weights = folder / WEIGHTS_FILE if p.is_dir() or p.name == CONFIG_FILE else p
+    cfg_path = folder / CONFIG_FILE
+    doc = None
+    if cfg_path.is_file():
+        try:
+            doc = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    meta_doc = _metadata_config(weights) if weights.is_file() else None
+    if doc is None and meta_doc is None:
+        if p.is_dir():
+            raise ValueError(f"{p} holds no zeroi2v model ({CONFIG_FILE} and {WEIGHTS_FILE} "
+                             "missing)")
+        raise ValueError(f"{weights} is a safetensors file without a zeroi2v config (no "
+                         f"{CONFIG_FILE} beside it, none in its metadata)")
+    for d, src in ((doc, cfg_path), (meta_doc, weights)):
+        v = d.get("format_version") if isinstance(d, dict) else None
+        if isinstance(v, int) and v > FORMAT_VERSION:
+            raise ValueError(f"{src} has format version {v}, newer than this zeroi2v reads "
+                             f"({FORMAT_VERSION}): upgrade zeroi2v")
+    if doc is None:
+        doc = meta_doc
+    elif meta_doc is not None and meta_doc != doc:
+        raise ValueError(f"{cfg_path} and {weights} belong to different saves (an interrupted "
+                         "save, or files from two models): save the model again")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing (the weights of {cfg_path})")
+    return _artefact_from_doc(doc, folder, str(cfg_path if cfg_path.is_file() else weights))
+
+
+def _artefact_from_doc(doc: Any, folder: Path, source: str) -> Artefact:
+    if not isinstance(doc, dict):
+        raise ValueError(f"{source}: expected a JSON object")
+    fmt = doc.get("format")
+    if fmt == "zeroi2v-merged":
+        raise ValueError(f"{source} was written by `zeroi2v export` of zeroi2v 0.1, a layout "
+                         "this version no longer reads: convert the original .pth with "
+                         "`zeroi2v convert FILE.pth --out DIR` and merge it again")
+    if fmt != FORMAT:
+        raise ValueError(f"{source} is not a zeroi2v model config (format {fmt!r})")
+    doc = dict(doc)
+    info = doc.pop("artefact", None) or {}
+    if not isinstance(info, dict):
+        raise ValueError(f"{source}: 'artefact' must be a JSON object")
+    config = ZeroI2VConfig.from_dict(doc, source)
+    weights = info.get("weights", "full")
+    if weights not in ("full", "trainable"):
+        raise ValueError(f"{source}: artefact.weights must be 'full' or 'trainable', got {weights!r}")
+    base = info.get("base_weights")
+    if weights == "trainable" and not isinstance(base, dict):
+        raise ValueError(f"{source}: trainable-only weights without artefact.base_weights")
+    return Artefact(folder, config, weights, base, info)
+
+
+def _metadata_config(weights: Path) -> Optional[dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - any parse failure means "not our file"
+        raise ValueError(f"{weights} is not a readable safetensors file: {e}") from None
+    text = meta.get(_META_KEY)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{weights}: damaged zeroi2v config in the metadata: {e}") from None
+
+
+def _not_a_model(p: Path) -> str:
+    """Say what a file that is not a saved model is, reading it safely."""
+    from ..files import read_checkpoint, unwrap_state_dict
+
+    try:
+        obj = read_checkpoint(p)
+    except ValueError as e:
+        return f"{p} is not a zeroi2v model ({e})"
+    if isinstance(obj, dict) and obj.get("format") in _OLD_FORMATS:
+        return (f"{p} is a zeroi2v 0.1 pickle ({obj['format']}); this version reads only "
+                f"safetensors models: convert it once with `zeroi2v convert {p} --out DIR`")
+    try:
+        keys = list(unwrap_state_dict(obj, p))
+    except ValueError:
+        keys = []
+    if any(k.startswith("backbone.transformer.resblocks.") for k in keys):
+        return (f"{p} looks like an official ZeroI2V (mmaction2) checkpoint: import it with "
+                f"`zeroi2v import-official {p} --out DIR`")
+    if any(k.startswith(("blocks.0.", "visual.", "patch_embed.")) for k in keys):
+        return (f"{p} looks like an image-model checkpoint: train from it (model.pretrained / "
+                "--pretrained), it is not a video model")
+    return (f"{p} is not a zeroi2v model (expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE}"
+            ", or that .safetensors file)")
+
+
+def load_model(path: PathLike, *, pretrained: Optional[PathLike] = None,
+               device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None):
+    """Rebuild the :class:`~zeroi2v.ZeroI2VViT` saved at ``path`` (eval mode).
+
+    ``path`` is the folder written by :meth:`~zeroi2v.ZeroI2VViT.save_pretrained` (or a training
+    checkpoint folder), its ``config.json`` or its ``model.safetensors``. ``pretrained`` is the
+    image file of a checkpoint that holds only its trainable tensors (default: the file it
+    names). Errors name the file and the problem; nothing from the files is executed.
+    """
+    art = read_artefact(path)
+    return load_from_artefact(art, pretrained=pretrained, device=device, dtype=dtype)
+
+
+def load_from_artefact(art: Artefact, *, pretrained: Optional[PathLike] = None,
+                       device: Union[str, torch.device] = "cpu",
+                       dtype: Optional[torch.dtype] = None):
+    from safetensors.torch import load_file
+
+    from .video_vit import ZeroI2VViT, load_image_weights
+
+    try:
+        tensors = load_file(str(art.weights_file), device="cpu")
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{art.weights_file} is not a readable safetensors file: {e}") from None
+    # Fresh allocations: CPU GEMMs on the loader's buffers round differently in the last bit,
+    # and a loaded model should compute exactly what the saved one did.
+    tensors = {k: tensors.pop(k).clone() for k in list(tensors)}
+    source = str(art.weights_file)
+    if art.weights == "full":
+        model = ZeroI2VViT.from_config(art.config, empty=True)
+        check_state_dict(model.state_dict(), tensors, source, what=f"its config ({CONFIG_FILE})")
+        model.load_state_dict(tensors, strict=True, assign=True)
+    else:
+        base = _base_weights(art, pretrained)
+        model = ZeroI2VViT.from_config(art.config)
+        load_image_weights(model.backbone, base)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        own = {k: v for k, v in model.state_dict().items() if k in trainable}
+        check_state_dict(own, tensors, source, what="the trainable tensors of its config")
+        model.load_state_dict(tensors, strict=False)
+    model.freeze()
+    model.to(device=device)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _base_weights(art: Artefact, pretrained: Optional[PathLike]) -> str:
+    want = art.base_weights or {}
+    path = Path(pretrained) if pretrained is not None else Path(want.get("path", ""))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{art.folder} holds only the trainable tensors; the frozen backbone comes from "
+            f"{path} which is not found: pass the pretrained image file (--pretrained)")
+    got = file_digest(path)
+    if (got["size"], got["sha256"]) != (want.get("size"), want.get("sha256")):
+        raise ValueError(
+            f"{path} is not the pretrained file {art.folder} was trained from (size/SHA-256 "
+            f"differ from {want.get('path')}): pass the right file with --pretrained")
+    return str(path)
