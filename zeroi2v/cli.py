@@ -52,12 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("train", help="train a video model from a YAML config")
+    p = sub.add_parser("train", help="train a video model from a YAML config",
+                       description="Train from a YAML config (configs/*.yaml; every key is "
+                                   "checked, see `zeroi2v config`). Writes OUT/checkpoints/, "
+                                   "OUT/last, OUT/best, OUT/log.jsonl, OUT/config.yaml.")
     p.add_argument("config", help="YAML config (see configs/)")
     _add_common(p)
     p.add_argument("--out", default=None, help="output folder (train.out_dir)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint (no value: <out>/last.pth)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue a run: a checkpoint folder (no value: OUT/last; an error if "
+                        "there is none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in the output folder (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("eval", help="evaluate a saved model or checkpoint (top-1/5, mean class acc)")
@@ -129,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None,
                    help="image weights, for a training checkpoint that holds only its trainable "
                         "tensors (default: the file its config names)")
+    for sp in sub.choices.values():
+        sp.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also ZEROI2V_DEBUG=1)")
     return ap
 
 
@@ -159,14 +168,38 @@ def _load_model_for(args, merge: bool = False):
     from .train.config import apply_overrides
 
     path = args.checkpoint if hasattr(args, "checkpoint") else args.model
+    overrides = getattr(args, "overrides", None) or []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not (key.startswith(_INFERENCE_KEYS) or key in _INFERENCE_KEYS):
+            raise ValueError(
+                f"--set {key}: does not apply to a trained model (its architecture, weights and "
+                "training settings come from MODEL); only data.*, eval.*, model.num_frames, "
+                "train.amp and train.batch_size can be changed")
     model, cfg, _ = load_for_inference(path, pretrained=getattr(args, "pretrained", None))
     if merge and not model.merged:
         model = merge_adapters(model, inplace=True).eval()
-    apply_overrides(cfg, getattr(args, "overrides", None))
+    print(f"model: {model.config.summary()}", file=sys.stderr)
+    apply_overrides(cfg, overrides)
     t = int(cfg["model"]["num_frames"])
     if t != model.num_frames:
         model.set_num_frames(t)
     return model, cfg
+
+
+_INFERENCE_KEYS = ("data.", "eval.", "model.num_frames", "train.amp", "train.batch_size")
+
+
+def _class_names(path: Optional[str], model) -> Optional[list]:
+    from .train.build import read_class_names
+
+    if path is None:
+        return list(model.class_names) if model.class_names else None
+    names = read_class_names(path)
+    if len(names) != model.head.out_features:
+        raise ValueError(f"--class-names {path} has {len(names)} names, the model "
+                         f"{model.head.out_features} classes")
+    return names
 
 
 def _new_output_folder(path: str) -> Path:
@@ -203,7 +236,7 @@ def cmd_train(args) -> int:
     if args.no_progress:
         over.append("train.progress=false")
     cfg = load_config(args.config, over)
-    res = train(cfg, resume=args.resume)
+    res = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         out = {k: v for k, v in res.items() if k not in ("model", "val")}
         if res.get("val"):
@@ -214,7 +247,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .train import dist as zdist
-    from .train.build import build_test_dataset, read_class_names
+    from .train.build import build_test_dataset
     from .train.engine import amp_dtype, evaluate, write_eval_report
 
     info = zdist.init_distributed()
@@ -224,7 +257,11 @@ def cmd_eval(args) -> int:
         if not ann:
             raise SystemExit("error: no annotation file (--ann, data.test_ann or data.val_ann)")
         ds = build_test_dataset(cfg, ann, args.root)
-        names = read_class_names(args.class_names) if args.class_names else model.class_names
+        used = len(set(getattr(ds, "labels", []) or []))
+        if 0 < used < model.head.out_features and info.is_main:
+            print(f"note: {ann} uses {used} of the model's {model.head.out_features} classes "
+                  "(metrics over those; predictions may name any class)", file=sys.stderr)
+        names = _class_names(args.class_names, model)
         device = info.device
         model.to(device)
         num_classes = model.head.out_features
@@ -251,10 +288,13 @@ def _print_metrics(res: dict, out: Path) -> None:
     from rich.table import Table
 
     t = Table(title="evaluation")
-    for c in ("videos", "top-1 (%)", "top-5 (%)", "mean class acc (%)"):
+    cols = [("videos", str(res["num_samples"])), ("top-1 (%)", f"{res['top1']:.2f}")]
+    if "top5" in res:  # not with 5 classes or fewer (it would be 100 % by construction)
+        cols.append(("top-5 (%)", f"{res['top5']:.2f}"))
+    cols.append(("mean class acc (%)", f"{res['mean_class_acc']:.2f}"))
+    for c, _ in cols:
         t.add_column(c, justify="right")
-    t.add_row(str(res["num_samples"]), f"{res['top1']:.2f}", f"{res['top5']:.2f}",
-              f"{res['mean_class_acc']:.2f}")
+    t.add_row(*[v for _, v in cols])
     con = _console()
     con.print(t)
     con.print(f"results: {out}  (confusion matrix: {res['files']['confusion_png']}, "
@@ -318,17 +358,18 @@ def load_video_views(video: str, cfg: dict):
 def cmd_predict(args) -> int:
     import torch
 
-    from .train.build import read_class_names
     from .train.engine import amp_dtype, autocast
 
+    if args.topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {args.topk}")
     model, cfg = _load_model_for(args)
+    names = _class_names(args.class_names, model)
     device = _device()
     model.to(device).eval()
     views = load_video_views(args.video, cfg).to(device)
     with torch.no_grad(), autocast(device, amp_dtype(cfg["train"].get("amp", "auto"), device)):
         logits = model(views)
     probs = logits.float().softmax(-1).mean(0).cpu()
-    names = read_class_names(args.class_names) if args.class_names else model.class_names
     k = min(args.topk, probs.numel())
     top = probs.topk(k)
     rows = []
@@ -435,13 +476,47 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "predict":
             "export": cmd_export, "convert": cmd_convert}
 
 
+def _user_errors() -> tuple:
+    """Exceptions that mean a user mistake (a file, a setting, a model or video that does not fit),
+    reported as one line; anything else is a bug and keeps its traceback."""
+    from .data.video_io import VideoDecodeError
+    from .errors import UnsupportedModelError
+
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError, UnsupportedModelError, VideoDecodeError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("ZEROI2V_DEBUG", "") == "1"
     try:
         return COMMANDS[args.command](args) or 0
-    except (FileNotFoundError, ValueError) as e:
-        print(f"zeroi2v {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(f"zeroi2v {args.command}: interrupted (Ctrl-C){_resume_hint(args, e)}",
+              file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"zeroi2v {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _resume_hint(args, e: BaseException) -> str:
+    from .train.engine import TrainingInterrupted
+
+    if not isinstance(e, TrainingInterrupted):
+        return ""
+    if e.last_epoch is None:
+        return f" in epoch {e.epoch}, before the first checkpoint: nothing to resume"
+    cmd = f"zeroi2v train {args.config} --resume"
+    if args.out:
+        cmd += f" --out {args.out}"
+    return (f" in epoch {e.epoch}; the last complete checkpoint is {e.out_dir / 'last'} (epoch "
+            f"{e.last_epoch}); continue with: {cmd}")
 
 
 if __name__ == "__main__":

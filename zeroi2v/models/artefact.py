@@ -314,6 +314,9 @@ def load_from_artefact(art: Artefact, *, pretrained: Optional[PathLike] = None,
     # and a loaded model should compute exactly what the saved one did.
     tensors = {k: tensors.pop(k).clone() for k in list(tensors)}
     source = str(art.weights_file)
+    if art.weights == "full" and pretrained is not None:
+        raise ValueError(f"{art.folder} holds all its weights: a pretrained file (--pretrained) "
+                         "applies only to checkpoints that store just their trainable tensors")
     if art.weights == "full":
         model = ZeroI2VViT.from_config(art.config, empty=True)
         check_state_dict(model.state_dict(), tensors, source, what=f"its config ({CONFIG_FILE})")

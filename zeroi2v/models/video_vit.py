@@ -15,6 +15,7 @@ from ..nn.adapter import LinearAdapter
 from ..nn.attention import STDHAttention
 from ..offsets import HeadOffsets, check_offsets, clamp_offsets, resolve_offsets
 from . import timm_spec
+from ..errors import UnsupportedModelError
 from .config import ADAPTER_NAMES, ZeroI2VConfig
 
 
@@ -110,6 +111,21 @@ class ZeroI2VBlock(nn.Module):
         return all(getattr(self, n) is None for n in ADAPTER_NAMES)
 
 
+def fused_adapters_active(model: nn.Module, device, dtype: torch.dtype, training: bool) -> bool:
+    """Whether the blocks of ``model`` run the fused adapter ops for inputs of this device and
+    dtype (``dtype``: the autocast dtype when autocasting)."""
+    blocks = [b for b in model.modules() if isinstance(b, ZeroI2VBlock)]
+    if not blocks or blocks[0].merged:
+        return False
+    mode = blocks[0].fused_adapters if blocks[0].fused_adapters is not None else _fused_env()
+    if mode is False:
+        return False
+    if mode is None and not (training and torch.device(device).type == "cuda"
+                             and dtype in (torch.float16, torch.bfloat16)):
+        return False
+    return _fused_ops() is not None
+
+
 def _maybe(adapter: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return x if adapter is None else adapter(x)
 
@@ -148,16 +164,16 @@ def _check_block(block: nn.Module) -> None:
     from timm.models.vision_transformer import Block
 
     if type(block) is not Block:
-        raise TypeError(
+        raise UnsupportedModelError(
             f"ZeroI2V needs timm ViTs built from the standard vision_transformer.Block; got "
             f"{type(block).__module__}.{type(block).__name__}"
         )
     if type(block.attn) is not Attention:
-        raise TypeError(f"unsupported attention {type(block.attn).__name__}: need timm.layers.Attention")
+        raise UnsupportedModelError(f"unsupported attention {type(block.attn).__name__}: need timm.layers.Attention")
     if type(block.mlp) is not Mlp or not isinstance(block.mlp.fc1, nn.Linear):
-        raise TypeError(f"unsupported MLP {type(block.mlp).__name__}: need timm.layers.Mlp with nn.Linear")
+        raise UnsupportedModelError(f"unsupported MLP {type(block.mlp).__name__}: need timm.layers.Mlp with nn.Linear")
     if getattr(block.attn, "gate", None) is not None:
-        raise TypeError("gated attention is not supported by ZeroI2V")
+        raise UnsupportedModelError("gated attention is not supported by ZeroI2V")
 
 
 class ZeroI2VViT(nn.Module):
@@ -182,7 +198,7 @@ class ZeroI2VViT(nn.Module):
         from timm.models.vision_transformer import VisionTransformer
 
         if not isinstance(backbone, VisionTransformer):
-            raise TypeError(
+            raise UnsupportedModelError(
                 f"ZeroI2V supports timm VisionTransformer models, got {type(backbone).__name__}"
             )
         if not isinstance(config, ZeroI2VConfig):
@@ -427,7 +443,7 @@ def _check_instance(model: nn.Module) -> None:
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
-        raise TypeError(f"ZeroI2V supports timm VisionTransformer models, got {type(model).__name__}")
+        raise UnsupportedModelError(f"ZeroI2V supports timm VisionTransformer models, got {type(model).__name__}")
     for b in model.blocks:
         _check_block(b)
 

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..offsets import HeadOffsets, check_offsets, resolve_offsets
 from ..ops.stdha import stdha_attention
 
@@ -74,12 +75,12 @@ class STDHAttention(nn.Module):
         """Wrap a timm ``Attention``: its submodules (and so its weights) are reused, not copied."""
         for name in ("qkv", "proj", "num_heads", "head_dim"):
             if not hasattr(attn, name):
-                raise TypeError(
+                raise UnsupportedModelError(
                     f"{type(attn).__name__} is not a timm Attention (no '{name}'); "
                     "STDHAttention.from_timm needs the standard fused-qkv attention"
                 )
         if getattr(attn, "qkv", None) is None or not isinstance(attn.qkv, nn.Linear):
-            raise TypeError(f"{type(attn).__name__} has no fused nn.Linear qkv projection")
+            raise UnsupportedModelError(f"{type(attn).__name__} has no fused nn.Linear qkv projection")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.num_heads, new.head_dim = attn.num_heads, attn.head_dim

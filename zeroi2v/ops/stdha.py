@@ -103,6 +103,13 @@ def _pick_backend(name: str, q, k, v, needs_grad: bool, dropout_p: float) -> Bac
     return best or _BACKENDS["torch"]
 
 
+def auto_backend(device, dtype: torch.dtype, head_dim: int, num_heads: int = 1,
+                 needs_grad: bool = False) -> str:
+    """The backend ``backend="auto"`` picks for inputs of this device, dtype and head size."""
+    t = torch.empty(1, num_heads, 1, head_dim, device=device, dtype=dtype)
+    return _pick_backend("auto", t, t, t, needs_grad, 0.0).name
+
+
 def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
              head_offsets: HeadOffsets) -> tuple[int, ...]:
     """Check shapes and offsets; return the offsets as a tuple of ints."""

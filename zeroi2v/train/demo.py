@@ -165,7 +165,7 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
         cfg = _demo_config(s, out / name, offsets, epochs, seed, train_backbone, progress)
         cfg["data"]["class_names"] = None
         t0 = time.perf_counter()
-        res = train(cfg, datasets={"train": train_ds, "val": val_ds})
+        res = train(cfg, datasets={"train": train_ds, "val": val_ds}, overwrite=True)
         runs[name] = {"offsets": offsets, "result": res, "time_s": time.perf_counter() - t0,
                       "config": cfg}
         write_eval_report(res["val"], out / f"{name}_results.json", classes,

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -107,14 +107,6 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False)
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -130,7 +122,8 @@ def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device,
     was_training = model.training
     model.eval()
     probs, labels = [], []
-    for video, label in _progress(loader, len(loader), desc, progress):
+    bar = _bar(len(loader), desc, progress)
+    for video, label in loader:
         video = video.to(device, non_blocking=True)
         views = 1
         if video.dim() == 6:
@@ -142,6 +135,9 @@ def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device,
             logits = model(video)
         probs.append(average_views(logits, views).cpu())
         labels.append(torch.as_tensor(label).long().cpu())
+        bar.update(1)
+        _check_interrupt()
+    bar.close()
     model.train(was_training)
     if not probs:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
@@ -193,15 +189,522 @@ def write_eval_report(metrics: dict, out_json: os.PathLike,
     res.update(extra or {})
     res["files"] = {"confusion_png": str(png), "per_class_csv": str(tables[0]),
                     "per_class_md": str(tables[1])}
+    res = _rounded(res)
     out_json.write_text(json.dumps(res, indent=2, default=_json_default))
     return res
+
+
+def _rounded(x, digits: int = 4):
+    """Floats to ``digits`` decimals (percentages to 1e-4 points, seconds to 0.1 ms)."""
+    if isinstance(x, float):
+        return round(x, digits)
+    if isinstance(x, dict):
+        return {k: _rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v, digits) for v in x]
+    return x
 
 
 def summary(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("top1", "top5", "mean_class_acc", "num_samples") if k in metrics}
 
 
+def _metrics_text(m: dict) -> str:
+    top5 = f" top5 {m['top5']:.2f}" if "top5" in m else ""
+    return f"top1 {m['top1']:.2f}{top5} mca {m['mean_class_acc']:.2f}"
+
+
 # ----------------------------------------------------------------------------- training
+
+
+_INTERRUPTS = {"count": 0}  # Ctrl-C presses seen by the handler of interrupt_guard()
+
+
+@contextlib.contextmanager
+def interrupt_guard():
+    """While training, Ctrl-C sets a flag that the loops check after every batch, instead of
+    raising wherever the signal lands: a KeyboardInterrupt raised inside a destructor (decord's
+    VideoReader.__del__, for one) is swallowed by Python and the run would go on. A second
+    Ctrl-C raises at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        _INTERRUPTS["count"] += 1
+        if _INTERRUPTS["count"] > 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    _INTERRUPTS["count"] = 0
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTS["count"] = 0
+
+
+def _check_interrupt() -> None:
+    if _INTERRUPTS["count"]:
+        raise KeyboardInterrupt
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: says where the last complete checkpoint is."""
+
+    def __init__(self, out_dir: Path, epoch: int, last_epoch: Optional[int]):
+        super().__init__(f"interrupted in epoch {epoch}")
+        self.out_dir, self.epoch, self.last_epoch = out_dir, epoch, last_epoch
+
+
+@dataclass
+class _Run:
+    """What one training run holds between its steps."""
+
+    cfg: dict
+    info: zdist.DistInfo
+    out_dir: Path
+    log: JsonlLogger
+    show: bool
+    model: nn.Module
+    train_model: nn.Module
+    train_ds: Any
+    val_ds: Any
+    loader: DataLoader
+    sampler: DistributedSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    amp: Optional[torch.dtype]
+    criterion: nn.Module
+    num_classes: int
+    class_names: Optional[list]
+    steps_per_epoch: int
+    accum: int
+    epochs: int
+    lr: float
+    global_batch: int
+    full_save: bool
+    base: Optional[dict]
+    step: int = 0
+    best: Optional[dict] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+
+def train(cfg: dict, resume: Optional[str] = None,
+          on_epoch_end: Optional[Callable[[int, dict], bool]] = None,
+          datasets: Optional[dict] = None, model: Optional[nn.Module] = None,
+          overwrite: bool = False) -> dict:
+    """Run training from a full config (see :mod:`zeroi2v.train.config`).
+
+    Args:
+        resume: a checkpoint folder, or ``"auto"`` for ``<out_dir>/last`` (an error if there is
+            none).
+        on_epoch_end: called as ``fn(epoch, record)`` after each epoch's checkpoint; returning
+            ``True`` stops training (as does ``train.stop_after_epoch``).
+        datasets: optional ``{"train": ds, "val": ds}`` to bypass the annotation files.
+        model: optional pre-built model (must match ``cfg["model"]``).
+        overwrite: replace a previous run in ``train.out_dir``; without it (and without
+            ``resume``) a folder holding a run is an error, so nothing is lost.
+
+    Returns a dict with the last epoch, step, train loss, validation metrics and checkpoint path.
+    Ctrl-C raises :class:`TrainingInterrupted`.
+    """
+    info = zdist.init_distributed()
+    try:
+        with interrupt_guard():
+            return _train(cfg, info, resume, on_epoch_end, datasets, model, overwrite)
+    finally:
+        zdist.cleanup(info)
+
+
+def _train(cfg, info, resume, on_epoch_end, datasets, model, overwrite) -> dict:
+    tcfg = cfg["train"]
+    out_dir = Path(tcfg["out_dir"])
+    if resume == "auto":
+        if not (out_dir / "last").exists():
+            raise FileNotFoundError(f"nothing to resume: {out_dir} has no checkpoint "
+                                    f"({out_dir / 'last'} is missing)")
+        resume = str(out_dir / "last")
+    preflight(cfg, model, datasets)
+    if info.is_main:
+        prepare_out_dir(out_dir, resume=bool(resume), overwrite=overwrite)
+    zdist.barrier()
+    seed = int(tcfg["seed"])
+    seed_everything(seed + info.rank)
+    if tcfg["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    run = _setup(cfg, info, out_dir, datasets or {}, model)
+    start_epoch, ckpt_rng = 0, None
+    if resume:
+        start_epoch, ckpt_rng = _resume(run, resume)
+    if info.is_main:
+        (out_dir / "config.yaml").write_text(dump_config(cfg))
+        text, rec = setup_summary(run, resume)
+        run.log.log(rec)
+        print(text, flush=True)
+    if ckpt_rng is not None:  # after every constructor that draws random numbers
+        set_rng_state(ckpt_rng)
+
+    result: dict = {"epoch": start_epoch, "step": run.step, "val": None, "best": run.best}
+    stop_after = tcfg["stop_after_epoch"]
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, run.epochs):
+            rec = train_one_epoch(run, epoch)
+            last_epoch = epoch + 1 == run.epochs
+            val = None
+            interval = int(cfg["eval"]["interval"])
+            if run.val_ds is not None and ((interval > 0 and (epoch + 1) % interval == 0)
+                                           or last_epoch):
+                val = validate(run, epoch)
+                rec["val"] = summary(val)
+            run.log.log(rec)
+            if run.show:
+                msg = (f"epoch {epoch + 1}/{run.epochs}: loss {rec['train_loss']:.4f} "
+                       f"acc {rec['train_acc']:.1f}%")
+                if val is not None:
+                    msg += " | val " + _metrics_text(val)
+                print(msg, flush=True)
+            _save_epoch(run, epoch, val)
+            result = {"epoch": epoch + 1, "step": run.step, "train_loss": rec["train_loss"],
+                      "train_acc": rec["train_acc"], "val": val, "best": run.best,
+                      "checkpoint": str(out_dir / "last"), "num_classes": run.num_classes}
+            if last_epoch and val is not None and info.is_main:
+                write_eval_report(val, out_dir / "val_results.json", run.class_names,
+                                  extra={"epoch": epoch + 1})
+            stop = on_epoch_end(epoch + 1, rec) if on_epoch_end is not None else False
+            if stop or (stop_after is not None and epoch + 1 >= int(stop_after)):
+                break
+    except (KeyboardInterrupt, RuntimeError) as e:
+        # Ctrl-C also reaches DataLoader workers, whose exit the loader reports as a RuntimeError
+        if isinstance(e, RuntimeError) and not _INTERRUPTS["count"]:
+            raise
+        done = result["epoch"] if result["epoch"] > 0 else None
+        raise TrainingInterrupted(out_dir, epoch + 1, done) from None
+    result["model"] = run.model
+    return result
+
+
+def preflight(cfg: dict, model: Optional[nn.Module] = None, datasets: Optional[dict] = None) -> None:
+    """Cross-field checks that need no data loading and no weights, before any work starts:
+    the model exists in timm and takes the kwargs, the head offsets fit the heads and the frame
+    count, the image size matches the data, the annotation files exist."""
+    from ..models import timm_spec
+    from ..offsets import check_offsets, resolve_offsets
+
+    mcfg, dcfg = cfg["model"], cfg["data"]
+    if model is None:
+        vit = timm_spec.create(mcfg["name"], dict(mcfg["timm_kwargs"]), device="meta")
+        blocks = getattr(vit, "blocks", None)
+        attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
+        if attn is not None and hasattr(attn, "num_heads"):
+            try:
+                offsets = resolve_offsets(mcfg["head_offsets"], attn.num_heads)
+                check_offsets(offsets, int(mcfg["num_frames"]))
+            except ValueError as e:
+                raise ValueError(f"model.head_offsets / model.num_frames: {e}") from None
+        pe = getattr(vit, "patch_embed", None)
+        img = getattr(pe, "img_size", None)
+        if img is not None and not (datasets or {}).get("train") and \
+                not getattr(vit, "dynamic_img_size", False) and \
+                tuple(img) != (dcfg["size"], dcfg["size"]):
+            raise ValueError(
+                f"data.size is {dcfg['size']} but {mcfg['name']} takes {img[0]}x{img[1]} images: "
+                f"set data.size: {img[0]}, or model.timm_kwargs.img_size: {dcfg['size']} (with a "
+                "pretrained file, its position embedding must match)")
+    if not (datasets or {}).get("train"):
+        if not dcfg.get("train_ann"):
+            raise ValueError("data.train_ann is not set (the training annotation file)")
+        for key in ("train_ann", "val_ann"):
+            if dcfg.get(key) and not Path(dcfg[key]).is_file():
+                raise FileNotFoundError(f"data.{key}: annotation file not found: {dcfg[key]}")
+    if mcfg.get("pretrained") and not Path(mcfg["pretrained"]).is_file():
+        raise FileNotFoundError(f"model.pretrained: image-model file not found: "
+                                f"{mcfg['pretrained']}")
+    if dcfg.get("class_names") and not Path(dcfg["class_names"]).is_file():
+        raise FileNotFoundError(f"data.class_names: file not found: {dcfg['class_names']}")
+
+
+_RUN_FILES = ("log.jsonl", "config.yaml", "checkpoints", "last", "best", "val_results.json")
+
+
+def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """A new run needs a folder without a previous run in it (nothing is overwritten by
+    accident); ``overwrite`` removes the previous run's files, ``resume`` continues it."""
+    import shutil
+
+    found = [n for n in _RUN_FILES if (out_dir / n).exists() or (out_dir / n).is_symlink()]
+    if found and not resume:
+        if not overwrite:
+            raise FileExistsError(
+                f"{out_dir} holds a previous run ({', '.join(found)}): continue it with "
+                "--resume, replace it with --overwrite, or choose another --out")
+        for n in found:
+            p = out_dir / n
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        for p in out_dir.glob("val_results_*"):
+            p.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _setup(cfg: dict, info, out_dir: Path, datasets: dict, model) -> _Run:
+    tcfg, dcfg, mcfg = cfg["train"], cfg["data"], cfg["model"]
+    device = info.device
+    train_ds = datasets.get("train") or build_train_dataset(cfg)
+    val_ds = datasets.get("val")
+    if val_ds is None and dcfg.get("val_ann"):
+        val_ds = build_test_dataset(cfg, dcfg["val_ann"])
+    num_classes = mcfg.get("num_classes") or dataset_num_classes(train_ds)
+    if val_ds is not None:
+        num_classes = max(int(num_classes), dataset_num_classes(val_ds) or 0)
+    num_classes = int(num_classes)
+    class_names = read_class_names(dcfg["class_names"]) if dcfg.get("class_names") else None
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"data.class_names: {dcfg['class_names']} names {len(class_names)} "
+                         f"classes, the model and data have {num_classes}")
+
+    bs, accum = int(tcfg["batch_size"]), int(tcfg["accum_steps"])
+    seed = int(tcfg["seed"])
+    sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+                                 shuffle=True, seed=seed, drop_last=False)
+    loader = DataLoader(train_ds, batch_size=bs, sampler=sampler,
+                        num_workers=int(dcfg["num_workers"]), drop_last=True,
+                        pin_memory=bool(dcfg["pin_memory"]) and device.type == "cuda",
+                        worker_init_fn=_seed_worker, persistent_workers=False)
+    steps = _unique_batch_check(len(loader), bs, accum)
+    global_batch = bs * accum * info.world_size
+
+    if model is None:
+        model = build_model(mcfg, num_classes)
+    if class_names is not None:
+        model.class_names = class_names
+    model.to(device)
+    lr = scaled_lr(float(tcfg["lr"]), global_batch, int(tcfg["ref_batch_size"]),
+                   bool(tcfg["scale_lr"]))
+    optimizer = build_optimizer(model, lr, float(tcfg["weight_decay"]), tcfg["betas"],
+                                float(tcfg["eps"]))
+    scheduler = build_scheduler(optimizer, int(tcfg["epochs"]), steps,
+                                float(tcfg["warmup_epochs"]), float(tcfg["warmup_start_factor"]),
+                                float(tcfg["min_lr"]))
+    amp = amp_dtype(tcfg["amp"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    full_save = tcfg["save_full"]
+    if full_save == "auto":
+        full_save = not mcfg.get("pretrained") or bool(mcfg.get("train_backbone"))
+    full_save = bool(full_save)
+    base = None if full_save else base_weights_digest(mcfg.get("pretrained"))
+    if not full_save and base is None:
+        raise ValueError("train.save_full=false needs model.pretrained (the frozen weights of a "
+                         "trainable-only checkpoint come from that file)")
+    train_model = model
+    if info.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Run(
+        cfg=cfg, info=info, out_dir=out_dir,
+        log=JsonlLogger(out_dir / "log.jsonl", enabled=info.is_main),
+        show=bool(tcfg["progress"]) and info.is_main, model=model, train_model=train_model,
+        train_ds=train_ds, val_ds=val_ds, loader=loader, sampler=sampler, optimizer=optimizer,
+        scheduler=scheduler, scaler=scaler, amp=amp,
+        criterion=nn.CrossEntropyLoss(label_smoothing=float(tcfg["label_smoothing"])),
+        num_classes=num_classes, class_names=class_names, steps_per_epoch=steps, accum=accum,
+        epochs=int(tcfg["epochs"]), lr=lr, global_batch=global_batch, full_save=full_save,
+        base=base)
+
+
+def setup_summary(run: _Run, resume: Optional[str]) -> tuple[str, dict]:
+    """What the run is about to do, as text for the console and a record for the log."""
+    from ..models.video_vit import fused_adapters_active
+    from ..ops.stdha import auto_backend
+
+    cfg, m = run.cfg, run.model
+    t, d = cfg["train"], cfg["data"]
+    ref = int(t["ref_batch_size"])
+    if t["scale_lr"]:
+        lr_why = (f"train.lr {t['lr']:g} x global batch {run.global_batch} / "
+                  f"train.ref_batch_size {ref} (linear scaling; train.scale_lr: false keeps lr)")
+    else:
+        lr_why = "train.lr as given (train.scale_lr: false)"
+    attn = m.backbone.blocks[0].attn
+    dtype = run.amp or next(m.parameters()).dtype
+    backend = attn.backend if attn.backend != "auto" else auto_backend(
+        run.device, dtype, attn.head_dim, attn.num_heads, needs_grad=True)
+    sampling = (f"dense, {m.num_frames} frames every {d['frame_interval']}"
+                if d["sampling"] == "dense" else f"uniform, {m.num_frames} segments")
+    n_val = len(run.val_ds) if run.val_ds is not None else 0
+    rec = {
+        "type": "setup", "world_size": run.info.world_size, "device": str(run.device),
+        "model": m.config.summary(), "num_classes": run.num_classes,
+        "train_samples": len(run.train_ds), "val_samples": n_val, "frames": m.num_frames,
+        "sampling": sampling, "head_offsets": list(m.head_offsets), "lr": run.lr,
+        "lr_rule": lr_why, "batch_size": int(t["batch_size"]), "accum_steps": run.accum,
+        "global_batch": run.global_batch, "steps_per_epoch": run.steps_per_epoch,
+        "epochs": run.epochs, "amp": str(run.amp), "dtype": str(dtype).replace("torch.", ""),
+        "stdha_backend": backend,
+        "fused_adapters": fused_adapters_active(m, run.device, dtype, training=True),
+        "params_total": count_params(m), "params_trainable": count_params(m, True),
+        "out_dir": str(run.out_dir), "resume": resume,
+    }
+    lines = [
+        f"model    {rec['model']}",
+        f"data     {rec['train_samples']} training videos, {n_val} validation videos, "
+        f"{run.num_classes} classes; {sampling}",
+        f"optim    lr {run.lr:.3g} = {lr_why}",
+        f"batch    {rec['batch_size']} per process x {run.accum} accumulation x "
+        f"{run.info.world_size} processes = {run.global_batch}; {run.steps_per_epoch} steps per "
+        f"epoch, {run.epochs} epochs",
+        f"compute  {run.device}, {rec['dtype']}" + (" (autocast)" if run.amp else "")
+        + f", STDHA backend {backend}, fused adapters {'on' if rec['fused_adapters'] else 'off'}",
+        f"params   {rec['params_trainable']:,} trainable of {rec['params_total']:,}",
+        f"output   {run.out_dir}" + (f" (resuming from {resume})" if resume else ""),
+    ]
+    return "\n".join(lines), rec
+
+
+def _resume(run: _Run, path) -> tuple[int, Optional[dict]]:
+    ck = _resume_into(path, run.model, run.base)
+    if int(ck.get("num_classes", run.num_classes)) != run.num_classes:
+        raise ValueError(f"cannot resume from {path}: it has {ck['num_classes']} classes, the "
+                         f"data {run.num_classes}")
+    run.optimizer.load_state_dict(ck["optimizer"])
+    run.scheduler.load_state_dict(ck["scheduler"])
+    if ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
+    run.step, run.best = int(ck["step"]), ck.get("best")
+    start = int(ck["epoch"])
+    rngs = ck.get("rng") or []
+    run.log.log({"type": "resume", "from": str(path), "epoch": start, "step": run.step})
+    # Same world size: every rank continues its own stream. Otherwise the run is no longer
+    # bit-identical anyway; reuse the saved states in turn.
+    return start, (rngs[run.info.rank % len(rngs)] if rngs else None)
+
+
+def train_one_epoch(run: _Run, epoch: int) -> dict:
+    """One pass over the training data; returns the epoch's log record."""
+    info, device, accum = run.info, run.device, run.accum
+    run.sampler.set_epoch(epoch)
+    if hasattr(run.train_ds, "set_epoch"):
+        run.train_ds.set_epoch(epoch)
+    run.train_model.train()
+    stats = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, samples, optimiser steps
+    win = torch.zeros(2, dtype=torch.float64)    # loss sum and samples since the last log
+    t_epoch = t_win = time.perf_counter()
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    clip = run.cfg["train"]["clip_grad"]
+    log_interval = int(run.cfg["train"]["log_interval"])
+    run.optimizer.zero_grad(set_to_none=True)
+    n_batches = run.steps_per_epoch * accum
+    bar = _bar(n_batches, f"epoch {epoch + 1}/{run.epochs}", run.show)
+    for i, (video, label) in enumerate(run.loader):
+        if i >= n_batches:
+            break
+        video = video.to(device, non_blocking=True)
+        label = torch.as_tensor(label).to(device, non_blocking=True).long()
+        if video.dim() == 6:  # several training clips per video: each is a sample
+            label = label.repeat_interleave(video.shape[1])
+            video = video.flatten(0, 1)
+        boundary = (i + 1) % accum == 0
+        sync = contextlib.nullcontext() if boundary or not info.distributed \
+            else run.train_model.no_sync()
+        with sync:
+            with autocast(device, run.amp):
+                logits = run.train_model(video)
+            loss = run.criterion(logits.float(), label)
+            run.scaler.scale(loss / accum).backward()
+        n = label.shape[0]
+        stats[0] += loss.detach().double().item() * n
+        stats[1] += (logits.detach().argmax(-1) == label).sum().item()
+        stats[2] += n
+        win[0] += loss.detach().double().item() * n
+        win[1] += n
+        bar.update(1)
+        _check_interrupt()
+        if not boundary:
+            continue
+        if clip:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, float(clip))
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        run.step += 1
+        stats[3] += 1
+        if run.step % log_interval == 0:
+            w = zdist.all_reduce_sum(win.clone())
+            dt = time.perf_counter() - t_win
+            rec = {"type": "train", "epoch": epoch + 1, "step": run.step,
+                   "loss": (w[0] / max(w[1], 1)).item(),
+                   "lr": run.optimizer.param_groups[0]["lr"],
+                   "clips_per_s": w[1].item() / max(dt, 1e-9)}
+            run.log.log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+            win.zero_()
+            t_win = time.perf_counter()
+    bar.close()
+    stats = zdist.all_reduce_sum(stats)
+    dt = time.perf_counter() - t_epoch
+    return {"type": "epoch", "epoch": epoch + 1, "step": run.step,
+            "train_loss": (stats[0] / max(stats[2], 1)).item(),
+            "train_acc": (100.0 * stats[1] / max(stats[2], 1)).item(),
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "clips_per_s": stats[2].item() / max(dt, 1e-9), "epoch_time_s": dt}
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar that is only told how far the loop is (it never sees the iterable)."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+
+def validate(run: _Run, epoch: int) -> dict:
+    ecfg = run.cfg["eval"]
+    val = evaluate(run.model, run.val_ds, int(ecfg["batch_size"] or run.cfg["train"]["batch_size"]),
+                   run.device, run.num_classes, run.amp, int(run.cfg["data"]["num_workers"]),
+                   run.show, desc=f"val {epoch + 1}")
+    if run.best is None or val["top1"] > run.best["top1"]:
+        run.best = {"epoch": epoch + 1, **summary(val)}
+    return val
+
+
+def _save_epoch(run: _Run, epoch: int, val: Optional[dict]) -> None:
+    """Checkpoint with all ranks' RNG states, so a resume continues every rank exactly."""
+    rngs = zdist.all_gather_object(rng_state())
+    if run.info.is_main:
+        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": run.scaler.state_dict(), "rng": rngs, "epoch": epoch + 1,
+                 "step": run.step, "best": run.best, "world_size": run.info.world_size,
+                 "num_classes": run.num_classes, "val": summary(val) if val else None}
+        save_checkpoint(run.out_dir, run.model, epoch=epoch + 1, run_config=run.cfg, state=state,
+                        weights="full" if run.full_save else "trainable", base_weights=run.base,
+                        best=val is not None and run.best is not None
+                        and run.best["epoch"] == epoch + 1)
+    zdist.barrier()
 
 
 def _unique_batch_check(n_batches: int, batch_size: int, accum: int) -> int:
@@ -212,240 +715,6 @@ def _unique_batch_check(n_batches: int, batch_size: int, accum: int) -> int:
             f"than accum_steps={accum}: lower train.batch_size / train.accum_steps or add data"
         )
     return steps
-
-
-def train(cfg: dict, resume: Optional[str] = None,
-          on_epoch_end: Optional[Callable[[int, dict], bool]] = None,
-          datasets: Optional[dict] = None, model: Optional[nn.Module] = None) -> dict:
-    """Run training from a full config (see :mod:`zeroi2v.train.config`).
-
-    Args:
-        resume: a checkpoint path, or ``"auto"`` for ``<out_dir>/last.pth`` if it exists.
-        on_epoch_end: called as ``fn(epoch, record)`` after each epoch's checkpoint; returning
-            ``True`` stops training (as does ``train.stop_after_epoch``).
-        datasets: optional ``{"train": ds, "val": ds}`` to bypass the annotation files.
-        model: optional pre-built model (must match ``cfg["model"]``).
-
-    Returns a dict with the last epoch, step, train loss, validation metrics and checkpoint path.
-    """
-    info = zdist.init_distributed()
-    try:
-        return _train(cfg, info, resume, on_epoch_end, datasets, model)
-    finally:
-        zdist.cleanup(info)
-
-
-def _train(cfg, info, resume, on_epoch_end, datasets, model) -> dict:
-    tcfg, dcfg, ecfg, mcfg = cfg["train"], cfg["data"], cfg["eval"], cfg["model"]
-    device = info.device
-    out_dir = Path(tcfg["out_dir"])
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_config(cfg))
-    log = JsonlLogger(out_dir / "log.jsonl", enabled=info.is_main)
-    show = bool(tcfg.get("progress", True)) and info.is_main
-    seed = int(tcfg.get("seed", 0))
-    seed_everything(seed + info.rank)
-    if tcfg.get("deterministic"):
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-    # ---- data
-    datasets = datasets or {}
-    train_ds = datasets.get("train") or build_train_dataset(cfg)
-    val_ds = datasets.get("val")
-    if val_ds is None and dcfg.get("val_ann"):
-        val_ds = build_test_dataset(cfg, dcfg["val_ann"])
-    num_classes = mcfg.get("num_classes") or dataset_num_classes(train_ds)
-    if val_ds is not None:
-        num_classes = max(int(num_classes), dataset_num_classes(val_ds) or 0)
-    num_classes = int(num_classes)
-    class_names = read_class_names(dcfg.get("class_names")) if dcfg.get("class_names") else None
-
-    bs, accum = int(tcfg["batch_size"]), max(1, int(tcfg.get("accum_steps", 1)))
-    sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=True, seed=seed, drop_last=False)
-    nw = int(dcfg.get("num_workers", 0))
-    loader = DataLoader(train_ds, batch_size=bs, sampler=sampler, num_workers=nw, drop_last=True,
-                        pin_memory=bool(dcfg.get("pin_memory", True)) and device.type == "cuda",
-                        worker_init_fn=_seed_worker, persistent_workers=False)
-    steps_per_epoch = _unique_batch_check(len(loader), bs, accum)
-    epochs = int(tcfg["epochs"])
-    global_batch = bs * accum * info.world_size
-
-    # ---- model, optimiser, schedule
-    if model is None:
-        model = build_model(mcfg, num_classes)
-    if class_names is not None:
-        if len(class_names) != num_classes:
-            raise ValueError(f"{dcfg['class_names']} names {len(class_names)} classes, the data "
-                             f"has {num_classes}")
-        model.class_names = class_names
-    model.to(device)
-    lr = scaled_lr(float(tcfg["lr"]), global_batch, int(tcfg.get("ref_batch_size", global_batch)),
-                   bool(tcfg.get("scale_lr", True)))
-    optimizer = build_optimizer(model, lr, float(tcfg.get("weight_decay", 0.05)),
-                                tcfg.get("betas", (0.9, 0.999)), float(tcfg.get("eps", 1e-8)))
-    scheduler = build_scheduler(optimizer, epochs, steps_per_epoch,
-                                float(tcfg.get("warmup_epochs", 0)),
-                                float(tcfg.get("warmup_start_factor", 0.1)),
-                                float(tcfg.get("min_lr", 0.0)))
-    amp = amp_dtype(tcfg.get("amp", "auto"), device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    full_save = tcfg.get("save_full", "auto")
-    if full_save == "auto":
-        full_save = not mcfg.get("pretrained") or bool(mcfg.get("train_backbone"))
-    full_save = bool(full_save)
-    base = None if full_save else base_weights_digest(mcfg.get("pretrained"))
-    if not full_save and base is None:
-        raise ValueError("train.save_full=false needs model.pretrained (the frozen weights of a "
-                         "trainable-only checkpoint come from that file)")
-
-    start_epoch, step, best = 0, 0, None
-    ckpt_rng = None
-    if resume == "auto":
-        if not (out_dir / "last").exists():
-            raise FileNotFoundError(f"nothing to resume: {out_dir} has no checkpoint "
-                                    f"({out_dir / 'last'} is missing)")
-        resume = str(out_dir / "last")
-    if resume:
-        ck = _resume_into(resume, model, base)
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        start_epoch, step, best = int(ck["epoch"]), int(ck["step"]), ck.get("best")
-        rngs = ck.get("rng") or []
-        if rngs:
-            # Same world size: every rank continues its own stream. Otherwise the run is no longer
-            # bit-identical anyway; reuse the saved states in turn.
-            ckpt_rng = rngs[info.rank % len(rngs)]
-        log.log({"type": "resume", "from": str(resume), "epoch": start_epoch, "step": step})
-
-    train_model = model
-    if info.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    criterion = nn.CrossEntropyLoss(label_smoothing=float(tcfg.get("label_smoothing", 0.0)))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if info.is_main and start_epoch == 0:
-        log.log({"type": "setup", "world_size": info.world_size, "device": str(device),
-                 "num_classes": num_classes, "train_samples": len(train_ds),
-                 "val_samples": len(val_ds) if val_ds is not None else 0,
-                 "global_batch": global_batch, "lr": lr, "steps_per_epoch": steps_per_epoch,
-                 "params_total": count_params(model), "params_trainable": count_params(model, True),
-                 "amp": str(amp)})
-    if ckpt_rng is not None:  # after every constructor that draws random numbers
-        set_rng_state(ckpt_rng)
-
-    eval_interval = int(ecfg.get("interval", 1))
-    eval_bs = int(ecfg.get("batch_size") or bs)
-    log_interval = max(1, int(tcfg.get("log_interval", 20)))
-    stop_after = tcfg.get("stop_after_epoch")
-    result: dict = {"epoch": start_epoch, "step": step, "val": None, "best": best}
-    last_path = out_dir / "last"
-    epoch = start_epoch
-    for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
-        train_model.train()
-        stats = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, samples, optimiser steps
-        win = torch.zeros(2, dtype=torch.float64)    # loss sum and samples since the last log
-        t_epoch = t_win = time.perf_counter()
-        win_clips = 0
-        optimizer.zero_grad(set_to_none=True)
-        it = _progress(loader, steps_per_epoch * accum, f"epoch {epoch + 1}/{epochs}", show)
-        for i, (video, label) in enumerate(it):
-            if i >= steps_per_epoch * accum:
-                break
-            video = video.to(device, non_blocking=True)
-            label = torch.as_tensor(label).to(device, non_blocking=True).long()
-            if video.dim() == 6:  # several training clips per video: each is a sample
-                label = label.repeat_interleave(video.shape[1])
-                video = video.flatten(0, 1)
-            boundary = (i + 1) % accum == 0
-            sync = contextlib.nullcontext() if boundary or not info.distributed \
-                else train_model.no_sync()
-            with sync:
-                with autocast(device, amp):
-                    logits = train_model(video)
-                loss = criterion(logits.float(), label)
-                scaler.scale(loss / accum).backward()
-            n = label.shape[0]
-            stats[0] += loss.detach().double().item() * n
-            stats[1] += (logits.detach().argmax(-1) == label).sum().item()
-            stats[2] += n
-            win[0] += loss.detach().double().item() * n
-            win[1] += n
-            win_clips += n
-            if not boundary:
-                continue
-            if tcfg.get("clip_grad"):
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, float(tcfg["clip_grad"]))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            stats[3] += 1
-            if step % log_interval == 0:
-                w = zdist.all_reduce_sum(win.clone())
-                dt = time.perf_counter() - t_win
-                rec = {"type": "train", "epoch": epoch + 1, "step": step,
-                       "loss": (w[0] / max(w[1], 1)).item(), "lr": optimizer.param_groups[0]["lr"],
-                       "clips_per_s": w[1].item() / max(dt, 1e-9)}
-                log.log(rec)
-                if show and hasattr(it, "set_postfix"):
-                    it.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-                win.zero_()
-                t_win = time.perf_counter()
-        stats = zdist.all_reduce_sum(stats)
-        dt = time.perf_counter() - t_epoch
-        rec = {"type": "epoch", "epoch": epoch + 1, "step": step,
-               "train_loss": (stats[0] / max(stats[2], 1)).item(),
-               "train_acc": (100.0 * stats[1] / max(stats[2], 1)).item(),
-               "lr": optimizer.param_groups[0]["lr"], "clips_per_s": stats[2].item() / max(dt, 1e-9),
-               "epoch_time_s": dt}
-        val = None
-        last_epoch = epoch + 1 == epochs
-        if val_ds is not None and ((eval_interval > 0 and (epoch + 1) % eval_interval == 0) or last_epoch):
-            val = evaluate(model, val_ds, eval_bs, device, num_classes, amp, nw, show,
-                           desc=f"val {epoch + 1}")
-            rec["val"] = summary(val)
-            if best is None or val["top1"] > best["top1"]:
-                best = {"epoch": epoch + 1, **summary(val)}
-        log.log(rec)
-        if show and (val is not None or val_ds is None):
-            msg = f"epoch {epoch + 1}/{epochs}: loss {rec['train_loss']:.4f} acc {rec['train_acc']:.1f}%"
-            if val is not None:
-                msg += f" | val top1 {val['top1']:.2f} top5 {val['top5']:.2f} mca {val['mean_class_acc']:.2f}"
-            print(msg, flush=True)
-
-        # ---- checkpoint (all ranks' RNG states, so a resume continues every rank exactly)
-        rngs = zdist.all_gather_object(rng_state())
-        if info.is_main:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rngs, "epoch": epoch + 1,
-                     "step": step, "best": best, "world_size": info.world_size,
-                     "num_classes": num_classes, "val": summary(val) if val else None}
-            save_checkpoint(out_dir, model, epoch=epoch + 1, run_config=cfg, state=state,
-                            weights="full" if full_save else "trainable", base_weights=base,
-                            best=val is not None and best is not None
-                            and best["epoch"] == epoch + 1)
-        zdist.barrier()
-        result = {"epoch": epoch + 1, "step": step, "train_loss": rec["train_loss"],
-                  "train_acc": rec["train_acc"], "val": val, "best": best,
-                  "checkpoint": str(last_path), "num_classes": num_classes}
-        if last_epoch and val is not None and info.is_main:
-            write_eval_report(val, out_dir / "val_results.json", class_names,
-                              extra={"epoch": epoch + 1})
-        stop = on_epoch_end(epoch + 1, rec) if on_epoch_end is not None else False
-        if stop or (stop_after is not None and epoch + 1 >= int(stop_after)):
-            break
-    result["model"] = model
-    return result
 
 
 def _resume_into(path, model: nn.Module, base: Optional[dict]) -> dict:
@@ -468,14 +737,9 @@ def _resume_into(path, model: nn.Module, base: Optional[dict]) -> dict:
                              f"tensors of a model whose frozen weights came from "
                              f"{(art.base_weights or {}).get('path')}, not from this run's "
                              "model.pretrained")
-        own = {k: v for k, v in own.items() if k in {n for n, p in model.named_parameters()
-                                                     if p.requires_grad}}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        own = {k: v for k, v in own.items() if k in trainable}
     check_state_dict(own, tensors, str(art.weights_file), what="the run's model")
     with torch.no_grad():
         model.load_state_dict(tensors, strict=art.weights == "full")
     return state
-
-
-def steps_per_epoch_for(n_samples: int, batch_size: int, world: int = 1, accum: int = 1) -> int:
-    per_rank = math.ceil(n_samples / world)
-    return (per_rank // batch_size) // accum

@@ -29,8 +29,9 @@ def classification_metrics(probs, labels, num_classes: Optional[int] = None,
     """Top-k accuracy (%), mean class accuracy (%) and the confusion matrix.
 
     ``probs`` is ``(N, K)`` (probabilities or scores), ``labels`` ``(N,)``. Mean class accuracy
-    averages the per-class recall over classes that occur in ``labels``. Top-k with ``k > K`` is
-    top-K (always 100%).
+    averages the per-class recall over classes that occur in ``labels``. Top-k for ``k >= K``
+    is 100 % by construction and is not reported (no ``top5`` with 5 classes or fewer);
+    top-1 always is.
     """
     probs = torch.as_tensor(probs).float()
     labels = torch.as_tensor(labels).long()
@@ -44,7 +45,9 @@ def classification_metrics(probs, labels, num_classes: Optional[int] = None,
         return out
     ranked = probs.topk(min(max(topk), k), dim=1).indices
     for kk in topk:
-        hit = (ranked[:, :min(kk, k)] == labels[:, None]).any(1).float().mean().item()
+        if kk > 1 and kk >= k:
+            continue
+        hit = (ranked[:, :kk] == labels[:, None]).any(1).float().mean().item()
         out[f"top{kk}"] = 100.0 * hit
     pred = ranked[:, 0].numpy()
     cm = confusion_matrix(pred, labels.numpy(), num_classes)
