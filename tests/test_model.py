@@ -58,7 +58,7 @@ def test_merge_is_exact_and_zero_cost(name, kw, offsets):
     # with all offsets zero, the merged model's per-frame features are the image model's
     with torch.no_grad():
         for blk in merged.backbone.blocks:
-            blk.attn.set_temporal(T, None)
+            blk.attn.set_temporal(T, "spatial")
         merged.temporal_embedding.zero_()
         frames = x.transpose(1, 2).flatten(0, 1)
         feats = merged.forward_features(x).flatten(0, 1)
@@ -169,3 +169,43 @@ def test_pretrained_file(tmp_path):
     with pytest.raises(ValueError, match="pos_embed"):
         create_video_model("vit_small_patch16_224", 4, 3, img_size=32, depth=1,
                            pretrained_file=tmp_path / "wrong.pth")
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 4, 6, 8, 12, 16, 24, 32])
+@pytest.mark.parametrize("frames", [1, 2, 4, 8, 16, 32])
+def test_auto_offsets_fit_any_head_count(heads, frames):
+    from zeroi2v.offsets import auto_offsets, resolve_offsets
+
+    offs = auto_offsets(heads, frames)
+    assert offs == resolve_offsets("auto", heads, frames) and len(offs) == heads
+    assert all(abs(d) < frames for d in offs)
+    if heads > 1:
+        assert 0 in offs  # at least one spatial head remains
+    if frames == 1 or heads == 1:
+        assert set(offs) == {0}
+    else:
+        assert sum(d > 0 for d in offs) >= 1 and (heads < 3 or sum(d < 0 for d in offs) >= 1)
+    if frames >= 8:  # the paper's layouts where it has one
+        want = {12: "vit_b_long" if frames >= 16 else "vit_b",
+                16: "vit_l_32f" if frames >= 32 else "vit_l"}.get(heads)
+        if want:
+            assert offs == PRESETS[want]
+
+
+def test_auto_offsets_rule_for_other_head_counts():
+    from zeroi2v.offsets import auto_offsets
+
+    assert auto_offsets(6, 8) == (1, -1, 0, 0, 0, 0)            # ViT-S / DeiT-S / DINOv2-S
+    assert auto_offsets(3, 8) == (1, -1, 0)                     # ViT-Ti
+    assert auto_offsets(24, 8) == (1, -1, 1, -1) + (0,) * 20    # ~1/6 temporal
+    assert auto_offsets(6, 16) == (1, -1, 0, 0, 0, 0)           # long clips: ~1/3, in pairs
+    assert auto_offsets(24, 32)[:8] == (1, -1, 2, -2, 1, -1, 2, -2) and auto_offsets(24, 32)[8:] == (0,) * 16
+    assert auto_offsets(12, 2) == (1, -1) + (0,) * 10           # clamped to |d| < T
+    assert auto_offsets(12, 16)[:4] == (1, -1, 2, -2)
+
+
+def test_default_model_uses_auto_and_stores_the_ints():
+    m = create_video_model("vit_small_patch16_224", 8, 3, img_size=32, depth=1)  # 6 heads
+    assert m.config.head_offsets == (1, -1, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="ambiguous"):
+        create_video_model("vit_small_patch16_224", 8, 3, head_offsets=None, img_size=32, depth=1)

@@ -196,7 +196,7 @@ def test_stdha_attention_loads_timm_weights_and_matches_definition():
     for m in (mod, wrapped):
         assert rel_err(m(x), expect) < 1e-5
     # all offsets zero: the module is timm's attention
-    spatial = STDHAttention.from_timm(timm_attn, T, None)
+    spatial = STDHAttention.from_timm(timm_attn, T, "spatial")
     assert torch.allclose(spatial(x), timm_attn(x), atol=1e-5)
 
 

@@ -7,7 +7,7 @@ of the official code). ``d_h = 0`` is a plain spatial head; ``+1`` looks at the 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -21,24 +21,64 @@ PRESETS: dict[str, tuple[int, ...]] = {
 }
 
 #: Layout names that fit any head count (beside the fixed-size :data:`PRESETS`).
+AUTO = "auto"        # the default: see auto_offsets()
 SPATIAL = "spatial"  # every head spatial: the image model, frame by frame
+LAYOUTS = (AUTO, SPATIAL)
 
-HeadOffsets = Union[str, Sequence[int], torch.Tensor, None]
+HeadOffsets = Union[str, Sequence[int], torch.Tensor]
 
 
-def resolve_offsets(head_offsets: HeadOffsets, num_heads: int) -> tuple[int, ...]:
-    """Turn a preset name, a sequence of ints, a tensor or ``None`` (all spatial) into a tuple.
+def auto_offsets(num_heads: int, num_frames: int) -> tuple[int, ...]:
+    """The layout ``head_offsets="auto"`` picks for ``num_heads`` heads and clips of
+    ``num_frames`` frames.
 
-    Checks the count against ``num_heads``; the range check against the frame count is
-    :func:`check_offsets`, because a module may be built before it knows its clip length.
+    Where the paper has a layout for the head count it is used: 12 heads (ViT-B) ``vit_b``, or
+    ``vit_b_long`` for clips of 16 frames or more; 16 heads (ViT-L) ``vit_l``, or ``vit_l_32f``
+    for 32 frames or more (the Kinetics layout; SSv2's ``vit_l_long`` is a recipe choice, name it
+    explicitly). Any other head count follows the same proportions: about one head in six
+    temporal (one in three from 16 frames on), taken in pairs from the first head on, with
+    offsets ``+1, -1`` repeating (``+1, -1, +2, -2`` for long clips), and at least one spatial
+    head left. Offsets are then clamped to ``|d| < num_frames`` (all zero for one frame).
     """
-    if head_offsets is None or head_offsets == SPATIAL:
+    h, t = int(num_heads), int(num_frames)
+    if h < 1 or t < 1:
+        raise ValueError(f"need num_heads >= 1 and num_frames >= 1, got {h} and {t}")
+    long = t >= 16
+    if h == 12:
+        offsets = PRESETS["vit_b_long" if long else "vit_b"]
+    elif h == 16:
+        offsets = PRESETS["vit_l_32f" if t >= 32 else "vit_l"]
+    else:
+        k = min(2 * max(1, round(h / (6 if long else 12))), h - 1)
+        pattern = (1, -1, 2, -2) if long else (1, -1)
+        offsets = tuple(pattern[i % len(pattern)] for i in range(k)) + (0,) * (h - k)
+    return clamp_offsets(offsets, t)
+
+
+def resolve_offsets(head_offsets: HeadOffsets, num_heads: int,
+                    num_frames: Optional[int] = None) -> tuple[int, ...]:
+    """Turn a layout name (``"auto"``, ``"spatial"``, a preset), a sequence of ints or a tensor
+    into one int per head.
+
+    Checks the count against ``num_heads``; ``"auto"`` needs ``num_frames``. The range check
+    against the frame count is :func:`check_offsets`, because a module may be built before it
+    knows its clip length.
+    """
+    if head_offsets is None:
+        raise ValueError("head_offsets=None is ambiguous: pass 'auto' (the default temporal "
+                         "layout), 'spatial' (every head spatial, the image model), a preset "
+                         f"name ({', '.join(sorted(PRESETS))}) or one int per head")
+    if isinstance(head_offsets, str) and head_offsets == SPATIAL:
         return (0,) * num_heads
+    if isinstance(head_offsets, str) and head_offsets == AUTO:
+        if num_frames is None:
+            raise ValueError("head_offsets='auto' depends on the frame count: give num_frames")
+        return auto_offsets(num_heads, num_frames)
     if isinstance(head_offsets, str):
         if head_offsets not in PRESETS:
             raise ValueError(
-                f"unknown head-offset preset {head_offsets!r}; known presets: "
-                f"{sorted(PRESETS) + [SPATIAL]}"
+                f"unknown head-offset preset {head_offsets!r}; known: "
+                f"{sorted(PRESETS) + list(LAYOUTS)}"
             )
         offsets = PRESETS[head_offsets]
         if len(offsets) != num_heads:

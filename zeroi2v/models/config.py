@@ -45,7 +45,9 @@ class ZeroI2VConfig:
         num_frames: frames per clip ``T`` (sizes the temporal embedding).
         num_classes: classes of the video head.
         head_offsets: one int per attention head (``0`` spatial, ``+1`` previous frame, ...), or
-            a preset name such as ``"vit_b"``; a built model's config always holds the ints.
+            a layout name: ``"auto"`` (the default, :func:`zeroi2v.offsets.auto_offsets`),
+            ``"spatial"`` (image-only) or a preset such as ``"vit_b"``; a built model's config
+            always holds the ints.
         timm_kwargs: the exact keyword arguments of ``timm.create_model`` besides ``num_classes``
             (JSON values only: numbers, strings, lists, dicts). ``None`` when the model was built
             from an instance whose construction could not be recovered.
@@ -61,7 +63,7 @@ class ZeroI2VConfig:
     model_name: str
     num_frames: int
     num_classes: int
-    head_offsets: Union[str, tuple[int, ...]] = "vit_b"
+    head_offsets: Union[str, tuple[int, ...]] = "auto"
     timm_kwargs: Optional[Mapping[str, Any]] = field(default_factory=dict)
     adapter_ratio: float = 0.25
     adapter_scale: float = 0.5
@@ -89,8 +91,8 @@ class ZeroI2VConfig:
         else:
             offs = self.head_offsets
             if offs is None:
-                _fail("head_offsets=None is ambiguous: pass 'spatial' for an image-only model "
-                      "(every head spatial), a preset name, or one int per head")
+                _fail("head_offsets=None is ambiguous: pass 'auto' (the default temporal layout), "
+                      "'spatial' (an image-only model), a preset name, or one int per head")
             if not isinstance(offs, (list, tuple)) or not offs or any(
                     isinstance(d, bool) or not isinstance(d, int) for d in offs):
                 _fail(f"head_offsets must be a preset name or a list of ints, got {offs!r}")

@@ -456,7 +456,8 @@ def _check_backbone(backbone: nn.Module, config: ZeroI2VConfig) -> None:
     if config.adapters is not None and len(config.adapters) != len(backbone.blocks):
         raise ValueError(f"model config: adapters lists {len(config.adapters)} blocks, the "
                          f"backbone has {len(backbone.blocks)}")
-    offsets = resolve_offsets(config.head_offsets, backbone.blocks[0].attn.num_heads)
+    offsets = resolve_offsets(config.head_offsets, backbone.blocks[0].attn.num_heads,
+                              config.num_frames)
     check_offsets(offsets, config.num_frames)
 
 

@@ -28,7 +28,7 @@ class STDHAttention(nn.Module):
         num_heads: int = 8,
         *,
         num_frames: int,
-        head_offsets: HeadOffsets = None,
+        head_offsets: HeadOffsets = "auto",
         qkv_bias: bool = False,
         qk_norm: bool = False,
         scale_norm: bool = False,
@@ -65,12 +65,12 @@ class STDHAttention(nn.Module):
 
     def set_temporal(self, num_frames: int, head_offsets: HeadOffsets) -> None:
         """Change the clip length and/or the head offsets (validated: ``|d| < num_frames``)."""
-        offsets = resolve_offsets(head_offsets, self.num_heads)
+        offsets = resolve_offsets(head_offsets, self.num_heads, num_frames)
         check_offsets(offsets, num_frames)
         self.num_frames, self.head_offsets = int(num_frames), offsets
 
     @classmethod
-    def from_timm(cls, attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = None,
+    def from_timm(cls, attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = "auto",
                   backend: str = "auto") -> "STDHAttention":
         """Wrap a timm ``Attention``: its submodules (and so its weights) are reused, not copied."""
         for name in ("qkv", "proj", "num_heads", "head_dim"):

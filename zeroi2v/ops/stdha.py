@@ -138,7 +138,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
         )
     if isinstance(head_offsets, (tuple, str)):  # hashable: what modules pass on every call
         return _checked_offsets(head_offsets, q.shape[1], num_frames)
-    offsets = resolve_offsets(head_offsets, q.shape[1])
+    offsets = resolve_offsets(head_offsets, q.shape[1], num_frames)
     check_offsets(offsets, num_frames)
     return offsets
 
@@ -146,7 +146,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
 @lru_cache(maxsize=1024)
 def _checked_offsets(head_offsets, num_heads: int, num_frames: int) -> tuple[int, ...]:
     # errors are raised, never cached
-    offsets = resolve_offsets(head_offsets, num_heads)
+    offsets = resolve_offsets(head_offsets, num_heads, num_frames)
     check_offsets(offsets, num_frames)
     return offsets
 

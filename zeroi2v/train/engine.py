@@ -407,7 +407,8 @@ def preflight(cfg: dict, model: Optional[nn.Module] = None, datasets: Optional[d
         attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
         if attn is not None and hasattr(attn, "num_heads"):
             try:
-                offsets = resolve_offsets(mcfg["head_offsets"], attn.num_heads)
+                offsets = resolve_offsets(mcfg["head_offsets"], attn.num_heads,
+                                          int(mcfg["num_frames"]))
                 check_offsets(offsets, int(mcfg["num_frames"]))
             except ValueError as e:
                 raise ValueError(f"model.head_offsets / model.num_frames: {e}") from None
