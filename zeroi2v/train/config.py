@@ -49,7 +49,9 @@ DEFAULTS: dict[str, Any] = {
         "random_erasing": 0.0,
         "flip": True,
         "flip_label_map": None,    # {left_class: right_class, ...} swapped on horizontal flip
-        "on_error": "skip",
+        "on_error": "skip",        # unreadable video: skip (training: replaced by the next readable
+                                   # one; evaluation: dropped), drop (left out), raise (run fails)
+        "decoder": "auto",         # auto | torchcodec | decord | pyav (auto: fastest that reads the file)
         "num_workers": 4,
         "pin_memory": True,
     },
