@@ -8,6 +8,7 @@
     zeroi2v config  [CONFIG.yaml] [--set ...]          print the resolved config
     zeroi2v import-official CKPT --out FILE            (zeroi2v.interop)
     zeroi2v export  MODEL --out FILE                   (zeroi2v.interop)
+    zeroi2v prepare SRC DST [--short-side 256] [--fps F] [--workers N]   (zeroi2v.data.prepare)
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m zeroi2v.cli train CONFIG.yaml`` (or
 ``torchrun ... $(which zeroi2v) train ...``); the same command without torchrun is one process
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further arguments for the exporter (key=value)")
+
+    from .data.prepare import add_prepare_parser
+
+    add_prepare_parser(sub)
     return ap
 
 
@@ -210,6 +215,7 @@ def cmd_eval(args) -> int:
 
 
 def _print_metrics(res: dict, out: Path) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title="evaluation")
@@ -219,6 +225,12 @@ def _print_metrics(res: dict, out: Path) -> None:
               f"{res['mean_class_acc']:.2f}")
     con = _console()
     con.print(t)
+    con.print(f"{res['num_samples']} of {res['num_videos']} videos evaluated; "
+              f"{res['num_skipped']} unreadable (left out), {res['num_short']} shorter than the clip")
+    for s in res["skipped"][:10]:
+        con.print(f"  unreadable: {escape(s['path'])} ({escape(s['reason'])})")
+    if res["num_skipped"] > 10:
+        con.print(f"  ... {res['num_skipped'] - 10} more: see 'skipped' in the results JSON")
     con.print(f"results: {out}  (confusion matrix: {res['files']['confusion_png']}, "
               f"per-class table: {res['files']['per_class_md']})")
 
@@ -354,16 +366,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .data.prepare import run_prepare
+
+    return run_prepare(args)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "predict": cmd_predict,
             "demo": cmd_demo, "config": cmd_config, "import-official": cmd_import_official,
-            "export": cmd_export}
+            "export": cmd_export, "prepare": cmd_prepare}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .data.decoders import VideoDecodeError
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args) or 0
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, VideoDecodeError) as e:
         print(f"zeroi2v {args.command}: error: {e}", file=sys.stderr)
         return 2
 
