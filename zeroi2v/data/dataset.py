@@ -115,7 +115,7 @@ def collate_videos(batch):
 
 
 class VideoDataset(Dataset):
-    """Videos listed in an annotation file (``relative/path.mp4 label``), decoded with decord.
+    """Videos listed in an annotation file (``relative/path.mp4 label``), read by ``VideoReader``.
 
     ``__getitem__(i) -> (video, label)``: ``video`` is ``(C, T, H, W)`` float32 for training and
     ``(V, C, T, H, W)`` (V = clips x crops views) when ``sampler.test_mode``. The VideoReader is
@@ -142,6 +142,11 @@ class VideoDataset(Dataset):
 
     ``len`` never changes, so samplers (including ``DistributedSampler``) stay consistent across
     ranks. ``decoder``: ``auto`` or one of ``zeroi2v.data.DECODERS`` (see ``VideoReader``).
+
+    Short videos (fewer frames than one clip spans, ``sampler.is_short``) are used, not skipped:
+    ``DenseSampler`` loops them (``out_of_bound="loop"``, as mmaction2; ``"clamp"`` repeats the
+    last frame instead), ``UniformSampler`` repeats frames in order. ``VideoSample.short`` marks
+    them, so evaluation and training count them.
 
     Randomness (sampling offsets, flip, augmentation) comes from a per-sample
     ``numpy.random.Generator`` seeded by ``(seed, epoch, index)`` after ``set_epoch(epoch)`` was
