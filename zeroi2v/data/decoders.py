@@ -26,7 +26,8 @@ __all__ = ["DECODERS", "AUTO_ORDER", "VideoDecodeError", "VideoReader", "decoder
 logger = logging.getLogger("zeroi2v.data")
 
 DECODERS = ("torchcodec", "decord", "pyav")
-#: ``auto``'s preference, fastest first on the training pipeline (benchmarks/results/cpu/data_*).
+#: ``auto``'s preference. benchmarks/results/cpu/data_run_a.json (a loaded VM) did not separate the
+#: three on speed; torchcodec leads as the one that reads every file of the codec matrix.
 AUTO_ORDER = ("torchcodec", "decord", "pyav")
 
 _INSTALL_HINT = {
