@@ -5,8 +5,8 @@ order) and ``reader.get_batch(indices) -> (N, H, W, 3)`` uint8 RGB. Frame ``i`` 
 whichever decoder reads it; pixels differ only by the decoders' colour conversion (tested in
 ``tests/test_decoders.py``).
 
-``decoder="auto"`` tries the installed decoders fastest first (``AUTO_ORDER``, the order measured
-by ``benchmarks/test_bench_data.py``) and keeps the first that opens the file and decodes the
+``decoder="auto"`` tries the installed decoders in ``AUTO_ORDER`` (see the note there and
+``benchmarks/test_bench_data.py``) and keeps the first that opens the file and decodes the
 requested frames; a decoder that fails on a file is logged once per process. A named decoder is
 used alone: its failure is the video's failure.
 """
