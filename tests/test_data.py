@@ -11,7 +11,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from zeroi2v.data import (CLIP_MEAN, CLIP_STD, DenseSampler, UniformSampler, VideoDataset, VideoDecodeError,
-                          VideoTransform, build_dataset, collate_drop_failures, make_synthetic_dataset,
+                          VideoTransform, build_dataset, collate_videos, make_synthetic_dataset,
                           read_annotations, read_video_frames, symmetric_label_map, synthetic_orders,
                           write_video, count_video_frames)
 
@@ -134,15 +134,14 @@ def test_write_and_decode(video_dir):
         write_video(d / "odd.mp4", np.zeros((2, 15, 16, 3), np.uint8))
 
 
-def test_pyav_backend_matches_decord(video_dir):
+def test_decoders_agree_and_errors_name_the_file(video_dir):
     d, _ = video_dir
-    for name in ["v0.mp4", "v2.mp4"]:  # v2 is 48 px wide: decord 0.6 fails there and falls back to PyAV
-        a = read_video_frames(d / name, [[3, 0], [7, 3]], backend="decord").astype(int)
-        b = read_video_frames(d / name, [[3, 0], [7, 3]], backend="pyav").astype(int)
-        assert a.shape == b.shape and np.abs(a - b).mean() < 2.0
-    assert count_video_frames(d / "v2.mp4", backend="pyav") == 40
+    a = read_video_frames(d / "v0.mp4", [[3, 0], [7, 3]], decoder="decord").astype(int)
+    b = read_video_frames(d / "v0.mp4", [[3, 0], [7, 3]], decoder="pyav").astype(int)
+    assert a.shape == b.shape == (2, 2, 48, 64, 3) and np.abs(a - b).mean() < 2.0
+    assert count_video_frames(d / "v2.mp4", decoder="pyav") == 40
     with pytest.raises(VideoDecodeError, match="corrupt.mp4"):
-        read_video_frames(d / "corrupt.mp4", backend="pyav")
+        read_video_frames(d / "corrupt.mp4", decoder="pyav")
     with pytest.raises(VideoDecodeError, match="not found"):
         read_video_frames(d / "nope.mp4")
 
@@ -237,26 +236,30 @@ def test_dataset_decodes_the_sampled_frames(video_dir, tmp_path):
 def test_dataset_errors_skip_raise_drop(video_dir, tmp_path, caplog):
     d, _ = video_dir
     lines = [("v1.mp4", 0), ("missing.mp4", 1), ("corrupt.mp4", 2), ("half.mp4", 3), ("v0.mp4", 4)]
-    kw = dict(num_frames=2, sampling="uniform", train=False, size=16)
-    raising = build_dataset(_ann(tmp_path, lines), d, on_error="raise", **kw)
+    kw = dict(num_frames=2, sampling="uniform", size=16)
+    train_kw = dict(kw, train=True, short_side=16, rand_augment=None)
+    raising = build_dataset(_ann(tmp_path, lines), d, on_error="raise", train=False, **kw)
     for i, name in [(1, "missing.mp4"), (2, "corrupt.mp4"), (3, "half.mp4")]:
         with pytest.raises(VideoDecodeError, match=name):
             raising[i]
-    skipping = build_dataset(_ann(tmp_path, lines), d, on_error="skip", **kw)
+    skipping = build_dataset(_ann(tmp_path, lines), d, on_error="skip", **train_kw)
     assert len(skipping) == 5  # len unchanged
     with caplog.at_level(logging.WARNING, logger="zeroi2v.data"):
-        _, y = skipping[1]
-    assert y == 4  # replaced by the next loadable index: 1 -> 2 -> 3 -> 4
+        sample = skipping[1]
+    assert sample[1] == 4 and sample.index == 4  # replaced by the next loadable index: 1 -> 2 -> 3 -> 4
+    assert [os.path.basename(p) for p, _ in sample.skipped] == ["missing.mp4", "corrupt.mp4", "half.mp4"]
     assert "missing.mp4" in caplog.text and "corrupt.mp4" in caplog.text and "half.mp4" in caplog.text
-    assert skipping[4][1] == 4 and skipping[0][1] == 0
-    dropping = build_dataset(_ann(tmp_path, lines), d, on_error="drop", **kw)
-    batch = collate_drop_failures([dropping[i] for i in range(5)])
-    assert batch[0].shape == (2, 1, 3, 2, 16, 16) and batch[1].tolist() == [0, 4]
-    all_bad = build_dataset(_ann(tmp_path, [("missing.mp4", 0), ("corrupt.mp4", 1)]), d, **kw)
+    assert skipping[4][1] == 4 and skipping[0][1] == 0 and skipping[0].skipped == ()
+    for mode in ("drop", "skip"):  # a test set never substitutes: skip drops there too
+        dropping = build_dataset(_ann(tmp_path, lines), d, on_error=mode, train=False, **kw)
+        video, label, report = collate_videos([dropping[i] for i in range(5)])
+        assert video.shape == (2, 1, 3, 2, 16, 16) and label.tolist() == [0, 4]
+        assert [s.index for s in report.dropped] == [1, 2, 3] and report.num_skipped == 3
+    all_bad = build_dataset(_ann(tmp_path, [("missing.mp4", 0), ("corrupt.mp4", 1)]), d, **train_kw)
     with pytest.raises(RuntimeError, match="unreadable"):
         all_bad[0]
     with pytest.raises(ValueError, match="on_error"):
-        build_dataset(_ann(tmp_path, lines), d, on_error="ignore", **kw)
+        build_dataset(_ann(tmp_path, lines), d, on_error="ignore", train=False, **kw)
 
 
 def test_flip_label_swap(tmp_path):

@@ -13,6 +13,8 @@
 MODEL is a saved model folder (``config.json`` + ``model.safetensors``, as written by
 ``save_pretrained``, ``merge``, ``import-official``), its ``model.safetensors``, a training
 checkpoint folder (``OUT/last``, ``OUT/best``) or a training output folder (its ``last``).
+Data: ``zeroi2v prepare SRC DST [--short-side 256] [--fps F] [--workers N]`` re-encodes a video
+tree for training (:mod:`zeroi2v.data.prepare`).
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m zeroi2v.cli train CONFIG.yaml`` (or
 ``torchrun ... $(which zeroi2v) train ...``); the same command without torchrun is one process
@@ -135,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None,
                    help="image weights, for a training checkpoint that holds only its trainable "
                         "tensors (default: the file its config names)")
+
+    from .data.prepare import add_prepare_parser
+
+    add_prepare_parser(sub)
     for sp in sub.choices.values():
         sp.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also ZEROI2V_DEBUG=1)")
@@ -285,6 +291,7 @@ def cmd_eval(args) -> int:
 
 
 def _print_metrics(res: dict, out: Path) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title="evaluation")
@@ -297,6 +304,12 @@ def _print_metrics(res: dict, out: Path) -> None:
     t.add_row(*[v for _, v in cols])
     con = _console()
     con.print(t)
+    con.print(f"{res['num_samples']} of {res['num_videos']} videos evaluated; "
+              f"{res['num_skipped']} unreadable (left out), {res['num_short']} shorter than the clip")
+    for s in res["skipped"][:10]:
+        con.print(f"  unreadable: {escape(s['path'])} ({escape(s['reason'])})")
+    if res["num_skipped"] > 10:
+        con.print(f"  ... {res['num_skipped'] - 10} more: see 'skipped' in the results JSON")
     con.print(f"results: {out}  (confusion matrix: {res['files']['confusion_png']}, "
               f"per-class table: {res['files']['per_class_md']})")
 
@@ -471,15 +484,21 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .data.prepare import run_prepare
+
+    return run_prepare(args)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "predict": cmd_predict,
             "demo": cmd_demo, "config": cmd_config, "import-official": cmd_import_official,
-            "export": cmd_export, "convert": cmd_convert}
+            "export": cmd_export, "convert": cmd_convert, "prepare": cmd_prepare}
 
 
 def _user_errors() -> tuple:
     """Exceptions that mean a user mistake (a file, a setting, a model or video that does not fit),
     reported as one line; anything else is a bug and keeps its traceback."""
-    from .data.video_io import VideoDecodeError
+    from .data.decoders import VideoDecodeError
     from .errors import UnsupportedModelError
 
     return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
@@ -12,10 +13,11 @@ from torch.utils.data import Dataset, get_worker_info
 from .annotations import read_annotations
 from .sampling import DenseSampler, UniformSampler
 from .transforms import VideoTransform
+from .decoders import check_decoder
 from .video_io import VideoDecodeError, open_video, read_video_frames
 
-__all__ = ["VideoDataset", "build_dataset", "collate_drop_failures", "SSV2_FLIP_LABEL_MAP",
-           "symmetric_label_map"]
+__all__ = ["VideoDataset", "build_dataset", "VideoSample", "SkippedVideo", "LoadReport", "collate_videos",
+           "SSV2_FLIP_LABEL_MAP", "symmetric_label_map"]
 
 logger = logging.getLogger("zeroi2v.data")
 
@@ -37,8 +39,83 @@ def symmetric_label_map(mapping: Optional[dict]) -> Optional[dict[int, int]]:
     return out
 
 
+class VideoSample(tuple):
+    """``(video, label)`` plus how it was loaded: ``index`` (the sample that was loaded),
+    ``skipped`` (``(path, reason)`` of the unreadable videos it replaced, ``on_error="skip"``
+    in training) and ``short`` (the video had fewer frames than the clip spans)."""
+
+    def __new__(cls, video, label, index: int, skipped=(), short: bool = False):
+        self = super().__new__(cls, (video, label))
+        self.index, self.skipped, self.short = int(index), tuple(skipped), bool(short)
+        return self
+
+    def __reduce__(self):
+        return VideoSample, (self[0], self[1], self.index, self.skipped, self.short)
+
+
+@dataclass(frozen=True)
+class SkippedVideo:
+    """What an unreadable sample returns when it is dropped instead of replaced."""
+
+    index: int
+    path: str
+    reason: str
+
+
+@dataclass
+class LoadReport:
+    """What loading a batch (or, summed, an epoch) took.
+
+    ``dropped``: samples left out (``SkippedVideo``); ``replaced``: ``(path, reason)`` of videos
+    that training replaced by the next readable one; ``short``: loaded videos shorter than the
+    clip (looped or padded, see the samplers).
+    """
+
+    dropped: list = field(default_factory=list)
+    replaced: list = field(default_factory=list)
+    short: int = 0
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.dropped) + len(self.replaced)
+
+    def skipped(self) -> list[dict]:
+        """Every unreadable video, ``{"path", "reason"}``, in the order met."""
+        return ([{"path": s.path, "reason": s.reason} for s in self.dropped]
+                + [{"path": p, "reason": r} for p, r in self.replaced])
+
+    def add(self, other: "LoadReport") -> "LoadReport":
+        self.dropped += other.dropped
+        self.replaced += other.replaced
+        self.short += other.short
+        return self
+
+
+def collate_videos(batch):
+    """DataLoader ``collate_fn`` for ``VideoDataset``: ``(video, label, LoadReport)``.
+
+    ``SkippedVideo`` items are left out of the batch (``video`` and ``label`` are ``None`` when
+    none is left) and listed in the report. Plain ``(video, label)`` items from other datasets
+    are collated as they are.
+    """
+    report = LoadReport()
+    kept = []
+    for item in batch:
+        if isinstance(item, SkippedVideo):
+            report.dropped.append(item)
+            continue
+        if isinstance(item, VideoSample):
+            report.replaced += item.skipped
+            report.short += item.short
+        kept.append(tuple(item))
+    if not kept:
+        return None, None, report
+    video, label = torch.utils.data.default_collate(kept)
+    return video, label, report
+
+
 class VideoDataset(Dataset):
-    """Videos listed in an annotation file (``relative/path.mp4 label``), decoded with decord.
+    """Videos listed in an annotation file (``relative/path.mp4 label``), read by ``VideoReader``.
 
     ``__getitem__(i) -> (video, label)``: ``video`` is ``(C, T, H, W)`` float32 for training and
     ``(V, C, T, H, W)`` (V = clips x crops views) when ``sampler.test_mode``. The VideoReader is
@@ -50,14 +127,26 @@ class VideoDataset(Dataset):
     clip was flipped, replaces the label through ``flip_label_map`` (completed to be symmetric, so
     ``{86: 87}`` also maps 87 to 86).
 
-    Errors: a missing or undecodable video raises ``VideoDecodeError`` naming its path with
-    ``on_error="raise"``. With ``on_error="skip"`` (default) it is logged once per process as a
-    warning (path and reason) and the sample is *replaced by the next index that loads*
-    (``i + 1, i + 2, ...`` modulo ``len``, at most ``max_retries`` tries, then a ``RuntimeError``);
-    the replacement keeps its own label. ``len`` never changes, so samplers (including
-    ``DistributedSampler``) stay consistent across ranks. With ``on_error="drop"`` the sample is
-    ``None``; use ``collate_drop_failures`` as the DataLoader's ``collate_fn`` (batches shrink; for
-    evaluation where duplicates would bias the metric).
+    Items are ``VideoSample`` tuples ``(video, label)`` that also say how they were loaded.
+
+    Errors (a missing or undecodable video; each is logged once per process with path and reason):
+
+    * ``on_error="raise"``: ``VideoDecodeError`` naming the path, the run fails.
+    * ``on_error="drop"``: the item is a ``SkippedVideo``; ``collate_videos`` leaves it out of the
+      batch and lists it (batches shrink).
+    * ``on_error="skip"`` (default): in training the sample is *replaced by the next index that
+      loads* (``i + 1, i + 2, ...`` modulo ``len``, at most ``max_retries`` tries, then a
+      ``RuntimeError``) and the replacement keeps its own label; the ``VideoSample`` lists what it
+      replaced, so the skips are counted. In test mode nothing is ever replaced (a duplicated
+      video would bias the metric): ``skip`` drops, as ``drop`` does.
+
+    ``len`` never changes, so samplers (including ``DistributedSampler``) stay consistent across
+    ranks. ``decoder``: ``auto`` or one of ``zeroi2v.data.DECODERS`` (see ``VideoReader``).
+
+    Short videos (fewer frames than one clip spans, ``sampler.is_short``) are used, not skipped:
+    ``DenseSampler`` loops them (``out_of_bound="loop"``, as mmaction2; ``"clamp"`` repeats the
+    last frame instead), ``UniformSampler`` repeats frames in order. ``VideoSample.short`` marks
+    them, so evaluation and training count them.
 
     Randomness (sampling offsets, flip, augmentation) comes from a per-sample
     ``numpy.random.Generator`` seeded by ``(seed, epoch, index)`` after ``set_epoch(epoch)`` was
@@ -69,7 +158,7 @@ class VideoDataset(Dataset):
     def __init__(self, ann_file: Union[str, os.PathLike], root: Union[str, os.PathLike], sampler,
                  transform: VideoTransform, flip_label_map: Optional[dict[int, int]] = None,
                  on_error: str = "skip", seed: int = 0, *, num_classes: Optional[int] = None,
-                 max_retries: int = 10, backend: str = "auto"):
+                 max_retries: int = 10, decoder: str = "auto"):
         if on_error not in ("skip", "raise", "drop"):
             raise ValueError(f"on_error must be 'skip', 'raise' or 'drop', got {on_error!r}")
         self.ann_file = os.fspath(ann_file)
@@ -88,7 +177,7 @@ class VideoDataset(Dataset):
         self.on_error = on_error
         self.seed = int(seed)
         self.max_retries = int(max_retries)
-        self.backend = backend
+        self.decoder = check_decoder(decoder)
         self.epoch: Optional[int] = None
         self._calls = 0
         self._warned: set[str] = set()
@@ -124,12 +213,13 @@ class VideoDataset(Dataset):
             salt = self._calls
         return np.random.default_rng([self.seed, 2, salt, index])
 
-    def load(self, index: int) -> tuple[torch.Tensor, int]:
+    def load(self, index: int, skipped=()) -> VideoSample:
         """Load sample ``index`` or raise ``VideoDecodeError``; no error handling."""
         path, label = self.samples[index]
         rng = self._rng(index)
-        reader = open_video(path, self.backend)
-        idx = self.sampler(len(reader), rng)                     # (num_clips, clip_len)
+        reader = open_video(path, self.decoder)
+        n = len(reader)
+        idx = self.sampler(n, rng)                               # (num_clips, clip_len)
         frames = read_video_frames(path, idx, reader=reader)     # (num_clips, clip_len, H, W, 3)
         del reader
         frames = torch.from_numpy(frames)
@@ -140,42 +230,38 @@ class VideoDataset(Dataset):
                 label = self.flip_label_map.get(label, label)
         else:
             video = self.transform(frames, rng)
-        return video, int(label)
+        return VideoSample(video, int(label), index, skipped, self.sampler.is_short(n))
 
     def _report(self, exc: VideoDecodeError) -> None:
         if exc.path not in self._warned:
             self._warned.add(exc.path)
-            logger.warning("skipping unreadable video %s (%s)", exc.path, exc.reason)
+            logger.warning("unreadable video %s (%s)", exc.path, exc.reason)
 
     def __getitem__(self, index: int):
         index = int(index)
         if self.on_error == "raise":
             return self.load(index)
-        failed = []
-        n = len(self.samples)
-        tries = 1 if self.on_error == "drop" else min(self.max_retries, n)
-        for k in range(tries):
-            j = (index + k) % n
+        if self.on_error == "drop" or self.test_mode:
             try:
-                return self.load(j)
+                return self.load(index)
             except VideoDecodeError as e:
                 self._report(e)
-                failed.append(e.path)
-        if self.on_error == "drop":
-            return None
-        raise RuntimeError(f"{len(failed)} consecutive unreadable videos from index {index}: {failed}")
+                return SkippedVideo(index, e.path, e.reason)
+        failed: list[tuple[str, str]] = []
+        n = len(self.samples)
+        for k in range(min(self.max_retries, n)):
+            j = (index + k) % n
+            try:
+                return self.load(j, failed)
+            except VideoDecodeError as e:
+                self._report(e)
+                failed.append((e.path, e.reason))
+        raise RuntimeError(f"{len(failed)} consecutive unreadable videos from index {index}: "
+                           f"{[p for p, _ in failed]}")
 
     def __repr__(self) -> str:
         return (f"VideoDataset({self.ann_file!r}, {len(self)} videos, {self.num_classes} classes, "
-                f"{self.sampler!r}, {self.transform!r}, on_error={self.on_error!r})")
-
-
-def collate_drop_failures(batch):
-    """``default_collate`` after dropping ``None`` samples (``on_error="drop"``); ``None`` if all failed."""
-    batch = [b for b in batch if b is not None]
-    if not batch:
-        return None
-    return torch.utils.data.default_collate(batch)
+                f"{self.sampler!r}, {self.transform!r}, on_error={self.on_error!r}, decoder={self.decoder!r})")
 
 
 def build_dataset(ann_file, root, *, num_frames: int, sampling: str = "dense", frame_interval: int = 1,
@@ -183,7 +269,7 @@ def build_dataset(ann_file, root, *, num_frames: int, sampling: str = "dense", f
                   num_crops: int = 1, rand_augment: Optional[tuple[int, int]] = (7, 4),
                   random_erasing: float = 0.0, flip: bool = True,
                   flip_label_map: Optional[dict[int, int]] = None, on_error: str = "skip", seed: int = 0,
-                  num_classes: Optional[int] = None, backend: str = "auto",
+                  num_classes: Optional[int] = None, decoder: str = "auto",
                   test_short_side: Optional[int] = None) -> VideoDataset:
     """Sampler + transform + dataset from recipe-level settings.
 
@@ -191,7 +277,7 @@ def build_dataset(ann_file, root, *, num_frames: int, sampling: str = "dense", f
     ``sampling="uniform"``: ``UniformSampler(num_frames, num_clips=num_clips)`` (``frame_interval``
     ignored). ``train=False`` gives test mode (deterministic sampling, ``num_clips x num_crops``
     views, short side resized to ``test_short_side`` or, by default, ``size``; ``short_side``,
-    ``rand_augment``, ``random_erasing``, ``flip`` unused). ``seed``, ``num_classes``, ``backend``
+    ``rand_augment``, ``random_erasing``, ``flip`` unused). ``seed``, ``num_classes``, ``decoder``
     go to ``VideoDataset``.
     """
     test_mode = not train
@@ -205,4 +291,4 @@ def build_dataset(ann_file, root, *, num_frames: int, sampling: str = "dense", f
                                rand_augment=rand_augment, random_erasing=random_erasing, flip=flip,
                                test_short_side=test_short_side)
     return VideoDataset(ann_file, root, sampler, transform, flip_label_map=flip_label_map, on_error=on_error,
-                        seed=seed, num_classes=num_classes, backend=backend)
+                        seed=seed, num_classes=num_classes, decoder=decoder)

@@ -57,6 +57,10 @@ class DenseSampler:
     def span(self) -> int:
         return (self.clip_len - 1) * self.frame_interval + 1
 
+    def is_short(self, num_video_frames: int) -> bool:
+        """The video has fewer frames than one clip spans (it is looped or clamped)."""
+        return int(num_video_frames) < self.span
+
     def offsets(self, n: int, rng: np.random.Generator | None) -> np.ndarray:
         max_offset = n - self.span
         k = self.num_clips
@@ -114,6 +118,10 @@ class UniformSampler:
     @property
     def clip_len(self) -> int:
         return self.num_segments
+
+    def is_short(self, num_video_frames: int) -> bool:
+        """The video has fewer frames than segments (some frames repeat)."""
+        return int(num_video_frames) < self.num_segments
 
     def __call__(self, num_video_frames: int, rng: np.random.Generator | None = None) -> np.ndarray:
         n = _check_video_len(num_video_frames)

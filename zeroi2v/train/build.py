@@ -178,7 +178,7 @@ def build_train_dataset(cfg: dict):
 
 
 def _extra(cfg: dict) -> dict:
-    kw = {"seed": int(cfg["train"].get("seed", 0))}
+    kw = {"seed": int(cfg["train"].get("seed", 0)), "decoder": cfg["data"].get("decoder", "auto")}
     if cfg["model"].get("num_classes"):
         kw["num_classes"] = int(cfg["model"]["num_classes"])
     return kw

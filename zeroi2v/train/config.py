@@ -68,7 +68,10 @@ class DataSection(_Section):
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
     flip: bool = True
     flip_label_map: Optional[dict[int, int]] = None  # {left_class: right_class} swapped on flip
+    # unreadable video: skip (training: replaced by the next readable one, counted; evaluation:
+    # left out and listed), drop (left out everywhere), raise (the run fails)
     on_error: Literal["skip", "raise", "drop"] = "skip"
+    decoder: Literal["auto", "torchcodec", "decord", "pyav"] = "auto"  # auto: first that reads it
     num_workers: NonNegativeInt = 4
     pin_memory: bool = True
 

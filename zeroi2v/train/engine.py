@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from ..data import LoadReport, VideoDecodeError, collate_videos
 from . import dist as zdist
 from ..files import check_state_dict
 from .build import (build_model, build_test_dataset, build_train_dataset, count_params,
@@ -110,20 +111,36 @@ def _seed_worker(worker_id: int) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _unpack(batch):
+    """``(video, label, LoadReport)`` from ``collate_videos`` or a plain ``(video, label)`` batch."""
+    if len(batch) == 3:
+        return batch
+    video, label = batch
+    return video, label, LoadReport()
+
+
 @torch.no_grad()
 def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device,
                   amp: Optional[torch.dtype] = None, progress: bool = False,
-                  desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+                  desc: str = "eval", with_report: bool = False):
     """Per-video class probabilities (softmax averaged over views) and labels, in loader order.
 
     Batches are ``(B, C, T, H, W)`` (one view) or ``(B, V, C, T, H, W)`` (views flattened into the
-    batch, then the softmax of the ``V`` views of each video is averaged).
+    batch, then the softmax of the ``V`` views of each video is averaged), as ``(video, label)``
+    or ``(video, label, LoadReport)`` (``zeroi2v.data.collate_videos``: dropped videos are absent).
+    ``with_report=True`` also returns the summed ``LoadReport``.
     """
     was_training = model.training
     model.eval()
     probs, labels = [], []
     bar = _bar(len(loader), desc, progress)
-    for video, label in loader:
+    report = LoadReport()
+    for batch in loader:
+        video, label, rep = _unpack(batch)
+        report.add(rep)
+        if video is None:  # every video of the batch was dropped
+            bar.update(1)
+            continue
         video = video.to(device, non_blocking=True)
         views = 1
         if video.dim() == 6:
@@ -140,8 +157,10 @@ def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device,
     bar.close()
     model.train(was_training)
     if not probs:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(probs), torch.cat(labels)
+        out = torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    else:
+        out = torch.cat(probs), torch.cat(labels)
+    return (*out, report) if with_report else out
 
 
 def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device,
@@ -150,28 +169,45 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device,
     """Top-1/top-5/mean-class accuracy of ``model`` on ``dataset``, sharded over ranks.
 
     Every rank evaluates a disjoint slice; predictions are gathered by sample index so the metrics
-    are exactly those of a single process.
+    are exactly those of a single process. Unreadable videos (``VideoDataset`` in test mode never
+    replaces one video by another) are left out of the metrics and reported: ``num_videos`` listed,
+    ``num_samples`` evaluated, ``num_skipped`` and ``skipped`` (``{"path", "reason"}`` each),
+    ``num_short`` (videos shorter than the clip, looped or padded). No readable video at all
+    raises ``VideoDecodeError``.
     """
     rank = torch.distributed.get_rank() if zdist.is_dist() else 0
     world = torch.distributed.get_world_size() if zdist.is_dist() else 1
     sampler = ShardSampler(len(dataset), rank, world)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=device.type == "cuda", worker_init_fn=_seed_worker,
-                        persistent_workers=False)
-    probs, labels = predict_probs(model, loader, device, amp, progress and rank == 0, desc)
-    parts = zdist.all_gather_object((sampler.indices(), probs.numpy(), labels.numpy()))
+                        persistent_workers=False, collate_fn=collate_videos)
+    probs, labels, report = predict_probs(model, loader, device, amp, progress and rank == 0, desc,
+                                          with_report=True)
+    dropped = {s.index for s in report.dropped}
+    kept = [i for i in sampler.indices() if i not in dropped]
+    if len(kept) != len(probs):
+        raise RuntimeError(f"evaluation got {len(probs)} predictions for {len(kept)} readable videos")
+    parts = zdist.all_gather_object((kept, probs.numpy(), labels.numpy(), report))
     n = len(dataset)
     all_probs = np.zeros((n, num_classes), dtype=np.float32)
     all_labels = np.full(n, -1, dtype=np.int64)
-    for idx, p, l in parts:
+    skipped = sorted((s for *_, r in parts for s in r.dropped), key=lambda s: s.index)
+    for idx, p, l, _ in parts:
         if len(idx):
             all_probs[idx] = p
             all_labels[idx] = l
-    if (all_labels < 0).any():
+    done = all_labels >= 0
+    if int(done.sum()) + len(skipped) != n:
         raise RuntimeError("evaluation lost samples while gathering across ranks")
-    metrics = classification_metrics(all_probs, all_labels, num_classes)
-    metrics["probs"] = all_probs
-    metrics["labels"] = all_labels
+    if not done.any():
+        first = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
+        raise VideoDecodeError(f"none of the {n} videos could be read (e.g. {first})")
+    metrics = classification_metrics(all_probs[done], all_labels[done], num_classes)
+    metrics.update(num_videos=n, num_skipped=len(skipped), num_short=sum(r.short for *_, r in parts),
+                   skipped=[{"path": s.path, "reason": s.reason} for s in skipped])
+    metrics["probs"] = all_probs[done]
+    metrics["labels"] = all_labels[done]
+    metrics["indices"] = np.flatnonzero(done)
     return metrics
 
 
@@ -185,7 +221,7 @@ def write_eval_report(metrics: dict, out_json: os.PathLike,
     png = plot_confusion_matrix(metrics["confusion_matrix"], prefix.with_name(prefix.name + "_confusion.png"),
                                 class_names, title=title)
     tables = write_per_class_tables(metrics, prefix, class_names)
-    res = {k: v for k, v in metrics.items() if k not in ("probs", "labels")}
+    res = {k: v for k, v in metrics.items() if k not in ("probs", "labels", "indices")}
     res.update(extra or {})
     res["files"] = {"confusion_png": str(png), "per_class_csv": str(tables[0]),
                     "per_class_md": str(tables[1])}
@@ -206,7 +242,8 @@ def _rounded(x, digits: int = 4):
 
 
 def summary(metrics: dict) -> dict:
-    return {k: metrics[k] for k in ("top1", "top5", "mean_class_acc", "num_samples") if k in metrics}
+    return {k: metrics[k] for k in ("top1", "top5", "mean_class_acc", "num_samples", "num_videos",
+                                    "num_skipped") if k in metrics}
 
 
 def _metrics_text(m: dict) -> str:
@@ -372,6 +409,11 @@ def _train(cfg, info, resume, on_epoch_end, datasets, model, overwrite) -> dict:
                        f"acc {rec['train_acc']:.1f}%")
                 if val is not None:
                     msg += " | val " + _metrics_text(val)
+                    if val.get("num_skipped"):
+                        msg += f" ({val['num_samples']} of {val['num_videos']} videos)"
+                if rec["skipped_videos"] or rec["short_videos"]:
+                    msg += (f" | {rec['skipped_videos']} unreadable videos skipped, "
+                            f"{rec['short_videos']} short videos")
                 print(msg, flush=True)
             _save_epoch(run, epoch, val)
             result = {"epoch": epoch + 1, "step": run.step, "train_loss": rec["train_loss"],
@@ -482,7 +524,8 @@ def _setup(cfg: dict, info, out_dir: Path, datasets: dict, model) -> _Run:
     loader = DataLoader(train_ds, batch_size=bs, sampler=sampler,
                         num_workers=int(dcfg["num_workers"]), drop_last=True,
                         pin_memory=bool(dcfg["pin_memory"]) and device.type == "cuda",
-                        worker_init_fn=_seed_worker, persistent_workers=False)
+                        worker_init_fn=_seed_worker, persistent_workers=False,
+                        collate_fn=collate_videos)
     steps = _unique_batch_check(len(loader), bs, accum)
     global_batch = bs * accum * info.world_size
 
@@ -607,9 +650,19 @@ def train_one_epoch(run: _Run, epoch: int) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     n_batches = run.steps_per_epoch * accum
     bar = _bar(n_batches, f"epoch {epoch + 1}/{run.epochs}", run.show)
-    for i, (video, label) in enumerate(run.loader):
+    loaded = LoadReport()  # unreadable videos replaced or dropped, short videos, this epoch
+    for i, batch in enumerate(run.loader):
         if i >= n_batches:
             break
+        video, label, rep = _unpack(batch)
+        loaded.add(rep)
+        if video is None:  # on_error=drop and no video of the batch could be read: skip it
+            if info.distributed:  # the other ranks would wait for this one's gradients
+                raise RuntimeError(f"rank {info.rank}: no video of a training batch could be "
+                                   f"read ({rep.skipped()[:3]}); use data.on_error=skip with "
+                                   "several processes")
+            bar.update(1)
+            continue
         video = video.to(device, non_blocking=True)
         label = torch.as_tensor(label).to(device, non_blocking=True).long()
         if video.dim() == 6:  # several training clips per video: each is a sample
@@ -660,7 +713,17 @@ def train_one_epoch(run: _Run, epoch: int) -> dict:
             "train_loss": (stats[0] / max(stats[2], 1)).item(),
             "train_acc": (100.0 * stats[1] / max(stats[2], 1)).item(),
             "lr": run.optimizer.param_groups[0]["lr"],
-            "clips_per_s": stats[2].item() / max(dt, 1e-9), "epoch_time_s": dt}
+            "clips_per_s": stats[2].item() / max(dt, 1e-9), "epoch_time_s": dt,
+            **_load_summary(loaded)}
+
+
+def _load_summary(report, keep: int = 20) -> dict:
+    """An epoch's data problems summed over ranks, for the log: counts and the first ``keep``
+    unreadable videos."""
+    parts = zdist.all_gather_object(report)
+    skipped = [s for r in parts for s in r.skipped()]
+    return {"skipped_videos": len(skipped), "short_videos": sum(r.short for r in parts),
+            "skipped": skipped[:keep]}
 
 
 class _NoBar:
