@@ -65,11 +65,11 @@ def native_extensions():
     if why_not is None and cuda_home is None:
         why_not = "nvcc not found (set CUDA_HOME)"
     if why_not:
-        _say(f"{why_not}: building the CPU-only extension (no CUDA kernel)")
+        _say(f"{why_not}: the extension will hold the CPU ops only (no CUDA kernel)")
         return make_extension(None)
     # torch guesses CUDA_HOME at import time; set ours before its build helpers read it.
     os.environ["CUDA_HOME"] = cuda_home
-    _say(f"building the extension with CUDA from {cuda_home}")
+    _say(f"the extension will hold the CUDA and CPU ops (torch {torch.__version__}, CUDA from {cuda_home})")
     return make_extension(cuda_home)
 
 

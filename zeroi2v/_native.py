@@ -14,10 +14,11 @@ extension on purpose (``ZEROI2V_NO_EXT=1``) leaves no record and draws no warnin
 """
 from __future__ import annotations
 
-import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
+import sys
 import warnings
 from functools import lru_cache
 from types import ModuleType
@@ -57,15 +58,24 @@ def _check(spec, record: Optional[dict]) -> tuple[Optional[str], bool]:
 
 @lru_cache(maxsize=None)
 def _load() -> tuple[Optional[ModuleType], Optional[str]]:
-    package_dir = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.find_spec(NAME)
-    record = _read_record(os.path.dirname(spec.origin) if spec and spec.origin else package_dir)
+    # Look in this package's own directory only, and import exactly the file that was checked: an
+    # editable install's finder on sys.meta_path could otherwise answer with another checkout's library.
+    package = sys.modules[__package__]
+    spec = importlib.machinery.PathFinder.find_spec(NAME, list(package.__path__))
+    record = _read_record(os.path.dirname(spec.origin) if spec and spec.origin else package.__path__[0])
     reason, warn = _check(spec, record)
+    if reason is None and getattr(sys.modules.get(NAME), "__file__", None) == spec.origin:
+        return sys.modules[NAME], None  # imported directly before the first load()
     if reason is None:
         try:
-            return importlib.import_module(NAME), None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
         except (ImportError, OSError) as exc:
             reason, warn = f"importing {NAME} failed ({str(exc).splitlines()[0]}); {_FIX}", True
+        else:
+            sys.modules[NAME] = module
+            setattr(package, NAME.rpartition(".")[2], module)
+            return module, None
     if warn:
         warnings.warn(f"zeroi2v: {reason}; the pure-PyTorch/Triton paths run instead", RuntimeWarning,
                       stacklevel=3)
