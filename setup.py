@@ -17,7 +17,7 @@ from setuptools import setup
 
 
 def _say(msg: str) -> None:
-    print(f"zeroi2v setup: {msg}", file=sys.stderr)
+    print(f"zeroi2v setup: {msg}", file=sys.stderr, flush=True)
 
 
 def _find_cuda_home():

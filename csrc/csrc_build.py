@@ -109,7 +109,7 @@ def make_extension(cuda_home):
 
 
 def _say(msg: str) -> None:
-    print(f"zeroi2v setup: {msg}", file=sys.stderr)
+    print(f"zeroi2v setup: {msg}", file=sys.stderr, flush=True)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -139,15 +139,25 @@ def build_ext_class(fallbacks):
     build_errors = (CCompilerError, BaseError, RuntimeError, OSError, subprocess.SubprocessError)
 
     class BuildExt(BuildExtension):
+        def finalize_options(self):
+            # setuptools prepares each extension here (stubs, output names): the fallbacks too.
+            configured = self.distribution.ext_modules
+            self.distribution.ext_modules = list(configured or []) + list(fallbacks)
+            try:
+                super().finalize_options()
+            finally:
+                self.distribution.ext_modules = configured
+
         def run(self):
-            attempts = list(self.extensions) + list(fallbacks)
+            attempts = list(self.extensions)
             if not attempts:
                 return super().run()
-            compiler_option = self.compiler  # run() replaces it by a compiler instance
+            # run() replaces the compiler option by an instance, and clears inplace until it is done
+            # (a failed run leaves it cleared): each attempt starts from the options as given.
+            compiler_option, inplace = self.compiler, self.inplace
             reason = _missing_compiler()
             for ext in attempts if reason is None else ():
-                self.extensions = [ext]
-                self.compiler = compiler_option
+                self.extensions, self.compiler, self.inplace = [ext], compiler_option, inplace
                 try:
                     super().run()
                 except build_errors as exc:

@@ -144,20 +144,24 @@ def _copy_sources(dst: Path) -> Path:
     return _copy_package(dst)
 
 
+def _build_editable(src: Path, out: Path, env):
+    """PEP 660's build_editable hook, what `pip install -e .` calls, run in ``src``."""
+    out.mkdir()
+    return _run(f"""
+        import sys
+        sys.path.insert(0, "csrc")
+        import build_backend
+        print("WHEEL:", build_backend.build_editable({str(out)!r}))
+    """, cwd=src, env=env, timeout=900)
+
+
 def test_editable_build_without_compiler_succeeds_and_says_why(tmp_path):
     """PEP 660's build_editable hook (what `pip install -e .` calls) with the C++ compiler pointing
     nowhere: the hook succeeds, prints one line saying why there is no extension, records it, and
     the package then runs on the pure-PyTorch paths with that reason in one warning."""
     src = _copy_sources(tmp_path / "src")
-    out = tmp_path / "wheel"
-    out.mkdir()
     missing = str(tmp_path / "no-such-compiler")
-    build = _run(f"""
-        import sys
-        sys.path.insert(0, "csrc")
-        import build_backend
-        print("WHEEL:", build_backend.build_editable({str(out)!r}))
-    """, cwd=src, env={"CC": missing, "CXX": missing})
+    build = _build_editable(src, tmp_path / "wheel", env={"CC": missing, "CXX": missing})
     assert build.returncode == 0, build.stderr[-3000:]
     assert "WHEEL: zeroi2v-" in build.stdout
     said = [line for line in build.stderr.splitlines() if line.startswith("zeroi2v setup: zeroi2v._C not built")]
@@ -170,6 +174,40 @@ def test_editable_build_without_compiler_succeeds_and_says_why(tmp_path):
     assert res.returncode == 0, res.stderr
     (warning,) = _warnings(res.stdout)
     assert "not built at install (no C++ compiler" in warning
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+def test_failed_cuda_build_falls_back_to_the_cpu_ops(tmp_path):
+    """An nvcc that fails (here a stand-in that exits 1) costs the CUDA kernel, not the CPU ops: one
+    line says so, the CPU-only library is built and recorded, and it loads and runs. Builds the CPU
+    ops for real (about a minute on 2 cores): the only test of the CPU-only build, which is what
+    every machine without CUDA gets."""
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: broken on purpose' >&2\nexit 1\n")
+    nvcc.chmod(0o755)
+    src = _copy_sources(tmp_path / "src")
+    build = _build_editable(src, tmp_path / "wheel", env={"CUDA_HOME": str(nvcc.parent.parent)})
+    assert build.returncode == 0, build.stderr[-3000:]
+    said = [line for line in build.stderr.splitlines() if line.startswith("zeroi2v setup: building")]
+    if torch.version.cuda is not None:  # setup.py chose CUDA, which must fail over to the CPU ops
+        assert len(said) == 1 and "building the CPU ops only" in said[0], build.stderr[-3000:]
+    record = json.loads((src / "zeroi2v" / _native.RECORD_NAME).read_text())
+    assert record["built"] and not record["with_cuda"] and record["torch"] == torch.__version__
+    res = _run("""
+        import torch, zeroi2v
+        from zeroi2v import _native
+        module = _native.load()
+        assert module is not None and not module.WITH_CUDA, _native.why_not()
+        assert "cpu" in zeroi2v.available_backends()
+        q, k, v = torch.randn(3, 2 * 4, 12, 9, 16).unbind(0)
+        out = zeroi2v.stdha_attention(q, k, v, num_frames=4, head_offsets="vit_b", backend="cpu")
+        ref = zeroi2v.stdha_reference(q.double(), k.double(), v.double(), 4, zeroi2v.PRESETS["vit_b"])
+        assert (out.double() - ref).abs().max().item() < 1e-5
+        print("OK")
+    """, cwd=tmp_path, env={"PYTHONPATH": str(src)})
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr
 
 
 def _isolated_backend(python, overlay: Path, code, env=None):
