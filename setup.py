@@ -1,12 +1,13 @@
-"""Build script. Metadata lives in pyproject.toml; this file only adds the optional native extension.
+"""Build script. Metadata lives in pyproject.toml; this file only adds the native extension.
 
-The extension ``zeroi2v._C`` (sources in ``csrc/``) is built when torch is importable in the build
-environment (install with ``--no-build-isolation``) and ``ZEROI2V_NO_EXT`` is not 1:
+The extension ``zeroi2v._C`` (sources in ``csrc/``) is built against the torch of the build
+(``pip install -e .``: the one installed in the target environment, else the one pip installs,
+see csrc/build_backend.py) unless ``ZEROI2V_NO_EXT`` is 1:
   * with the CUDA STDHA kernel and the CPU ops when torch is a CUDA build, nvcc is found
     (``CUDA_HOME``, else /usr/local/cuda, else PATH) and ``ZEROI2V_NO_CUDA_EXT`` is not 1;
-  * otherwise with the CPU ops only (host C++ compiler; optional: if it fails to build, the package
-    still installs and uses the pure PyTorch paths).
-One line says which. Honours ``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` (through torch's build helpers).
+  * otherwise with the CPU ops only (host C++ compiler).
+A failed build never fails the install (csrc/csrc_build.py); one line says what was built and why.
+Honours ``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` (through torch's build helpers).
 """
 import os
 import shutil
@@ -16,7 +17,7 @@ from setuptools import setup
 
 
 def _say(msg: str) -> None:
-    print(f"zeroi2v setup: {msg}", file=sys.stderr)
+    print(f"zeroi2v setup: {msg}", file=sys.stderr, flush=True)
 
 
 def _find_cuda_home():
@@ -49,7 +50,7 @@ def native_extensions():
     try:
         import torch  # noqa: F401
     except ImportError:
-        _say("torch not importable in the build env (use --no-build-isolation): skipping the native extension")
+        _say("torch is not importable here: skipping the native extension (pip install -e . provides torch)")
         return [], {}
     make_extension = _make_extension()
     if make_extension is None:
@@ -64,11 +65,11 @@ def native_extensions():
     if why_not is None and cuda_home is None:
         why_not = "nvcc not found (set CUDA_HOME)"
     if why_not:
-        _say(f"{why_not}: building the CPU-only extension (no CUDA kernel)")
+        _say(f"{why_not}: the extension will hold the CPU ops only (no CUDA kernel)")
         return make_extension(None)
     # torch guesses CUDA_HOME at import time; set ours before its build helpers read it.
     os.environ["CUDA_HOME"] = cuda_home
-    _say(f"building the extension with CUDA from {cuda_home}")
+    _say(f"the extension will hold the CUDA and CPU ops (torch {torch.__version__}, CUDA from {cuda_home})")
     return make_extension(cuda_home)
 
 

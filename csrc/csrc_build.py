@@ -3,8 +3,13 @@
 ``make_extension(cuda_home)`` returns ``(ext_modules, cmdclass)``. With a CUDA toolkit
 (``cuda_home``; setup.py passes one when torch is a CUDA build, nvcc exists and
 ``ZEROI2V_NO_CUDA_EXT`` is not 1) the extension holds the CUDA STDHA kernel and the CPU ops; with
-``cuda_home=None`` it holds only the CPU ops (``shift_cpu.cpp``), built with the host C++ compiler
-and marked optional: a failed CPU-only build leaves a working install on the pure PyTorch paths.
+``cuda_home=None`` it holds only the CPU ops (``shift_cpu.cpp``, ``stdha_cpu.cpp``), built with the
+host C++ compiler.
+
+The build never fails the install (``BuildExt``): a CUDA build that fails falls back to the CPU
+ops, a CPU build that fails (no C++ compiler, ...) to no extension, each with one line saying why.
+Either way it writes a build record, ``_C_build.json`` next to the library (read by
+``zeroi2v/_native.py``): the torch the library was compiled against, or why there is none.
 
 Target architectures: ``TORCH_CUDA_ARCH_LIST`` when set (torch's build helpers turn it into
 ``-gencode`` flags, e.g. ``"8.0;9.0a"``); otherwise sm_80 (+ compute_80 PTX, which the driver
@@ -13,7 +18,10 @@ JIT-compiles for newer GPUs such as Blackwell) and sm_90a (Hopper). Parallel com
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,23 +58,27 @@ def nvcc_arch_flags() -> list[str]:
 OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
-def make_extension(cuda_home):
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+#: Name of the build record next to the library; zeroi2v/_native.py reads the same file.
+RECORD_NAME = "_C_build.json"
+EXT_NAME = "zeroi2v._C"
 
-    # Sources relative to setup.py's directory (setuptools wants relative paths).
-    root = os.path.dirname(_HERE)
-    rel = os.path.relpath(_HERE, root)
-    if cuda_home is None:
-        ext = CppExtension(
-            name="zeroi2v._C",
-            sources=[os.path.join(rel, s) for s in CPU_SOURCES],
-            depends=[os.path.join(rel, h) for h in ("stdha.h", "op_checks.h")],
-            include_dirs=[_HERE],
-            extra_compile_args=["-O3", "-g0", *OPENMP_FLAGS],
-            extra_link_args=OPENMP_FLAGS,
-            optional=True,
-        )
-        return [ext], {"build_ext": BuildExtension}
+
+def _cpu_extension(rel):
+    from torch.utils.cpp_extension import CppExtension
+
+    return CppExtension(
+        name=EXT_NAME,
+        sources=[os.path.join(rel, s) for s in CPU_SOURCES],
+        depends=[os.path.join(rel, h) for h in ("stdha.h", "op_checks.h")],
+        include_dirs=[_HERE],
+        extra_compile_args=["-O3", "-g0", *OPENMP_FLAGS],
+        extra_link_args=OPENMP_FLAGS,
+    )
+
+
+def _cuda_extension(rel, cuda_home):
+    from torch.utils.cpp_extension import CUDAExtension
+
     nvcc_flags = [
         "-O3",
         "-lineinfo",
@@ -74,8 +86,8 @@ def make_extension(cuda_home):
         # torch adds -D__CUDA_NO_HALF_OPERATORS__ etc.; the kernel only uses intrinsics.
         *nvcc_arch_flags(),
     ]
-    ext = CUDAExtension(
-        name="zeroi2v._C",
+    return CUDAExtension(
+        name=EXT_NAME,
         sources=[os.path.join(rel, s) for s in SOURCES],
         depends=[os.path.join(rel, h) for h in HEADERS],
         include_dirs=[_HERE],
@@ -84,5 +96,102 @@ def make_extension(cuda_home):
         extra_link_args=OPENMP_FLAGS,
         define_macros=[("ZEROI2V_WITH_CUDA", "1")],
     )
+
+
+def make_extension(cuda_home):
+    # Sources relative to setup.py's directory (setuptools wants relative paths).
+    rel = os.path.relpath(_HERE, os.path.dirname(_HERE))
+    cpu = _cpu_extension(rel)
+    if cuda_home is None:
+        return [cpu], {"build_ext": build_ext_class([])}
     # use_ninja follows torch's default (ninja when installed); MAX_JOBS caps its parallelism.
-    return [ext], {"build_ext": BuildExtension}
+    return [_cuda_extension(rel, cuda_home)], {"build_ext": build_ext_class([cpu])}
+
+
+def _say(msg: str) -> None:
+    print(f"zeroi2v setup: {msg}", file=sys.stderr, flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _missing_compiler():
+    """Why the host C++ compiler cannot run, or None. torch's ninja build compiles with $CXX (else
+    c++); checked up front because ninja's own failure only says "Error compiling objects"."""
+    from torch.utils.cpp_extension import get_cxx_compiler
+
+    cxx = get_cxx_compiler()
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler: {cxx!r} not found (install g++ or set CXX)"
+    return None
+
+
+def build_ext_class(fallbacks):
+    """torch's BuildExtension that tries the configured extension, then each of ``fallbacks``
+    (same name, fewer ops), and never fails the install; it writes the build record."""
+    from setuptools.errors import BaseError, CCompilerError
+    from torch.utils.cpp_extension import BuildExtension
+
+    # What a failed compile or link raises: distutils' errors, torch's ninja (RuntimeError), a
+    # missing tool (OSError) or a failed subprocess.
+    build_errors = (CCompilerError, BaseError, RuntimeError, OSError, subprocess.SubprocessError)
+
+    class BuildExt(BuildExtension):
+        def finalize_options(self):
+            # setuptools prepares each extension here (stubs, output names): the fallbacks too.
+            configured = self.distribution.ext_modules
+            self.distribution.ext_modules = list(configured or []) + list(fallbacks)
+            try:
+                super().finalize_options()
+            finally:
+                self.distribution.ext_modules = configured
+
+        def run(self):
+            attempts = list(self.extensions)
+            if not attempts:
+                return super().run()
+            # run() replaces the compiler option by an instance, and clears inplace until it is done
+            # (a failed run leaves it cleared): each attempt starts from the options as given.
+            compiler_option, inplace = self.compiler, self.inplace
+            reason = _missing_compiler()
+            for ext in attempts if reason is None else ():
+                self.extensions, self.compiler, self.inplace = [ext], compiler_option, inplace
+                try:
+                    super().run()
+                except build_errors as exc:
+                    reason = _first_line(exc)
+                    if ext is not attempts[-1]:
+                        _say(f"building the CUDA ops failed ({reason}): building the CPU ops only")
+                    continue
+                self._write_record(True, ("ZEROI2V_WITH_CUDA", "1") in ext.define_macros, reason)
+                return
+            _say(f"{EXT_NAME} not built ({reason}): installing without it, the pure-PyTorch paths "
+                 "will run (pip install -v shows the compiler output)")
+            self.extensions = []
+            self._write_record(False, False, reason)
+
+        def _write_record(self, built, with_cuda, reason):
+            """The record sits beside the library: in the build tree (what a wheel packs) and, for
+            editable and --inplace builds, in the source tree setuptools copied the library to."""
+            import torch
+
+            library = os.path.basename(self.get_ext_filename(EXT_NAME))
+            record = {"built": built, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                      "with_cuda": with_cuda, "library": library if built else None, "reason": reason}
+            for path in {self._library_path(False), self._library_path(self.inplace)}:
+                if built:
+                    record["size"] = os.path.getsize(path)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(os.path.join(os.path.dirname(path), RECORD_NAME), "w") as f:
+                    json.dump(record, f, indent=1)
+
+        def _library_path(self, inplace):
+            saved, self.inplace = self.inplace, inplace
+            try:
+                return os.path.abspath(self.get_ext_fullpath(EXT_NAME))
+            finally:
+                self.inplace = saved
+
+    return BuildExt

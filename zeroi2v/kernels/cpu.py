@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from .._native import require
 from ..ops.stdha import register_backend
 
-try:
-    from .. import _C  # noqa: F401  (loading the library registers torch.ops.zeroi2v.*)
-except ImportError as exc:  # pragma: no cover - depends on how the package was installed
-    raise ImportError(
-        "zeroi2v._C is not built: reinstall with torch importable at build time "
-        "(pip install --no-build-isolation -e .) to get the 'cpu' STDHA backend"
-    ) from exc
+_C = require("the 'cpu' STDHA backend")  # importing it registers torch.ops.zeroi2v.*
 if not hasattr(_C, "stdha_cpu_available") or not _C.stdha_cpu_available():
     raise ImportError("zeroi2v._C has no usable fused CPU kernel (no BLAS sgemm_ in libtorch)")
 

@@ -19,15 +19,10 @@ from functools import lru_cache
 
 import torch
 
+from .._native import require
 from ..ops.stdha import register_backend
 
-try:
-    from .. import _C  # noqa: F401  (loading the library registers torch.ops.zeroi2v.*)
-except ImportError as exc:  # pragma: no cover - depends on how the package was installed
-    raise ImportError(
-        "zeroi2v._C is not built: reinstall with a CUDA toolkit and a CUDA build of torch "
-        "(pip install --no-build-isolation -e .) to get the 'cuda' STDHA backend"
-    ) from exc
+_C = require("the 'cuda' STDHA backend")  # importing it registers torch.ops.zeroi2v.*
 if not getattr(_C, "WITH_CUDA", False):
     raise ImportError(
         "zeroi2v._C was built without CUDA (CPU ops only): reinstall with a CUDA toolkit and a CUDA "

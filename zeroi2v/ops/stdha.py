@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _native
 from ..offsets import HeadOffsets, check_offsets, resolve_offsets, source_frames
 
 # fn(q, k, v, num_frames, offsets: tuple[int, ...], scale: float) -> out (B*T, H, N, D)
@@ -262,11 +263,11 @@ USE_NATIVE_SHIFT: bool = os.environ.get("ZEROI2V_NATIVE_SHIFT", "1").strip().low
 @lru_cache(maxsize=None)
 def native_shift_op() -> Optional[Callable]:
     """``torch.ops.zeroi2v.shift_heads_`` if the extension ``zeroi2v._C`` provides it, else None."""
+    if _native.load() is None:  # loading the library registers the op
+        return None
     try:
-        from .. import _C  # noqa: F401  (loading the library registers the op)
-
         return torch.ops.zeroi2v.shift_heads_
-    except (ImportError, AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError):
         return None
 
 
