@@ -179,6 +179,25 @@ def test_tile_extent():
     assert ks.tile_extent(197, 32) == 208 and ks.tile_extent(100, 64) == 112
 
 
+def test_useful_work_table_is_current():
+    """benchmarks/results/useful_work.json is what the current configs give, and every kernel
+    does at least 89 % useful score work at N = 197 and 257."""
+    import importlib.util
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "useful_work", os.path.join(root, "benchmarks", "useful_work.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    table = mod.rows()
+    with open(os.path.join(root, "benchmarks", "results", "useful_work.json")) as f:
+        assert json.load(f) == table, "rerun python benchmarks/useful_work.py"
+    assert {r["N"] for r in table} == {197, 257} and len(table) == 8
+    assert all(r["useful"] > 0.89 for r in table), table
+
+
 @pytest.mark.parametrize("case", list(CPU_CASES), ids=list(CPU_CASES))
 def test_matches_reference(case):
     B, T, H, N, D, offsets, dtype, layout, small = CPU_CASES[case]
