@@ -184,6 +184,9 @@ def _config(kind: str, block_d: int, n_rows: int, n_cols: int, fp32: bool = Fals
 # ``benchmarks/useful_work.py`` tabulates the fraction of useful score work per kernel.
 
 _TAIL = tl.constexpr(TAIL)
+# Sizes are not specialised on (divisibility by 16, == 1): every (T, H, N) would otherwise compile
+# its own binaries (T = 1 vs 8 vs 32, H = 12 vs 16, N = 1 ...) for no gain; strides still are.
+_SIZES = ("H", "T", "NQ", "NK")
 
 
 @triton.jit
@@ -294,7 +297,7 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_base, row0,
         tl.store(lse_base + offs_m, lse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _fwd_kernel(
     Q, K, V, OFF, O, LSE,
     sqb, sqh, sqn, sqd,
@@ -333,7 +336,7 @@ def _fwd_kernel(
                       HEAD_DIM, BLOCK_D, _TAIL, BLOCK_N, True, PREC, UPCAST)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("H", "NQ"))
 def _bwd_pre_kernel(
     O, DO, DELTA,
     sob, soh, son,
@@ -405,7 +408,7 @@ def _dq_rows(q_base, do_base, k_base, v_base, dq_base, lse_base, delta_base, row
                 BLOCK_D, MASK_M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, OFF, DQ,
     sqb, sqh, sqn, sqd,
@@ -512,7 +515,7 @@ def _dkdv_cols(Q, DO, LSE, DELTA, k_base, v_base, dk_base, dv_base, col0,
                 dv.to(dv_base.dtype.element_ty), offs_n, NK, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, OFF, DK, DV,
     sqb, sqh, sqn, sqd,
