@@ -175,6 +175,16 @@ class Ctx:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
 
+    def free(self):
+        """Give cached device memory back between cases (peak-memory numbers start clean)."""
+        if not self.smoke:
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
     def row(self, **row):
         with open(self.rows_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -195,36 +205,45 @@ def _tiny_attention_shapes():
     return {"tiny": (1, 2, 2, 17, 32, (1, -1))}
 
 
+def _case(ctx, group, impl, run, min_left=4.0, **fields):
+    """Run one benchmark case and record its row: ``run()`` returns the measured fields, or
+    raises (Unavailable: recorded as such; anything else: recorded as an error, and the step
+    goes on with its next case)."""
+    from bench_cases import Unavailable
+
+    row = dict(group=group, impl=impl, **fields)
+    if ctx.time_left() < min_left:
+        return ctx.row(**row, note="skipped: step out of time")
+    try:
+        row.update(run())
+    except Unavailable as exc:
+        row["note"] = f"unavailable: {exc}"
+    except Exception as exc:  # noqa: BLE001 - recorded, the next case runs
+        row["note"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+    ctx.row(**row)
+
+
 def _attention_rows(ctx, impls, shapes, modes, group_prefix, dtype, compile_flex=True):
-    from bench_cases import Unavailable, attention_case, attention_work
+    from bench_cases import attention_case, attention_work
+
+    def run(impl, B, T, H, N, D, offsets, mode):
+        fn, reference = attention_case(impl, B, T, H, N, D, offsets, mode, dtype, ctx.device,
+                                       compile_flex=compile_flex)
+        out, expected = reference()
+        err = _rel(out, expected)
+        if not err < 2e-2:  # never time a wrong kernel
+            return dict(err=err, note="WRONG: not timed")
+        ms = ctx.ms(fn)
+        flops, nbytes = attention_work(B, T, H, N, D, mode, elem=2)
+        return dict(ms=ms, err=err, flops=flops, bytes=nbytes, tflops=_rate(flops, ms),
+                    tbps=_rate(nbytes, ms))
 
     for shape, (B, T, H, N, D, offsets) in shapes.items():
         for mode in modes:
-            group = f"{group_prefix}{shape}-{mode}"
             for impl in impls:
-                if ctx.time_left() < 3:
-                    ctx.row(group=group, impl=impl, note="skipped: step out of time")
-                    continue
-                base = dict(group=group, impl=impl, shape=[B * T, H, N, D], T=T, mode=mode,
-                            dtype=str(dtype).split(".")[-1])
-                try:
-                    fn, reference = attention_case(impl, B, T, H, N, D, offsets, mode, dtype,
-                                                   ctx.device, compile_flex=compile_flex)
-                    out, expected = reference()
-                    err = _rel(out, expected)
-                    if not err < 2e-2:
-                        ctx.row(**base, err=err, note="WRONG: not timed")
-                        continue
-                    ms = ctx.ms(fn)
-                except Unavailable as exc:
-                    ctx.row(**base, note=f"unavailable: {exc}")
-                    continue
-                except Exception as exc:  # noqa: BLE001 - recorded, the next case runs
-                    ctx.row(**base, note=f"error: {type(exc).__name__}: {str(exc)[:300]}")
-                    continue
-                flops, nbytes = attention_work(B, T, H, N, D, mode, elem=2)
-                ctx.row(**base, ms=ms, err=err, flops=flops, bytes=nbytes,
-                        tflops=_rate(flops, ms), tbps=_rate(nbytes, ms))
+                _case(ctx, f"{group_prefix}{shape}-{mode}", impl,
+                      lambda: run(impl, B, T, H, N, D, offsets, mode), min_left=3.0,
+                      shape=[B * T, H, N, D], T=T, mode=mode, dtype=str(dtype).split(".")[-1])
 
 
 def bench_env(ctx):
@@ -295,91 +314,64 @@ def bench_cuda(ctx):
                         f"cuda-{str(dtype).split('.')[-1]}-", dtype)
 
 
-def bench_adapter(ctx):
-    import torch
+def _train_like(ctx, step, zero_grads):
+    """Warm-up (compilation, autotuning), then peak memory and median time of step + zero_grads."""
+    for _ in range(0 if ctx.smoke else 2):
+        step()
+        zero_grads()
+    return ctx.peak_mb(lambda: (step(), zero_grads())), ctx.ms(lambda: (step(), zero_grads()))
 
-    from bench_cases import (ADAPTER_IMPLS, ADAPTER_SITES, adapter_case, adapter_work,
-                             saved_mb)
+
+def bench_adapter(ctx):
+    from bench_cases import ADAPTER_IMPLS, ADAPTER_SITES, adapter_case, adapter_work, saved_mb
 
     # blocks first: they carry the targets, and compile / autotune what the single sites reuse
     plan = ([("tiny", "block"), ("tiny", "qkv"), ("tiny", "proj")] if ctx.smoke else
             [("vitb16", "block"), ("vitl14", "block")] + [("vitb16", s) for s in ADAPTER_SITES])
+
+    def run(width, site, impl):
+        step, zero_grads, forward = adapter_case(width, site, impl, ctx.fp16, ctx.device)
+        peak, ms = _train_like(ctx, step, zero_grads)
+        flops, nbytes = adapter_work(width, site)
+        return dict(ms=ms, peak_mb=peak, saved_mb=saved_mb(forward), flops=flops, bytes=nbytes,
+                    tflops=_rate(flops, ms), tbps=_rate(nbytes, ms))
+
     for width, site in plan:
-        group = f"adapter-{width}-{site}"
         for impl in ADAPTER_IMPLS:
-            if ctx.time_left() < 4:
-                ctx.row(group=group, impl=impl, note="skipped: step out of time")
-                continue
-            try:
-                step, zero_grads, forward = adapter_case(width, site, impl, ctx.fp16, ctx.device)
-                for _ in range(0 if ctx.smoke else 2):  # autotuning and compilation happen here
-                    step()
-                    zero_grads()
-                peak = ctx.peak_mb(lambda: (step(), zero_grads()))
-                ms = ctx.ms(lambda: (step(), zero_grads()))
-                saved = saved_mb(forward)
-            except Exception as exc:  # noqa: BLE001
-                ctx.row(group=group, impl=impl, note=f"error: {type(exc).__name__}: {str(exc)[:300]}")
-                continue
-            flops, nbytes = adapter_work(width, site)
-            ctx.row(group=group, impl=impl, ms=ms, peak_mb=peak, saved_mb=saved, flops=flops,
-                    bytes=nbytes, tflops=_rate(flops, ms), tbps=_rate(nbytes, ms))
-            del step, zero_grads, forward
-            if not ctx.smoke:
-                torch.cuda.empty_cache()
+            _case(ctx, f"adapter-{width}-{site}", impl, lambda: run(width, site, impl))
+            ctx.free()
 
 
 def bench_train(ctx):
-    import torch
-
     from bench_cases import ADAPTER_IMPLS, train_step_case, vit_train_flops
 
     clips, frames = (1, 2) if ctx.smoke else (8, 8)
-    for impl in ADAPTER_IMPLS:
-        group = "train-vitb16-8f"
-        if ctx.time_left() < 6:
-            ctx.row(group=group, impl=impl, note="skipped: step out of time")
-            continue
-        try:
-            step, zero_grads, forward = train_step_case(impl, clips, frames, ctx.device, ctx.fp16,
-                                                        tiny=ctx.smoke)
-            for _ in range(0 if ctx.smoke else 2):
-                step()
-                zero_grads()
-            peak = ctx.peak_mb(lambda: (step(), zero_grads()))
-            ms = ctx.ms(lambda: (step(), zero_grads()))
-        except Exception as exc:  # noqa: BLE001
-            ctx.row(group=group, impl=impl, note=f"error: {type(exc).__name__}: {str(exc)[:300]}")
-            continue
+
+    def run(impl):
+        peak, ms = _train_like(ctx, *train_step_case(impl, clips, frames, ctx.device, ctx.fp16,
+                                                     tiny=ctx.smoke)[:2])
         flops = None if ctx.smoke else vit_train_flops(197, clips * frames, 768, 12, 192)
-        ctx.row(group=group, impl=impl, ms=ms, peak_mb=peak, flops=flops,
-                tflops=_rate(flops, ms), clips=clips, frames=frames)
-        del step, zero_grads, forward
-        if not ctx.smoke:
-            torch.cuda.empty_cache()
+        return dict(ms=ms, peak_mb=peak, flops=flops, tflops=_rate(flops, ms))
+
+    for impl in ADAPTER_IMPLS:
+        _case(ctx, "train-vitb16-8f", impl, lambda: run(impl), min_left=6.0, clips=clips,
+              frames=frames)
+        ctx.free()
 
 
 def bench_inference(ctx):
-    from bench_cases import INFERENCE_IMPLS, Unavailable, inference_case, vit_forward_flops
+    from bench_cases import INFERENCE_IMPLS, inference_case, vit_forward_flops
 
     clips, frames = (1, 2) if ctx.smoke else (8, 8)
-    for impl in INFERENCE_IMPLS:
-        group = "inference-vitb16-8f"
-        if ctx.time_left() < 4:
-            ctx.row(group=group, impl=impl, note="skipped: step out of time")
-            continue
-        try:
-            fn = inference_case(impl, clips, frames, ctx.device, ctx.half, tiny=ctx.smoke)
-            ms = ctx.ms(fn)
-        except Unavailable as exc:
-            ctx.row(group=group, impl=impl, note=f"unavailable: {exc}")
-            continue
-        except Exception as exc:  # noqa: BLE001
-            ctx.row(group=group, impl=impl, note=f"error: {type(exc).__name__}: {str(exc)[:300]}")
-            continue
+
+    def run(impl):
+        ms = ctx.ms(inference_case(impl, clips, frames, ctx.device, ctx.half, tiny=ctx.smoke))
         flops = None if ctx.smoke else vit_forward_flops(197, clips * frames, 768, 12)
-        ctx.row(group=group, impl=impl, ms=ms, flops=flops, tflops=_rate(flops, ms),
-                clips=clips, frames=frames)
+        return dict(ms=ms, flops=flops, tflops=_rate(flops, ms))
+
+    for impl in INFERENCE_IMPLS:
+        _case(ctx, "inference-vitb16-8f", impl, lambda: run(impl), clips=clips, frames=frames)
+        ctx.free()
 
 
 BENCHES = {"env": bench_env, "bench_stdha": bench_stdha, "bench_flex": bench_flex,

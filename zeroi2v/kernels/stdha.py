@@ -242,6 +242,20 @@ def _source_row(bt, h, OFF, T):
 
 
 @triton.jit
+def _query_program(NQ, BLOCK_M: tl.constexpr, H, T, OFF):
+    """(query block, frame-row * H + head, frame-row, head, K/V source row) of this program of a
+    query-blocked kernel (fwd, dQ); all but the block index as int64 for pointer arithmetic."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(NQ, BLOCK_M)
+    pid_bh = pid // num_m
+    bt = pid_bh // H
+    h = pid_bh % H
+    src = _source_row(bt, h, OFF, T)
+    return (pid % num_m, pid_bh.to(tl.int64), bt.to(tl.int64), h.to(tl.int64),
+            src.to(tl.int64))
+
+
+@triton.jit
 def _fwd_kv_step(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd, start_n, NK, offs_d,
                  qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PREC: tl.constexpr,
@@ -310,20 +324,12 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(NQ, BLOCK_M)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    bt = pid_bh // H
-    h = pid_bh % H
-    src64 = _source_row(bt, h, OFF, T).to(tl.int64)
-    bt64 = bt.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_m, pid_bh, bt64, h64, src64 = _query_program(NQ, BLOCK_M, H, T, OFF)
     q_base = Q + bt64 * sqb + h64 * sqh
     k_base = K + src64 * skb + h64 * skh
     v_base = V + src64 * svb + h64 * svh
     o_base = O + bt64 * sob + h64 * soh
-    lse_base = LSE + pid_bh.to(tl.int64) * NQ
+    lse_base = LSE + pid_bh * NQ
     n_full = NQ // BLOCK_M
     if pid_m < n_full:
         _fwd_rows(q_base, k_base, v_base, o_base, lse_base, pid_m * BLOCK_M,
@@ -422,21 +428,13 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(NQ, BLOCK_M)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    bt = pid_bh // H
-    h = pid_bh % H
-    src64 = _source_row(bt, h, OFF, T).to(tl.int64)
-    bt64 = bt.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_m, pid_bh, bt64, h64, src64 = _query_program(NQ, BLOCK_M, H, T, OFF)
     q_base = Q + bt64 * sqb + h64 * sqh
     do_base = DO + bt64 * sdb + h64 * sdh
     k_base = K + src64 * skb + h64 * skh
     v_base = V + src64 * svb + h64 * svh
     dq_base = DQ + bt64 * sdqb + h64 * sdqh
-    row_base = pid_bh.to(tl.int64) * NQ
+    row_base = pid_bh * NQ
     n_full = NQ // BLOCK_M
     if pid_m < n_full:
         _dq_rows(q_base, do_base, k_base, v_base, dq_base, LSE + row_base, DELTA + row_base,
