@@ -74,7 +74,8 @@ def _gpu_test_files(exclude=()):
 
 
 def _pytest_cmd(args, files, marker="gpu", workers=6):
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *files]
+    # -v: one line per test as it ends, so a step killed at its budget still shows its progress
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *files]
     if marker:
         cmd += ["-m", marker]
     if _importable("xdist") and workers > 1:
@@ -451,12 +452,21 @@ def _tail(path, n=3000):
 
 
 def _pytest_note(text):
+    """(summary line, failed test ids) of pytest output; without a summary (the run was killed),
+    counts of the per-test result lines so far."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    summary = next((ln.strip("= ") for ln in reversed(lines)
-                    if any(w in ln for w in (" passed", " failed", " error", " skipped",
-                                             "no tests ran"))), "")
+    summary = next((ln.strip("= ") for ln in reversed(lines) if ln.startswith("=")
+                    and any(w in ln for w in (" passed", " failed", " error", " skipped",
+                                              "no tests ran"))), "")
     failed = [ln.split(" ", 1)[1].split(" - ")[0] for ln in lines
               if ln.startswith(("FAILED ", "ERROR "))]
+    if not summary:
+        counts = {w: sum(f" {w.upper()}" in ln for ln in lines) for w in ("passed", "failed",
+                                                                          "skipped", "error")}
+        summary = "killed before the end; so far " + ", ".join(f"{n} {w}" for w, n in
+                                                               counts.items() if n)
+        failed = [ln.split(" FAILED ", 1)[1].split()[0] for ln in lines if " FAILED " in ln
+                  and "::" in ln.split(" FAILED ", 1)[1]]
     return summary, failed
 
 
@@ -583,7 +593,7 @@ class Runner:
                                     log, budget)
             is_pytest = "pytest" in cmd
             if is_pytest:
-                res.note, failed = _pytest_note(_tail(log, 200000))
+                res.note, failed = _pytest_note(_tail(log, 2000000))
             if step.name == "tests_triton" and rc is not None and budget - secs > 10:
                 # the packed-path tests hold no gpu mark; here they run on CUDA tensors
                 plog = os.path.join(self.work, "tests_packed.log")
@@ -593,7 +603,7 @@ class Runner:
                 with open(log, "a") as f:
                     f.write("\n" + _tail(plog, 10**7))
                 secs += secs2
-                summary2, failed2 = _pytest_note(_tail(plog, 200000))
+                summary2, failed2 = _pytest_note(_tail(plog, 2000000))
                 res.note += f"; {PACKED_TESTS}: {summary2}"
                 failed += failed2
                 rc = None if rc2 is None else (rc or rc2)

@@ -125,3 +125,17 @@ def test_report_on_gpu_shaped_rows():
     text = gc.summary(rep)
     assert "MISS shift-copy+SDPA" in text and " MET STDHA fwd+bwd" in text
     assert len(text.splitlines()) < 40  # one screen
+
+
+def test_pytest_output_is_summarised_even_when_killed():
+    gc = _load()
+    done = ("[gw1] [ 30%] FAILED tests/test_b.py::test_z[N1]\n"
+            "[gw0] [ 40%] PASSED tests/test_a.py::test_y\n"
+            "FAILED tests/test_b.py::test_z[N1] - AssertionError: boom\n"
+            "========= 1 failed, 1 passed, 3 skipped in 12.0s =========\n")
+    assert gc._pytest_note(done) == ("1 failed, 1 passed, 3 skipped in 12.0s",
+                                     ["tests/test_b.py::test_z[N1]"])
+    killed = done.rsplit("FAILED tests", 1)[0] + "[gw1] [ 50%] SKIPPED tests/test_b.py::test_w\n"
+    note, failed = gc._pytest_note(killed)
+    assert note == "killed before the end; so far 1 passed, 1 failed, 1 skipped"
+    assert failed == ["tests/test_b.py::test_z[N1]"]

@@ -39,7 +39,7 @@ def _spills(rows):
 def test_stdha_triton_kernels_compile_without_spills():
     """The four STDHA kernels, bf16, head dims 64 and 128 (their two config rows), both targets;
     on sm_90a the matrix kernels lower to wgmma. (fp16 compiles to the same register counts:
-    benchmarks/results/offline_kernels.md.)"""
+    benchmarks/results/offline/stdha.md.)"""
     rows = _offline("stdha", "--dtype", "bf16")
     assert {(r["arch"], r["head_dim"]) for r in rows} == {(80, 64), (80, 128), (90, 64), (90, 128)}
     assert len(rows) == 16

@@ -1,10 +1,11 @@
 """Compile the Triton kernels for GPUs without having one, as a real launch would, and read their
 register and local-memory use off the cubin.
 
-    python tests/triton_offline.py stdha|adapter [--arch 80 90] [--jobs 2]
+    python tests/triton_offline.py stdha|adapter [--arch 80 90] [--jobs 2] [--md]
 
 prints one JSON line per compiled kernel: ``{"kernel", "arch", "dtype", "config", "regs",
-"local", "stack", "shared", "wgmma"}``. ``local`` / ``stack`` bytes > 0 mean register spills.
+"local", "stack", "shared", "wgmma"}`` (``--md``: a markdown table, as committed under
+benchmarks/results/offline/). ``local`` / ``stack`` bytes > 0 mean register spills.
 
 How "as a real launch would": the ops' own Python launchers run on CPU tensors of ViT-B/16 shapes
 (packed qkv views, the adapter's call sites forward and backward) with the kernel objects swapped
@@ -215,6 +216,7 @@ def main(argv=None):
     ap.add_argument("--dtype", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES))
     ap.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--md", action="store_true", help="a markdown table instead of JSON lines")
     args = ap.parse_args(argv)
     why = available()
     if why:
@@ -227,9 +229,28 @@ def main(argv=None):
         jobs = [(a, d, t) for a in args.arch for d in args.dtype for t in ("gemm", "apply")]
         work = _adapter_job
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for rows in pool.map(work, jobs):
-            for row in rows:
-                print(json.dumps(row), flush=True)
+        results = pool.map(work, jobs)
+        if not args.md:
+            for rows in results:
+                for row in rows:
+                    print(json.dumps(row), flush=True)
+            return
+        import triton
+
+        print(f"Compiled offline by `python tests/triton_offline.py {args.what} --md` (Triton "
+              f"{triton.__version__}); registers and local/stack bytes read from the cubin. "
+              "sm 90 means sm_90a.\n")
+        print("| kernel | sm | dtype | config | registers | spill (local/stack B) | shared B "
+              "| wgmma |\n|---|---|---|---|---|---|---|---|")
+        for rows in results:
+            for r in rows:
+                cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
+                if "flags" in r:
+                    cfg += " " + ",".join(k[4:] for k, v in r["flags"].items() if v)
+                elif "head_dim" in r:
+                    cfg = f"D={r['head_dim']} {cfg}"
+                print(f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {cfg} | {r['regs']} | "
+                      f"{r['local']}/{r['stack']} | {r['shared']} | {'yes' if r['wgmma'] else 'no'} |")
 
 
 if __name__ == "__main__":
