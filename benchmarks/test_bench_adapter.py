@@ -3,7 +3,8 @@
     pytest benchmarks/test_bench_adapter.py --benchmark-only --benchmark-json=adapter.json
     python benchmarks/ratios.py adapter.json          # median ratio to ``unfused`` per group
 
-Groups (fp16, forward + backward, gradients for x and the adapter, frozen linear):
+Groups (fp16, forward + backward, gradients for x and the adapter, frozen linear; cases from
+``bench_cases.py``):
 
 * ``adapter-{vitb16,vitl14}-{qkv,proj,fc1,fc2}``: one adapted linear of a block at ViT-B/16
   (tokens = 8 frames x 197 x 32 clips, C = 768, r = 192) and ViT-L/14 widths (8 x 257 x 32 tokens,
@@ -23,57 +24,17 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from bench_cases import (ADAPTER_IMPLS, ADAPTER_SITES, ADAPTER_WIDTHS, adapter_case, saved_mb,
+                         train_step_case)
 
 pytestmark = pytest.mark.gpu
 HAS_CUDA = torch.cuda.is_available()
 DTYPE = torch.float16
-IMPLS = ["unfused", "fused_residual", "fused_dual"]
-WIDTHS = {
-    # name: (tokens, C, r)
-    "vitb16": (8 * 197 * 32, 768, 192),
-    "vitl14": (8 * 257 * 32, 1024, 256),
-}
-SITES = {"qkv": ("pre", 3), "proj": ("post", 1), "fc1": ("pre", 4), "fc2": ("post", 4)}
-
-
-def _pair(kind, C, r, mult, gen):
-    from zeroi2v.nn import LinearAdapter
-
-    adapter = LinearAdapter(C, ratio=r / C, scale=0.5, dropout=0.1)
-    lin = nn.Linear(C, mult * C) if kind == "pre" else nn.Linear(mult * C, C)
-    with torch.no_grad():
-        nn.init.normal_(adapter.fc2.weight, std=0.02, generator=gen)
-    return adapter.to("cuda", DTYPE).train(), lin.to("cuda", DTYPE).requires_grad_(False)
-
-
-def _site_fn(kind, adapter, lin, impl):
-    from zeroi2v.kernels import adapter as fa
-
-    if impl == "unfused":
-        return (lambda x: lin(adapter(x))) if kind == "pre" else (lambda x: adapter(lin(x)))
-    strategy = impl.split("_", 1)[1]
-    if kind == "pre":
-        return lambda x: fa.adapter_then_linear(adapter, lin, x, strategy=strategy)
-    return lambda x: fa.linear_then_adapter(lin, adapter, x, strategy=strategy)
-
-
-def _saved_mb(fn):
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return total[0] / 2**20
 
 
 def _measure(benchmark, step, zero_grads, rounds=20):
-    """pytest-benchmark timing (synchronised) + peak memory / saved bytes / do_bench median."""
+    """pytest-benchmark timing (synchronised) + peak memory / do_bench median."""
     import triton.testing
 
     for _ in range(3):  # warm-up: Triton autotuning and compilation happen here
@@ -101,69 +62,23 @@ def _measure(benchmark, step, zero_grads, rounds=20):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("site", [*SITES, "block"])
-@pytest.mark.parametrize("width", list(WIDTHS))
+@pytest.mark.parametrize("impl", ADAPTER_IMPLS)
+@pytest.mark.parametrize("site", [*ADAPTER_SITES, "block"])
+@pytest.mark.parametrize("width", [w for w in ADAPTER_WIDTHS if w != "tiny"])
 def test_adapted_linear_fwd_bwd(benchmark, width, site, impl):
-    tokens, C, r = WIDTHS[width]
-    gen = torch.Generator().manual_seed(0)
-    sites = list(SITES) if site == "block" else [site]
-    fns, xs, params = [], [], []
-    for s in sites:
-        kind, mult = SITES[s]
-        adapter, lin = _pair(kind, C, r, mult, gen)
-        fns.append(_site_fn(kind, adapter, lin, impl))
-        k_in = C if kind == "pre" else mult * C
-        xs.append(torch.randn(tokens, k_in, generator=gen).to("cuda", DTYPE).requires_grad_())
-        params.extend(adapter.parameters())
-    grads = [torch.randn(f(x).shape, generator=gen).to("cuda", DTYPE) * 0.01
-             for f, x in zip(fns, xs)]
-
-    def forward():
-        return [f(x) for f, x in zip(fns, xs)]
-
-    def step():
-        torch.autograd.backward(forward(), grads)
-
-    def zero_grads():
-        for t in (*xs, *params):
-            t.grad = None
-
+    step, zero_grads, forward = adapter_case(width, site, impl, DTYPE)
+    tokens, C, r = ADAPTER_WIDTHS[width]
     benchmark.group = f"adapter-{width}-{site}"
-    benchmark.extra_info.update(tokens=tokens, dim=C, bottleneck=r, saved_mb=round(_saved_mb(forward), 1))
+    benchmark.extra_info.update(tokens=tokens, dim=C, bottleneck=r,
+                                saved_mb=round(saved_mb(forward), 1))
     _measure(benchmark, step, zero_grads)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", IMPLS)
-def test_train_step_vitb16_8frames(benchmark, impl, monkeypatch):
-    from zeroi2v import create_video_model
-
+@pytest.mark.parametrize("impl", ADAPTER_IMPLS)
+def test_train_step_vitb16_8frames(benchmark, impl):
     batch = int(os.environ.get("ZEROI2V_BENCH_BATCH", "32"))
-    T = 8
-    torch.manual_seed(0)
-    model = create_video_model("vit_base_patch16_clip_quickgelu_224", T, 400,
-                               head_offsets="vit_b").cuda().train()
-    for blk in model.backbone.blocks:
-        blk.fused_adapters = impl != "unfused"
-    if impl != "unfused":
-        monkeypatch.setenv("ZEROI2V_ADAPTER_STRATEGY", impl.split("_", 1)[1])
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.05)
-    x = torch.randn(batch, 3, T, 224, 224, device="cuda")
-    y = torch.randint(0, 400, (batch,), device="cuda")
-
-    def forward():
-        with torch.autocast("cuda", dtype=DTYPE):
-            return F.cross_entropy(model(x), y)
-
-    def step():
-        forward().backward()
-        opt.step()
-
-    def zero_grads():
-        opt.zero_grad(set_to_none=True)
-
+    step, zero_grads, forward = train_step_case(impl, clips=batch, frames=8, dtype=DTYPE)
     benchmark.group = "train-step-vitb16-8f"
-    benchmark.extra_info.update(batch=batch, frames=T, saved_mb=round(_saved_mb(forward), 1))
+    benchmark.extra_info.update(batch=batch, frames=8, saved_mb=round(saved_mb(forward), 1))
     _measure(benchmark, step, zero_grads, rounds=10)

@@ -223,6 +223,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   const float sl2 = p.scale_log2;
+  // m tiles wholly past the last query row (the ragged end of N) skip their MMAs and softmax. The
+  // test depends only on the warp and the tile, so each branch is warp-uniform (mma.sync needs
+  // the whole warp); the cooperative loads and the barriers stay shared. N = 197 in 64-row blocks:
+  // 208 rows computed instead of 256. Skipping also the Q fragment loads, the P packing and the
+  // epilogue staging (whose NaN rows are never stored) made the 128-row tile spill on sm_90a.
+  bool live[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) live[mt] = m0 + warp * kRowsPerWarp + mt * 16 < n;
 
   for (int j = 0; j < n_tiles; ++j) {
     const int buf = j & 1;
@@ -277,6 +285,7 @@ __global__ void __launch_bounds__(kThreads)
         ldmatrix_x4(b, sKb + swz<D>(row, chunk) * 2);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
+          if (!live[mt]) continue;
           mma_16816<BF16>(s_acc[mt][jj], qf[mt][kk], b[0], b[1]);
           mma_16816<BF16>(s_acc[mt][jj + 1], qf[mt][kk], b[2], b[3]);
         }
@@ -286,6 +295,7 @@ __global__ void __launch_bounds__(kThreads)
     // ---- online softmax (rows g and g+8 of each m tile; a row lives in one quad of lanes)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
+      if (!live[mt]) continue;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = -INFINITY;
@@ -353,6 +363,7 @@ __global__ void __launch_bounds__(kThreads)
         ldmatrix_x4_trans(b, sVb + swz<D>(row, chunk) * 2);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
+          if (!live[mt]) continue;
           mma_16816<BF16>(o_acc[mt][dj], pa[mt], b[0], b[1]);
           mma_16816<BF16>(o_acc[mt][dj + 1], pa[mt], b[2], b[3]);
         }

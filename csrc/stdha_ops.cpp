@@ -48,6 +48,12 @@ at::Tensor kernel_ready(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// (B*T, H, N, D) view of a (B*T, N, H, D) buffer: the layout the output projection reads, so the
+// model's transpose(1, 2).reshape(B*T, N, H*D) is a view, not a copy.
+at::Tensor output_like(const at::Tensor& q, int64_t bt, int64_t heads, int64_t n, int64_t d) {
+  return at::empty({bt, n, heads, d}, q.options()).transpose(1, 2);
+}
+
 at::Tensor stdha_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           c10::IntArrayRef offsets, int64_t num_frames, double scale) {
   check_common(q, k, v, offsets, num_frames);
@@ -78,7 +84,7 @@ at::Tensor stdha_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK_VALUE(nkv > 0 || nq == 0, kOp, ": k and v have no tokens");
 
   c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty({bt, heads, nq, d}, q.options());
+  at::Tensor out = output_like(q, bt, heads, nq, d);
   if (out.numel() == 0) return out;
   const at::Tensor qc = kernel_ready(q), kc = kernel_ready(k), vc = kernel_ready(v);
   const int64_t qs[3] = {qc.stride(0), qc.stride(1), qc.stride(2)};
@@ -98,7 +104,8 @@ at::Tensor stdha_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
 at::Tensor stdha_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           c10::IntArrayRef offsets, int64_t num_frames, double scale) {
   check_common(q, k, v, offsets, num_frames);
-  return at::empty_symint(q.sym_sizes(), q.options());
+  const auto s = q.sym_sizes();
+  return at::empty_symint({s[0], s[2], s[1], s[3]}, q.options()).transpose(1, 2);
 }
 
 }  // namespace

@@ -56,13 +56,19 @@ def fused(kind, adapter, lin, x, **kw):
 
 
 def compare(kind, lead, C, r, n_other, p, strategy, dtype, device, ref_dtype, tol, seed=0):
-    """Forward and every gradient (x, A, a, B, b2) of the fused op vs the unfused modules."""
+    """Forward and every gradient (x, A, a, B, b2) of the fused op vs the unfused modules.
+
+    Weights and inputs are drawn, rounded to ``dtype``, and the reference runs in ``ref_dtype``
+    on exactly those values: what is left is the fused op's own arithmetic error."""
     gen = torch.Generator().manual_seed(seed)
     adapter, lin = make_pair(kind, C, r, n_other, ref_dtype, "cpu", gen, p=p)
+    with torch.no_grad():
+        for t in [*adapter.parameters(), *lin.parameters()]:
+            t.copy_(t.to(dtype).to(ref_dtype))
     k_in = C if kind == "pre" else n_other
-    x = torch.randn(*lead, k_in, generator=gen)
+    x = torch.randn(*lead, k_in, generator=gen).to(dtype).float()
     mask = torch.rand(*lead, r, generator=gen) >= p if p > 0 else None
-    dy = torch.randn(*lead, n_other if kind == "pre" else C, generator=gen)
+    dy = torch.randn(*lead, n_other if kind == "pre" else C, generator=gen).to(dtype).float()
 
     ref_a, ref_l = copy.deepcopy(adapter).train(), copy.deepcopy(lin)
     if mask is not None:
@@ -84,6 +90,7 @@ def compare(kind, lead, C, r, n_other, p, strategy, dtype, device, ref_dtype, to
         assert pf.grad is not None and pf.grad.dtype == pf.dtype, name
         errs[name] = rel_err(pf.grad, pr.grad)
     assert fus_l.weight.grad is None
+    assert all(torch.isfinite(t).all() for t in (yf, xf.grad))
     bad = {k: v for k, v in errs.items() if not v < tol}
     assert not bad, f"relative errors over {tol}: {bad}"
 
@@ -96,11 +103,26 @@ CPU_SHAPES = {
 CPU_CASES = [(k, *s) for k in ("pre", "post") for s in CPU_SHAPES[k]]
 
 
+# ‖fused − float64 reference‖ / ‖reference‖ on the same rounded operands; measured in the
+# interpreter: fp16 ~4e-4, bf16 ~4e-3 (the output's own rounding is most of it)
+CPU_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("strategy", ["residual", "dual"])
 @pytest.mark.parametrize("kind,lead,C,r,n_other", CPU_CASES)
 def test_fused_matches_unfused_cpu(kind, lead, C, r, n_other, strategy, p):
     compare(kind, lead, C, r, n_other, p, strategy, torch.float32, "cpu", torch.float64, 2e-5)
+
+
+# half precision in the interpreter: bf16 dots go through the shared upcast helper there
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("strategy", ["residual", "dual"])
+@pytest.mark.parametrize("kind,lead,C,r,n_other", [CPU_CASES[1], CPU_CASES[5]],
+                         ids=["pre", "post"])
+def test_fused_half_precision_cpu(kind, lead, C, r, n_other, strategy, dtype):
+    compare(kind, lead, C, r, n_other, 0.25, strategy, dtype, "cpu", torch.float64,
+            CPU_TOL[dtype])
 
 
 @pytest.mark.parametrize("kind", ["pre", "post"])
@@ -161,20 +183,28 @@ def test_bad_inputs():
         fa.adapter_then_linear(adapter, lin, torch.randn(10, 16))
 
 
-def test_fused_gemm_all_terms_strided():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_fused_gemm_all_terms_strided(dtype):
     """The kernel itself: residual + dense + masked low-rank + bias, transposed-view operands."""
     gen = torch.Generator().manual_seed(4)
     M, N, K1, K2 = 45, 40, 72, 24
-    res = torch.randn(M, N, generator=gen)
-    a1 = torch.randn(M, K1, generator=gen)
-    b1 = torch.randn(K1, N, generator=gen).t()  # (N, K1) view, column-major
-    a2 = torch.randn(K2, M, generator=gen).t()  # (M, K2) view
-    b2 = torch.randn(N, K2, generator=gen)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    res = rnd(M, N)
+    a1 = rnd(M, K1)
+    b1 = rnd(K1, N).t()  # (N, K1) view, column-major
+    a2 = rnd(K2, M).t()  # (M, K2) view
+    b2 = rnd(N, K2)
     mask = torch.rand(M, K2, generator=gen) > 0.4
-    bias = torch.randn(N, generator=gen)
-    out = fa.fused_gemm(torch.empty(M, N), res=res, a1=a1, b1=b1, a2=a2, b2=b2, mask=mask, bias=bias)
+    bias = torch.randn(N, generator=gen)  # fp32, as the ops pass it
+    out = fa.fused_gemm(torch.empty(M, N, dtype=dtype), res=res, a1=a1, b1=b1, a2=a2, b2=b2,
+                        mask=mask, bias=bias)
     ref = res.double() + a1.double() @ b1.double().t() + (a2.double() * mask) @ b2.double().t() + bias
-    assert rel_err(out, ref) < 1e-6
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else CPU_TOL[dtype])
 
 
 # --------------------------------------------------------------------------- the video model

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from zeroi2v import stdha_attention, stdha_reference
+from zeroi2v import PRESETS, stdha_attention, stdha_reference
 
 try:
     import zeroi2v._C as _C  # noqa: N812
@@ -43,6 +43,7 @@ def rel_err(a, b):
 
 
 TOL = {torch.float16: 5e-3, torch.bfloat16: 1e-2}
+PRESETS_VIT_B = tuple(PRESETS["vit_b"])
 
 
 # ------------------------------------------------------------------------ no GPU needed
@@ -86,6 +87,8 @@ def test_meta_kernel_gives_shapes():
     k = torch.empty(16, 12, 50, 64, dtype=torch.bfloat16, device="meta")
     out = torch.ops.zeroi2v.stdha_fwd_cuda(q, k, k, [1, -1] + [0] * 10, 8, 0.125)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device.type == "meta"
+    # the CUDA kernel's layout: (B*T, N, H, D) storage, so proj reads it without a copy
+    assert out.stride() == (197 * 12 * 64, 64, 12 * 64, 1)
     with pytest.raises(ValueError, match="too large"):
         torch.ops.zeroi2v.stdha_fwd_cuda(q, q, q, [8] + [0] * 11, 8, 0.125)
 
@@ -157,7 +160,7 @@ def _check(bt, T, h, n, d, dtype, layout, seed):
         out = stdha_attention(q, k, v, T, offsets, backend="cuda")
     ref = stdha_reference(q.double(), k.double(), v.double(), T, offsets, scale)
     assert out.shape == ref.shape and out.dtype == dtype
-    assert out.is_contiguous()
+    assert out.transpose(1, 2).is_contiguous()  # stored as (B*T, N, H, D): what proj reads
     assert torch.isfinite(out).all()
     err = rel_err(out, ref)
     assert err <= TOL[dtype], f"rel err {err:.2e} (T={T} H={h} N={n} {dtype} {layout} {offsets})"
@@ -284,6 +287,25 @@ def test_auto_dispatch_and_grad_rules():
     qg = q.clone().requires_grad_()
     with pytest.raises(ValueError, match="inference-only"):
         stdha_attention(qg, q, q, 8, "vit_b", backend="cuda")
+
+
+@pytest.mark.gpu
+def test_output_feeds_the_projection_without_a_copy():
+    """The packed entry on the CUDA op: the (B*T, N, H*D) result is a view of the kernel's output."""
+    if _C is None:
+        pytest.skip("zeroi2v._C not built")
+    from zeroi2v.ops.stdha import stdha_attention_packed
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    qkv = torch.randn(16, 197, 3, 12, 64, generator=gen, device="cuda").half()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    with torch.no_grad():
+        o = torch.ops.zeroi2v.stdha_fwd_cuda(q, k, v, list(PRESETS_VIT_B), 8, 0.125)
+        flat = o.transpose(1, 2).reshape(16, 197, 768)
+        assert flat.data_ptr() == o.data_ptr() and flat._base is not None
+        out = stdha_attention_packed(qkv, 8, "vit_b", backend="cuda")
+    ref = stdha_reference(q.double(), k.double(), v.double(), 8, PRESETS_VIT_B, 0.125)
+    assert rel_err(out, ref.transpose(1, 2).reshape(16, 197, 768)) < TOL[torch.float16]
 
 
 @pytest.mark.gpu

@@ -17,28 +17,35 @@ Kernels (all one program per ``(row block, frame-row, head)``, 1-D grid):
                       The program loops over those query frames, so every dK/dV element is written
                       by exactly one program: no atomics, bitwise deterministic.
 
-Any ``N`` (masked tails), any head_dim up to 128 (padded to a power of two with masks; 32/64/128
-are exact tiles, 80/96 pad to 128), fp16/bf16 (fp32 too: ``tf32`` dots unless
-``torch.get_float32_matmul_precision() == "highest"``, the default, which uses IEEE fp32 dots).
-Inputs may be strided views (e.g. ``qkv.reshape(BT, N, 3, H, D).permute(2, 0, 3, 1, 4)``):
-strides are passed, nothing is copied. Outputs are contiguous.
+Any ``N`` (ragged ends cut at :data:`TAIL` = 16 tokens, see the kernels section), any head_dim up
+to 128 (padded to a power of two with masks; 32/64/128 are exact tiles, 80/96 pad to 128),
+fp16/bf16 (fp32 too: ``tf32`` dots unless ``torch.get_float32_matmul_precision() == "highest"``,
+the default, which uses IEEE fp32 dots). Every tensor is read and written through its strides.
 
-The public entry is :func:`stdha_triton`. Under ``torch.compile`` it calls the ``torch.library``
-custom op ``zeroi2v::stdha_triton_fwd`` (fake impl and autograd registered; its backward is the op
-``zeroi2v::stdha_triton_bwd``), so ``torch.compile(fullgraph=True)`` traces it as one opaque node;
-in eager mode it uses :class:`STDHATritonFunction` (same launchers, less per-call overhead).
-Importing this module registers the ``"triton"`` backend of
-:func:`zeroi2v.ops.stdha.stdha_attention` (priority 10; ``"auto"`` picks it for CUDA fp16/bf16
-inputs only). Without Triton the import raises ``ImportError``, which the
-dispatch reads as "backend absent". CPU tensors work through the Triton interpreter
-(``TRITON_INTERPRET=1``), which is how CI tests the kernels.
+Two entry points, both differentiable and ``torch.compile``-traceable:
+
+* :func:`stdha_triton` — q, k, v ``(B*T, H, N, D)`` (e.g. views of a qkv projection). The output
+  is ``(B*T, H, N, D)`` stored as ``(B*T, N, H, D)``, so the model's transpose + reshape back to
+  ``(B*T, N, H*D)`` is a view. Gradients: separate dq, dk, dv.
+* :func:`stdha_triton_packed` — the packed ``(B*T, N, 3, H, D)`` qkv itself; output
+  ``(B*T, N, H, D)``; the backward writes dQ, dK and dV into one ``(B*T, N, 3, H, D)`` gradient.
+  With it nothing is copied between the qkv and the output projections (what ``STDHAttention``
+  uses through :func:`zeroi2v.ops.stdha.stdha_attention_packed`).
+
+Eager calls go through :class:`STDHATritonFunction` / :class:`STDHATritonPackedFunction`; under
+``torch.compile`` the ``torch.library`` custom ops ``zeroi2v::stdha_triton_fwd`` /
+``zeroi2v::stdha_triton_packed_fwd`` (fake impls and autograd registered; their backwards are
+``..._bwd`` ops) are traced as opaque nodes. Importing this module registers the ``"triton"``
+backend of :func:`zeroi2v.ops.stdha.stdha_attention` (priority 10; ``"auto"`` picks it for CUDA
+fp16/bf16 inputs only). Without Triton the import raises ``ImportError``, which the dispatch reads
+as "backend absent". CPU tensors work through the Triton interpreter (``TRITON_INTERPRET=1``),
+which is how CI tests the kernels.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -50,12 +57,19 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"zeroi2v.kernels.stdha needs Triton: {exc}") from exc
 
 from ..ops.stdha import register_backend
+from ._triton import dot, interpreting, upcast_dots
 
 __all__ = [
     "stdha_triton",
+    "stdha_triton_packed",
     "STDHATritonFunction",
+    "STDHATritonPackedFunction",
     "stdha_triton_forward",
     "stdha_triton_backward",
+    "stdha_triton_packed_forward",
+    "stdha_triton_packed_backward",
+    "tile_extent",
+    "TAIL",
     "supports",
     "SUPPORTED_DTYPES",
     "AUTO_HEAD_DIMS",
@@ -74,13 +88,13 @@ MAX_HEAD_DIM = 128
 
 # ----------------------------------------------------------------------------- launch configs
 # The one place for block sizes / warps / stages. UNTUNED: no GPU was available when these were
-# written. They are flash-attention-style defaults chosen for ViT shapes (N = 197 / 257, D = 64):
-# 64-row blocks pad N = 257 to 320 rather than 384 (N = 197 pads to 256 either way), a 32-query
-# step pads the dK/dV loop over N = 197 to 224, and B*T*H programs (thousands) already fill an
-# H100. Only checked offline: compiled for sm_90a, the fp16/bf16 entries lower to wgmma with no
-# register spills (ptxas -v). Keyed by kernel, then by padded head dim (the first entry whose
-# bound >= BLOCK_D applies); sequences shorter than a block shrink it (min 16, tl.dot's minimum).
-# ``benchmarks/gpu_stdha_sweep.py`` times alternatives on a GPU; update this table from its output.
+# written. They are flash-attention-style defaults for ViT shapes (N = 197 / 257, D = 64); B*T*H
+# programs (thousands) already fill an H100. Block sizes do not decide the padding of a ragged N
+# (that is TAIL's job, see tile_extent). Only checked offline: compiled for sm_80 and sm_90a with
+# a real launch's alignment, no entry spills registers (tests/test_kernels_offline.py). Keyed by
+# kernel, then by padded head dim (the first entry whose bound >= BLOCK_D applies); sequences
+# shorter than a block shrink it (min 16, tl.dot's minimum). ``benchmarks/gpu_stdha_sweep.py``
+# times alternatives on a GPU; update this table from its output.
 CONFIGS: dict[str, tuple[tuple[int, dict], ...]] = {
     "fwd": (
         (64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
@@ -126,6 +140,17 @@ def block_config(**per_kernel: dict):
         _OVERRIDE.update(old)
 
 
+#: Granularity of ragged ends: tokens past the last full block are computed TAIL at a time.
+TAIL = 16
+
+
+def tile_extent(n: int, block: int) -> int:
+    """How many of ``n`` rows (or columns) a kernel computes with blocks of ``block``: the full
+    blocks, then the rest rounded up to :data:`TAIL` (N = 197, 64-row blocks: 208, not 256)."""
+    rest = n % block
+    return n - rest + -(-rest // TAIL) * TAIL
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
@@ -150,22 +175,60 @@ def _config(kind: str, block_d: int, n_rows: int, n_cols: int, fp32: bool = Fals
     return cfg
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # ----------------------------------------------------------------------------- kernels
+#
+# Ragged ends are cut at TAIL-token granularity (tl.dot's minimum) rather than at block size: a
+# program whose query (or key) block would run past N instead walks the remaining rows in TAIL-row
+# sub-blocks, and every key (or query) loop runs full blocks unmasked, then TAIL-wide masked
+# steps. At N = 197 with 64-row blocks that computes 208 rows and columns instead of 256.
+# ``benchmarks/useful_work.py`` tabulates the fraction of useful score work per kernel.
+
+_TAIL = tl.constexpr(TAIL)
+# Sizes are not specialised on (divisibility by 16, == 1): every (T, H, N) would otherwise compile
+# its own binaries (T = 1 vs 8 vs 32, H = 12 vs 16, N = 1 ...) for no gain; strides still are.
+_SIZES = ("H", "T", "NQ", "NK")
 
 
 @triton.jit
-def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST is only set under the Triton interpreter for bf16, whose numpy dot cannot multiply
-    # bf16 (stored as uint16). Operands are already rounded to bf16, so results match the GPU path
-    # up to accumulation order.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
+def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """A (rows, BLOCK_D) tile, masked only where it can leave the tensor (ragged rows, padded D)."""
+    if MASK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM),
+                        other=0.0)
     else:
-        return tl.dot(a, b, acc, input_precision=PREC)
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASK_ROWS: tl.constexpr):
+    if MASK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+        else:
+            tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+    else:
+        if HEAD_DIM == BLOCK_D:
+            tl.store(ptrs, x)
+        else:
+            tl.store(ptrs, x, mask=offs_d[None, :] < HEAD_DIM)
+
+
+@triton.jit
+def _load_vec(ptrs, rows, n_rows, MASK_ROWS: tl.constexpr):
+    if MASK_ROWS:
+        x = tl.load(ptrs, mask=rows < n_rows, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
@@ -179,6 +242,76 @@ def _source_row(bt, h, OFF, T):
 
 
 @triton.jit
+def _query_program(NQ, BLOCK_M: tl.constexpr, H, T, OFF):
+    """(query block, frame-row * H + head, frame-row, head, K/V source row) of this program of a
+    query-blocked kernel (fwd, dQ); all but the block index as int64 for pointer arithmetic."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(NQ, BLOCK_M)
+    pid_bh = pid // num_m
+    bt = pid_bh // H
+    h = pid_bh % H
+    src = _source_row(bt, h, OFF, T)
+    return (pid % num_m, pid_bh.to(tl.int64), bt.to(tl.int64), h.to(tl.int64),
+            src.to(tl.int64))
+
+
+@triton.jit
+def _fwd_kv_step(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd, start_n, NK, offs_d,
+                 qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PREC: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """One online-softmax step over keys ``start_n .. start_n + BLOCK_N``."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(k_base + cols[:, None] * skn + offs_d[None, :] * skd, cols, NK, offs_d,
+                   HEAD_DIM, BLOCK_D, MASK_N)
+    qk = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, UPCAST)
+    qk = qk * qk_scale  # log2 domain
+    if MASK_N:
+        qk = tl.where(cols[None, :] < NK, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every step has at least one key
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(v_base + cols[:, None] * svn + offs_d[None, :] * svd, cols, NK, offs_d,
+                   HEAD_DIM, BLOCK_D, MASK_N)
+    acc = dot(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_rows(q_base, k_base, v_base, o_base, lse_base, row0,
+              sqn, sqd, skn, skd, svn, svd, son, NQ, NK, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, PREC: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """Output rows ``row0 .. row0 + BLOCK_M`` of one (frame, head): all keys, then O and LSE."""
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, offs_m, NQ, offs_d,
+                   HEAD_DIM, BLOCK_D, MASK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    nk_full = NK - NK % BLOCK_N
+    for start_n in range(0, nk_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_kv_step(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd,
+                                     start_n, NK, offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                     BLOCK_N, False, PREC, UPCAST)
+    for start_n in range(nk_full, NK, _TAIL):
+        acc, m_i, l_i = _fwd_kv_step(acc, m_i, l_i, q, k_base, v_base, skn, skd, svn, svd,
+                                     start_n, NK, offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                     _TAIL, True, PREC, UPCAST)
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log
+    _store_tile(o_base + offs_m[:, None] * son + offs_d[None, :], acc.to(o_base.dtype.element_ty),
+                offs_m, NQ, offs_d, HEAD_DIM, BLOCK_D, MASK_M)
+    if MASK_M:
+        tl.store(lse_base + offs_m, lse, mask=offs_m < NQ)
+    else:
+        tl.store(lse_base + offs_m, lse)
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _fwd_kernel(
     Q, K, V, OFF, O, LSE,
     sqb, sqh, sqn, sqd,
@@ -189,61 +322,27 @@ def _fwd_kernel(
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(NQ, BLOCK_M)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    bt = pid_bh // H
-    h = pid_bh % H
-    src = _source_row(bt, h, OFF, T)
-
-    bt64 = bt.to(tl.int64)
-    src64 = src.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_m, pid_bh, bt64, h64, src64 = _query_program(NQ, BLOCK_M, H, T, OFF)
     q_base = Q + bt64 * sqb + h64 * sqh
     k_base = K + src64 * skb + h64 * skh
     v_base = V + src64 * svb + h64 * svh
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask_m = offs_m < NQ
-
-    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    for start_n in range(0, NK, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < NK) & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, UPCAST)
-        qk = qk * qk_scale  # log2 domain
-        if not EVEN_N:
-            qk = tl.where(cols[None, :] < NK, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)
-        m_i = m_new
-
-    acc = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log
     o_base = O + bt64 * sob + h64 * soh
-    tl.store(o_base + offs_m[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=mask_m)
+    lse_base = LSE + pid_bh * NQ
+    n_full = NQ // BLOCK_M
+    if pid_m < n_full:
+        _fwd_rows(q_base, k_base, v_base, o_base, lse_base, pid_m * BLOCK_M,
+                  sqn, sqd, skn, skd, svn, svd, son, NQ, NK, qk_scale,
+                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, PREC, UPCAST)
+    else:  # the ragged last block, TAIL rows at a time
+        for row0 in range(n_full * BLOCK_M, NQ, _TAIL):
+            _fwd_rows(q_base, k_base, v_base, o_base, lse_base, row0,
+                      sqn, sqd, skn, skd, svn, svd, son, NQ, NK, qk_scale,
+                      HEAD_DIM, BLOCK_D, _TAIL, BLOCK_N, True, PREC, UPCAST)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("H", "NQ"))
 def _bwd_pre_kernel(
     O, DO, DELTA,
     sob, soh, son,
@@ -251,6 +350,7 @@ def _bwd_pre_kernel(
     H, NQ,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    # memory-bound: a masked tail costs loads, not tensor-core work, so no TAIL sub-blocks here
     pid = tl.program_id(0)
     num_m = tl.cdiv(NQ, BLOCK_M)
     pid_m = pid % num_m
@@ -259,16 +359,62 @@ def _bwd_pre_kernel(
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < NQ
-    mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + bt * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + bt * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, 1), mask=mask_m)
+    o = _load_tile(O + bt * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], offs_m, NQ,
+                   offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    do = _load_tile(DO + bt * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                    offs_m, NQ, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, 1), mask=offs_m < NQ)
 
 
 @triton.jit
+def _dq_kv_step(dq, q, do, lse2, delta, k_base, v_base, skn, skd, svn, svd, start_n, NK, offs_d,
+                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(k_base + cols[:, None] * skn + offs_d[None, :] * skd, cols, NK, offs_d,
+                   HEAD_DIM, BLOCK_D, MASK_N)
+    v = _load_tile(v_base + cols[:, None] * svn + offs_d[None, :] * svd, cols, NK, offs_d,
+                   HEAD_DIM, BLOCK_D, MASK_N)
+    qk = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, UPCAST)
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if MASK_N:
+        p = tl.where(cols[None, :] < NK, p, 0.0)
+    dp = dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, UPCAST)
+    ds = p * (dp - delta[:, None])
+    return dot(ds.to(k.dtype), k, dq, PREC, UPCAST)
+
+
+@triton.jit
+def _dq_rows(q_base, do_base, k_base, v_base, dq_base, lse_base, delta_base, row0,
+             sqn, sqd, sdn, sdd, skn, skd, svn, svd, sdqn, NQ, NK, qk_scale, sm_scale,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, PREC: tl.constexpr,
+             UPCAST: tl.constexpr):
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, offs_m, NQ, offs_d,
+                   HEAD_DIM, BLOCK_D, MASK_M)
+    do = _load_tile(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd, offs_m, NQ, offs_d,
+                    HEAD_DIM, BLOCK_D, MASK_M)
+    # padded rows read q = dO = LSE = delta = 0: finite, and their dQ is never stored
+    lse2 = _load_vec(lse_base + offs_m, offs_m, NQ, MASK_M) * 1.4426950408889634
+    delta = _load_vec(delta_base + offs_m, offs_m, NQ, MASK_M)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    nk_full = NK - NK % BLOCK_N
+    for start_n in range(0, nk_full, BLOCK_N):
+        dq = _dq_kv_step(dq, q, do, lse2, delta, k_base, v_base, skn, skd, svn, svd, start_n, NK,
+                         offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, PREC,
+                         UPCAST)
+    for start_n in range(nk_full, NK, _TAIL):
+        dq = _dq_kv_step(dq, q, do, lse2, delta, k_base, v_base, skn, skd, svn, svd, start_n, NK,
+                         offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, _TAIL, True, PREC, UPCAST)
+    _store_tile(dq_base + offs_m[:, None] * sdqn + offs_d[None, :],
+                (dq * sm_scale).to(dq_base.dtype.element_ty), offs_m, NQ, offs_d, HEAD_DIM,
+                BLOCK_D, MASK_M)
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, OFF, DQ,
     sqb, sqh, sqn, sqd,
@@ -280,88 +426,94 @@ def _bwd_dq_kernel(
     qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(NQ, BLOCK_M)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    bt = pid_bh // H
-    h = pid_bh % H
-    src = _source_row(bt, h, OFF, T)
-
-    bt64 = bt.to(tl.int64)
-    src64 = src.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_m, pid_bh, bt64, h64, src64 = _query_program(NQ, BLOCK_M, H, T, OFF)
+    q_base = Q + bt64 * sqb + h64 * sqh
+    do_base = DO + bt64 * sdb + h64 * sdh
     k_base = K + src64 * skb + h64 * skh
     v_base = V + src64 * svb + h64 * svh
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask_m = offs_m < NQ
-    qmask = mask_m[:, None] & mask_d[None, :]
-
-    q = tl.load(Q + bt64 * sqb + h64 * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=qmask, other=0.0)
-    do = tl.load(DO + bt64 * sdb + h64 * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
-                 mask=qmask, other=0.0)
-    row = pid_bh.to(tl.int64) * NQ + offs_m
-    lse2 = tl.load(LSE + row, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, NK, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < NK) & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, UPCAST)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if not EVEN_N:
-            p = tl.where(cols[None, :] < NK, p, 0.0)
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, PREC, UPCAST)
-
-    dq = dq * sm_scale
-    tl.store(DQ + bt64 * sdqb + h64 * sdqh + offs_m[:, None] * sdqn + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=qmask)
+    dq_base = DQ + bt64 * sdqb + h64 * sdqh
+    row_base = pid_bh * NQ
+    n_full = NQ // BLOCK_M
+    if pid_m < n_full:
+        _dq_rows(q_base, do_base, k_base, v_base, dq_base, LSE + row_base, DELTA + row_base,
+                 pid_m * BLOCK_M, sqn, sqd, sdn, sdd, skn, skd, svn, svd, sdqn, NQ, NK,
+                 qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, PREC, UPCAST)
+    else:
+        for row0 in range(n_full * BLOCK_M, NQ, _TAIL):
+            _dq_rows(q_base, do_base, k_base, v_base, dq_base, LSE + row_base, DELTA + row_base,
+                     row0, sqn, sqd, sdn, sdd, skn, skd, svn, svd, sdqn, NQ, NK,
+                     qk_scale, sm_scale, HEAD_DIM, BLOCK_D, _TAIL, BLOCK_N, True, PREC, UPCAST)
 
 
 @triton.jit
-def _dkdv_frame(
-    dk, dv, k, v,
-    q_base, do_base, lse_ptr, delta_ptr,
-    sqn, sqd, sdn, sdd,
-    NQ, qk_scale,
-    offs_m, offs_d, mask_d,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Accumulate into dK/dV (key block, fp32) the contribution of every query of one frame."""
-    for start_m in range(0, NQ, BLOCK_M):
-        rows = start_m + offs_m
-        mask_m = rows < NQ
-        qmask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=qmask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=qmask, other=0.0)
-        lse2 = tl.load(lse_ptr + rows, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_ptr + rows, mask=mask_m, other=0.0)
-        # transposed scores: (BLOCK_N keys, BLOCK_M queries)
-        qkT = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PREC, UPCAST)
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if not EVEN_N:
-            pT = tl.where(mask_m[None, :], pT, 0.0)
-        dv = _dot(pT.to(do.dtype), do, dv, PREC, UPCAST)
-        dpT = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PREC, UPCAST)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _dot(dsT.to(q.dtype), q, dk, PREC, UPCAST)
+def _dkdv_q_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m,
+                 sqn, sqd, sdn, sdd, NQ, qk_scale, offs_d,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, PREC: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """Add to dK/dV of a key block (fp32) the contribution of queries ``start_m ..``."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q = _load_tile(q_base + rows[:, None] * sqn + offs_d[None, :] * sqd, rows, NQ, offs_d,
+                   HEAD_DIM, BLOCK_D, MASK_M)
+    do = _load_tile(do_base + rows[:, None] * sdn + offs_d[None, :] * sdd, rows, NQ, offs_d,
+                    HEAD_DIM, BLOCK_D, MASK_M)
+    lse2 = _load_vec(lse_base + rows, rows, NQ, MASK_M) * 1.4426950408889634
+    delta = _load_vec(delta_base + rows, rows, NQ, MASK_M)
+    # transposed scores: (BLOCK_N keys, BLOCK_M queries)
+    qkT = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PREC, UPCAST)
+    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    if MASK_M:
+        pT = tl.where(rows[None, :] < NQ, pT, 0.0)
+    dv = dot(pT.to(do.dtype), do, dv, PREC, UPCAST)
+    dpT = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PREC, UPCAST)
+    dsT = pT * (dpT - delta[None, :])
+    dk = dot(dsT.to(q.dtype), q, dk, PREC, UPCAST)
     return dk, dv
 
 
 @triton.jit
+def _dkdv_cols(Q, DO, LSE, DELTA, k_base, v_base, dk_base, dv_base, col0,
+               base, s, first, n_frames, h64,
+               sqb, sqh, sqn, sqd, skn, skd, svn, svd, sdb, sdh, sdn, sdd, sdkn, sdvn,
+               H, NQ, NK, qk_scale, sm_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """dK/dV of keys ``col0 .. col0 + BLOCK_N`` of one (source frame, head): every query of the
+    (at most two) frames that read them, full query blocks then TAIL-row steps."""
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, offs_n, NK, offs_d,
+                   HEAD_DIM, BLOCK_D, MASK_N)
+    v = _load_tile(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, offs_n, NK, offs_d,
+                   HEAD_DIM, BLOCK_D, MASK_N)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    nq_full = NQ - NQ % BLOCK_M
+    for j in range(0, n_frames):
+        tq = tl.where(j == 0, first, s)
+        btq = (base + tq).to(tl.int64)
+        row0 = (btq * H + h64) * NQ
+        q_base = Q + btq * sqb + h64 * sqh
+        do_base = DO + btq * sdb + h64 * sdh
+        for start_m in range(0, nq_full, BLOCK_M):
+            dk, dv = _dkdv_q_step(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0,
+                                  start_m, sqn, sqd, sdn, sdd, NQ, qk_scale, offs_d, HEAD_DIM,
+                                  BLOCK_D, BLOCK_M, BLOCK_N, False, PREC, UPCAST)
+        for start_m in range(nq_full, NQ, _TAIL):
+            dk, dv = _dkdv_q_step(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0,
+                                  start_m, sqn, sqd, sdn, sdd, NQ, qk_scale, offs_d, HEAD_DIM,
+                                  BLOCK_D, _TAIL, BLOCK_N, True, PREC, UPCAST)
+    _store_tile(dk_base + offs_n[:, None] * sdkn + offs_d[None, :],
+                (dk * sm_scale).to(dk_base.dtype.element_ty), offs_n, NK, offs_d, HEAD_DIM,
+                BLOCK_D, MASK_N)
+    _store_tile(dv_base + offs_n[:, None] * sdvn + offs_d[None, :],
+                dv.to(dv_base.dtype.element_ty), offs_n, NK, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, OFF, DK, DV,
     sqb, sqh, sqn, sqd,
@@ -374,7 +526,7 @@ def _bwd_dkdv_kernel(
     qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(NK, BLOCK_N)
@@ -395,34 +547,24 @@ def _bwd_dkdv_kernel(
 
     bt64 = bt.to(tl.int64)
     h64 = h.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    kv_mask = (offs_n[:, None] < NK) & mask_d[None, :]
-    k = tl.load(K + bt64 * skb + h64 * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + bt64 * svb + h64 * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for j in range(0, n_frames):
-        tq = tl.where(j == 0, first, s)
-        btq = (base + tq).to(tl.int64)
-        row0 = (btq * H + h64) * NQ
-        dk, dv = _dkdv_frame(
-            dk, dv, k, v,
-            Q + btq * sqb + h64 * sqh, DO + btq * sdb + h64 * sdh, LSE + row0, DELTA + row0,
-            sqn, sqd, sdn, sdd, NQ, qk_scale, offs_m, offs_d, mask_d,
-            BLOCK_M, BLOCK_N, EVEN_N, PREC, UPCAST,
-        )
-
-    dk = dk * sm_scale
-    tl.store(DK + bt64 * sdkb + h64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + bt64 * sdvb + h64 * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    k_base = K + bt64 * skb + h64 * skh
+    v_base = V + bt64 * svb + h64 * svh
+    dk_base = DK + bt64 * sdkb + h64 * sdkh
+    dv_base = DV + bt64 * sdvb + h64 * sdvh
+    n_full = NK // BLOCK_N
+    if pid_n < n_full:
+        _dkdv_cols(Q, DO, LSE, DELTA, k_base, v_base, dk_base, dv_base, pid_n * BLOCK_N,
+                   base, s, first, n_frames, h64,
+                   sqb, sqh, sqn, sqd, skn, skd, svn, svd, sdb, sdh, sdn, sdd, sdkn, sdvn,
+                   H, NQ, NK, qk_scale, sm_scale,
+                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, PREC, UPCAST)
+    else:  # the ragged last key block, TAIL keys at a time
+        for col0 in range(n_full * BLOCK_N, NK, _TAIL):
+            _dkdv_cols(Q, DO, LSE, DELTA, k_base, v_base, dk_base, dv_base, col0,
+                       base, s, first, n_frames, h64,
+                       sqb, sqh, sqn, sqd, skn, skd, svn, svd, sdb, sdh, sdn, sdd, sdkn, sdvn,
+                       H, NQ, NK, qk_scale, sm_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_M, _TAIL, True, PREC, UPCAST)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -456,7 +598,7 @@ def _check(q, k, v, num_frames: int, offsets) -> None:
         raise ValueError(f"triton STDHA supports {SUPPORTED_DTYPES}, got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on one device")
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not interpreting():
         raise ValueError("triton STDHA needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     bt, h, nq, d = q.shape
     if k.shape[:2] != (bt, h) or v.shape[:2] != (bt, h) or k.shape[2] != v.shape[2]:
@@ -475,21 +617,28 @@ def _check(q, k, v, num_frames: int, offsets) -> None:
         raise ValueError(f"head offsets {list(offsets)} need |d| < num_frames = {num_frames}")
 
 
+def _out_layout(bt: int, h: int, n: int, d: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B*T, H, N, D) view of a (B*T, N, H, D) buffer: the layout the output
+    projection reads, so ``out.transpose(1, 2).reshape(B*T, N, H*D)`` costs nothing."""
+    return torch.empty((bt, n, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
 def stdha_triton_forward(q, k, v, num_frames: int, offsets: Sequence[int], scale: float,
                          out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
     """Launch the forward kernel; returns ``(out, lse)`` (``lse``: natural log, fp32, (BT, H, N)).
 
-    ``out`` / ``lse`` may be given (contiguous, right shape and dtype) to write into.
+    ``out`` (``(B*T, H, N, D)``, any strides with a unit last one; default: the
+    :func:`_out_layout` view) and ``lse`` (contiguous) may be given to write into.
     """
     offsets = tuple(int(o) for o in offsets)
     _check(q, k, v, num_frames, offsets)
     bt, h, nq, d = q.shape
     nk = k.shape[2]
     if out is None:
-        out = torch.empty((bt, h, nq, d), dtype=q.dtype, device=q.device)
+        out = _out_layout(bt, h, nq, d, q)
     if lse is None:
         lse = torch.empty((bt, h, nq), dtype=torch.float32, device=q.device)
-    assert out.is_contiguous() and out.shape == q.shape and lse.is_contiguous()
+    assert out.shape == q.shape and out.stride(-1) == 1 and lse.is_contiguous()
     if out.numel() == 0:
         return out, lse
     block_d = max(16, _next_pow2(d))
@@ -504,8 +653,7 @@ def stdha_triton_forward(q, k, v, num_frames: int, offsets: Sequence[int], scale
             h, int(num_frames), nq, nk,
             float(scale) * LOG2E,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
-            EVEN_N=(nk % bn == 0), PREC=_precision(q.dtype),
-            UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+            PREC=_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
             **cfg,
         )
     return out, lse
@@ -513,9 +661,11 @@ def stdha_triton_forward(q, k, v, num_frames: int, offsets: Sequence[int], scale
 
 def stdha_triton_backward(do, q, k, v, out, lse, num_frames: int, offsets: Sequence[int],
                           scale: float, dq=None, dk=None, dv=None, delta=None):
-    """Launch the backward kernels; returns ``(dq, dk, dv)`` (contiguous, in q's dtype).
+    """Launch the backward kernels; returns ``(dq, dk, dv)`` in q's dtype.
 
-    Deterministic: no atomics; every gradient element is written by exactly one program.
+    ``dq``/``dk``/``dv`` may be given (any strides with a unit last one, e.g. views of one packed
+    ``(B*T, N, 3, H, D)`` gradient); by default they are contiguous. Deterministic: no atomics;
+    every gradient element is written by exactly one program.
     """
     offsets = tuple(int(o) for o in offsets)
     _check(q, k, v, num_frames, offsets)
@@ -535,7 +685,7 @@ def stdha_triton_backward(do, q, k, v, out, lse, num_frames: int, offsets: Seque
     block_d = max(16, _next_pow2(d))
     prec = _precision(q.dtype)
     fp32 = q.dtype == torch.float32
-    upcast = _interpreting() and q.dtype == torch.bfloat16
+    upcast = upcast_dots(q.dtype)
     off_t = _offsets_tensor(offsets, q.device)
     T = int(num_frames)
     with _device_ctx(q):
@@ -553,7 +703,7 @@ def stdha_triton_backward(do, q, k, v, out, lse, num_frames: int, offsets: Seque
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride()[:3],
             h, T, nq, nk, float(scale) * LOG2E, float(scale),
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
-            EVEN_N=(nk % bn == 0), PREC=prec, UPCAST=upcast, **cfg,
+            PREC=prec, UPCAST=upcast, **cfg,
         )
         cfg = _config("bwd_dkdv", block_d, nq, nk, fp32)
         bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
@@ -563,12 +713,42 @@ def stdha_triton_backward(do, q, k, v, out, lse, num_frames: int, offsets: Seque
             *dk.stride()[:3], *dv.stride()[:3],
             h, T, nq, nk, float(scale) * LOG2E, float(scale),
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
-            EVEN_N=(nq % bm == 0), PREC=prec, UPCAST=upcast, **cfg,
+            PREC=prec, UPCAST=upcast, **cfg,
         )
     return dq, dk, dv
 
 
+def _unpack(qkv: torch.Tensor):
+    """q, k, v as (B*T, H, N, D) views of a packed (B*T, N, 3, H, D) tensor."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def stdha_triton_packed_forward(qkv: torch.Tensor, num_frames: int, offsets: Sequence[int],
+                                scale: float):
+    """Forward on a packed ``(B*T, N, 3, H, D)`` qkv; returns ``(out, lse)`` with ``out`` a
+    contiguous ``(B*T, N, H, D)`` tensor (what the output projection reads)."""
+    q, k, v = _unpack(qkv)
+    bt, n, _, h, d = qkv.shape
+    out = torch.empty((bt, n, h, d), dtype=qkv.dtype, device=qkv.device)
+    _, lse = stdha_triton_forward(q, k, v, num_frames, offsets, scale, out=out.transpose(1, 2))
+    return out, lse
+
+
+def stdha_triton_packed_backward(dout, qkv, out, lse, num_frames: int, offsets: Sequence[int],
+                                 scale: float) -> torch.Tensor:
+    """Backward of :func:`stdha_triton_packed_forward`: ``dout`` and ``out`` are
+    ``(B*T, N, H, D)``; returns one contiguous ``(B*T, N, 3, H, D)`` gradient of ``qkv``, into
+    which the kernels write dQ, dK and dV directly (no stack, no copy)."""
+    q, k, v = _unpack(qkv)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = _unpack(dqkv)
+    stdha_triton_backward(dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, num_frames,
+                          offsets, scale, dq=dq, dk=dk, dv=dv)
+    return dqkv
+
+
 # ----------------------------------------------------------------------------- torch.library ops
+# Fake impls return the real strides: the unpacked forward's output is the _out_layout view.
 
 
 @torch.library.custom_op("zeroi2v::stdha_triton_fwd", mutates_args=())
@@ -580,7 +760,7 @@ def _stdha_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: li
 @_stdha_fwd_op.register_fake
 def _(q, k, v, offsets, num_frames, scale):
     bt, h, n, d = q.shape
-    return q.new_empty((bt, h, n, d)), q.new_empty((bt, h, n), dtype=torch.float32)
+    return _out_layout(bt, h, n, d, q), q.new_empty((bt, h, n), dtype=torch.float32)
 
 
 @torch.library.custom_op("zeroi2v::stdha_triton_bwd", mutates_args=())
@@ -616,9 +796,56 @@ def _backward(ctx, dout, dlse):
 _stdha_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("zeroi2v::stdha_triton_packed_fwd", mutates_args=())
+def _stdha_packed_fwd_op(qkv: torch.Tensor, offsets: list[int], num_frames: int,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return stdha_triton_packed_forward(qkv, num_frames, offsets, scale)
+
+
+@_stdha_packed_fwd_op.register_fake
+def _(qkv, offsets, num_frames, scale):
+    bt, n, _, h, d = qkv.shape
+    return qkv.new_empty((bt, n, h, d)), qkv.new_empty((bt, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("zeroi2v::stdha_triton_packed_bwd", mutates_args=())
+def _stdha_packed_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
+                         lse: torch.Tensor, offsets: list[int], num_frames: int,
+                         scale: float) -> torch.Tensor:
+    return stdha_triton_packed_backward(dout, qkv, out, lse, num_frames, offsets, scale)
+
+
+@_stdha_packed_bwd_op.register_fake
+def _(dout, qkv, out, lse, offsets, num_frames, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, offsets, num_frames, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.offsets, ctx.num_frames, ctx.scale = list(offsets), num_frames, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _packed_backward(ctx, dout, dlse):
+    qkv, out, lse = ctx.saved_tensors
+    dqkv = torch.ops.zeroi2v.stdha_triton_packed_bwd(dout, qkv, out, lse, ctx.offsets,
+                                                     ctx.num_frames, ctx.scale)
+    return dqkv, None, None, None
+
+
+_stdha_packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
+
+# ----------------------------------------------------------------------------- eager autograd
+# The torch.library custom ops cost tens of microseconds of Python per call in eager mode; these
+# Functions run the same launchers without that overhead (torch.compile traces the ops instead).
+
+
 class STDHATritonFunction(torch.autograd.Function):
-    """Eager autograd path: the same launchers as the custom op, without its dispatch overhead
-    (``torch.library`` custom ops cost tens of microseconds of Python per call in eager mode)."""
+    """q, k, v ``(B*T, H, N, D)`` -> out ``(B*T, H, N, D)`` (the :func:`_out_layout` view);
+    separate dq, dk, dv."""
 
     @staticmethod
     def forward(ctx, q, k, v, offsets, num_frames, scale):
@@ -635,14 +862,31 @@ class STDHATritonFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class STDHATritonPackedFunction(torch.autograd.Function):
+    """qkv ``(B*T, N, 3, H, D)`` -> out ``(B*T, N, H, D)``; one packed gradient of qkv."""
+
+    @staticmethod
+    def forward(ctx, qkv, offsets, num_frames, scale):
+        out, lse = stdha_triton_packed_forward(qkv, num_frames, offsets, scale)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.offsets, ctx.num_frames, ctx.scale = offsets, num_frames, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, out, lse = ctx.saved_tensors
+        return (stdha_triton_packed_backward(dout, qkv, out, lse, ctx.num_frames, ctx.offsets,
+                                             ctx.scale), None, None, None)
+
+
 def stdha_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
                  offsets: Sequence[int], scale: Optional[float] = None) -> torch.Tensor:
     """STDHA attention with the Triton kernels (differentiable, ``torch.compile``-traceable).
 
     ``q, k, v``: ``(B*T, H, N, D)``, possibly strided views; ``offsets``: ``H`` ints with
-    ``|d| < num_frames``. Returns a contiguous ``(B*T, H, N, D)`` tensor in q's dtype.
-    Eager calls go through :class:`STDHATritonFunction`; under ``torch.compile`` the custom op
-    ``zeroi2v::stdha_triton_fwd`` (with registered fake and autograd) is traced instead.
+    ``|d| < num_frames``. Returns ``(B*T, H, N, D)`` in q's dtype, stored as ``(B*T, N, H, D)``
+    (``out.transpose(1, 2)`` is contiguous). Eager calls go through :class:`STDHATritonFunction`;
+    under ``torch.compile`` the custom op ``zeroi2v::stdha_triton_fwd`` is traced instead.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -652,6 +896,23 @@ def stdha_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: 
                                                     float(scale))
         return out
     return STDHATritonFunction.apply(q, k, v, tuple(offsets), int(num_frames), float(scale))
+
+
+def stdha_triton_packed(qkv: torch.Tensor, num_frames: int, offsets: Sequence[int],
+                        scale: Optional[float] = None) -> torch.Tensor:
+    """:func:`stdha_triton` on a packed ``(B*T, N, 3, H, D)`` qkv (the qkv projection's output,
+    reshaped). Returns a contiguous ``(B*T, N, H, D)`` output; its backward writes one packed
+    ``(B*T, N, 3, H, D)`` gradient. Nothing is copied between the qkv projection and the output
+    projection, forward or backward, eager or compiled (custom op
+    ``zeroi2v::stdha_triton_packed_fwd``)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(qkv.shape[-1])
+    offsets = [int(o) for o in offsets]
+    if torch.compiler.is_compiling():
+        out, _ = torch.ops.zeroi2v.stdha_triton_packed_fwd(qkv, offsets, int(num_frames),
+                                                           float(scale))
+        return out
+    return STDHATritonPackedFunction.apply(qkv, tuple(offsets), int(num_frames), float(scale))
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs_grad: bool = False) -> bool:
@@ -668,4 +929,8 @@ def _backend(q, k, v, num_frames, offsets, scale):
     return stdha_triton(q, k, v, num_frames, offsets, scale)
 
 
-register_backend("triton", _backend, supports=supports, priority=10)
+def _packed_backend(qkv, num_frames, offsets, scale):
+    return stdha_triton_packed(qkv, num_frames, offsets, scale)
+
+
+register_backend("triton", _backend, supports=supports, priority=10, packed=_packed_backend)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..offsets import HeadOffsets, check_offsets, resolve_offsets
-from ..ops.stdha import stdha_attention
+from ..ops.stdha import stdha_attention, stdha_attention_packed
 
 
 class STDHAttention(nn.Module):
@@ -111,15 +111,18 @@ class STDHAttention(nn.Module):
         t = self.num_frames if num_frames is None else num_frames
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = (self.qkv if qkv_fn is None else qkv_fn)(x)
-        qkv = qkv.reshape(bt, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = stdha_attention(
-            q, k, v, t, self.head_offsets, scale=self.scale,
-            dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend,
-            inplace_kv=True,  # k, v are this call's own qkv activations
-        )
-        x = x.transpose(1, 2).reshape(bt, n, self.attn_dim)
+        qkv = qkv.reshape(bt, n, 3, self.num_heads, self.head_dim)
+        kw = dict(scale=self.scale, dropout_p=self.attn_drop.p if self.training else 0.0,
+                  backend=self.backend,
+                  inplace_kv=True)  # k, v are this call's own qkv activations
+        if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):
+            # q, k, v stay views of qkv: no copy up to the output projection, nor back
+            x = stdha_attention_packed(qkv, t, self.head_offsets, **kw)
+        else:  # normalised q, k are new tensors
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            x = stdha_attention(q, k, v, t, self.head_offsets, **kw)
+            x = x.transpose(1, 2).reshape(bt, n, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
             x = x * gate

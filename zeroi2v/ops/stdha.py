@@ -33,6 +33,8 @@ from ..offsets import HeadOffsets, check_offsets, resolve_offsets, source_frames
 BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, tuple, float], torch.Tensor]
 # supports(q, k, v, needs_grad) -> bool
 SupportsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], bool]
+# packed(qkv (B*T, N, 3, H, D), num_frames, offsets, scale) -> out (B*T, N, H, D), contiguous
+PackedFn = Callable[[torch.Tensor, int, tuple, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Backend:
     supports: SupportsFn
     priority: int
     inference_only: bool = False
+    packed: Optional[PackedFn] = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -52,7 +55,7 @@ _plugins_loaded = False
 
 def register_backend(
     name: str, fn: BackendFn, *, supports: Optional[SupportsFn] = None, priority: int = 0,
-    inference_only: bool = False,
+    inference_only: bool = False, packed: Optional[PackedFn] = None,
 ) -> None:
     """Make ``fn`` available as ``stdha_attention(..., backend=name)``.
 
@@ -60,9 +63,12 @@ def register_backend(
     the backend can take these inputs (device, dtype, head_dim, autograd); ``"auto"`` picks the
     supporting backend with the highest ``priority``. An ``inference_only`` backend (no backward)
     named explicitly for inputs that need a gradient gets a ``ValueError`` here, not a call.
+    ``packed``, if given, is what :func:`stdha_attention_packed` calls instead of ``fn``: it takes
+    the packed ``(B*T, N, 3, H, D)`` qkv and returns ``(B*T, N, H, D)`` (its gradient, if any, is
+    one packed tensor: no stack of dq, dk, dv).
     """
     _BACKENDS[name] = Backend(name, fn, supports or (lambda q, k, v, g: True), priority,
-                              inference_only)
+                              inference_only, packed)
 
 
 def _load_plugins() -> None:
@@ -184,8 +190,52 @@ def stdha_attention(
         ``(B*T, H, N, D)``, same dtype as ``q``.
     """
     offsets = validate(q, k, v, num_frames, head_offsets)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    b, scale, needs_grad = _choose(q, k, v, backend, scale, dropout_p)
+    return _call(b, q, k, v, int(num_frames), offsets, scale, dropout_p, inplace_kv and not needs_grad)
+
+
+def stdha_attention_packed(
+    qkv: torch.Tensor,
+    num_frames: int,
+    head_offsets: HeadOffsets,
+    *,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    inplace_kv: bool = False,
+) -> torch.Tensor:
+    """:func:`stdha_attention` on the packed output of a fused qkv projection.
+
+    Args:
+        qkv: ``(B*T, N, 3, H, D)``: the projection's ``(B*T, N, 3*H*D)`` output reshaped (a view).
+        Others as in :func:`stdha_attention`.
+
+    Returns:
+        ``(B*T, N, H*D)``: what the output projection reads. A backend registered with a
+        ``packed`` function (``"triton"``) reads qkv and writes this output and qkv's gradient
+        in place, with no copy in between; any other backend runs on q, k, v views of ``qkv`` and
+        its output is transposed back (free when it is stored as ``(B*T, N, H, D)``, as the
+        ``"cuda"`` and ``"cpu"`` kernels store it).
+    """
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(
+            f"qkv must be (B*T, tokens, 3, heads, head_dim), got shape {tuple(qkv.shape)}: reshape "
+            "the qkv projection's output with .reshape(B*T, N, 3, num_heads, head_dim)"
+        )
+    bt, n, _, h, d = qkv.shape
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    offsets = validate(q, k, v, num_frames, head_offsets)
+    b, scale, needs_grad = _choose(q, k, v, backend, scale, dropout_p)
+    if b.packed is not None:
+        return b.packed(qkv, int(num_frames), offsets, scale).flatten(2)
+    out = _call(b, q, k, v, int(num_frames), offsets, scale, dropout_p,
+                inplace_kv and not needs_grad)
+    return out.transpose(1, 2).reshape(bt, n, h * d)
+
+
+def _choose(q, k, v, backend: str, scale: Optional[float], dropout_p: float):
+    """The backend for validated inputs, the scale, and whether a gradient is needed."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     b = _pick_backend(backend, q, k, v, needs_grad, dropout_p)
     if needs_grad and b.inference_only:
@@ -194,10 +244,14 @@ def stdha_attention(
             f"the {b.name!r} STDHA backend is inference-only (no backward); use one of {trainable} "
             "for training, or call it under torch.no_grad() / torch.inference_mode()"
         )
+    return b, scale, needs_grad
+
+
+def _call(b: Backend, q, k, v, num_frames: int, offsets, scale: float, dropout_p: float,
+          inplace_kv: bool):
     if b.name == "torch":
-        return _torch_backend(q, k, v, int(num_frames), offsets, float(scale), dropout_p,
-                              inplace_kv and not needs_grad)
-    return b.fn(q, k, v, int(num_frames), offsets, float(scale))
+        return _torch_backend(q, k, v, num_frames, offsets, scale, dropout_p, inplace_kv)
+    return b.fn(q, k, v, num_frames, offsets, scale)
 
 
 # ----------------------------------------------------------------------------- pure PyTorch
