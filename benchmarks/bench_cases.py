@@ -184,14 +184,14 @@ def adapter_pair(kind, C, r, mult, gen, dtype=torch.float16, device="cuda"):
 
 
 def adapter_site_fn(kind, adapter, lin, impl):
-    from zeroi2v.kernels import adapter as fa
+    from zeroi2v.ops import adapter as oa
 
     if impl == "unfused":
         return (lambda x: lin(adapter(x))) if kind == "pre" else (lambda x: adapter(lin(x)))
     strategy = impl.split("_", 1)[1]
     if kind == "pre":
-        return lambda x: fa.adapter_then_linear(adapter, lin, x, strategy=strategy)
-    return lambda x: fa.linear_then_adapter(lin, adapter, x, strategy=strategy)
+        return lambda x: oa.adapter_then_linear(adapter, lin.weight, lin.bias, x, strategy=strategy)
+    return lambda x: oa.linear_then_adapter(adapter, lin.weight, lin.bias, x, strategy=strategy)
 
 
 def adapter_case(width, site, impl, dtype=torch.float16, device="cuda", seed=0):
@@ -293,8 +293,7 @@ def train_step_case(impl, clips=8, frames=8, device="cuda", dtype=torch.float16,
     parameters) of a ZeroI2V ViT-B/16 on ``clips`` clips of ``frames`` frames."""
     torch.manual_seed(seed)
     model = video_model(frames, tiny).to(device).train()
-    for blk in model.backbone.blocks:
-        blk.fused_adapters = impl != "unfused"
+    model.set_fused_adapters(impl != "unfused")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.05)
     size = 32 if tiny else 224

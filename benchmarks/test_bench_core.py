@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import zeroi2v.ops.stdha as stdha_ops
+from zeroi2v import settings
 from zeroi2v import PRESETS, create_video_model, merge_adapters, stdha_attention
 from zeroi2v.nn import STDHAttention
 from zeroi2v.train.demo import rotating_times
@@ -53,7 +54,7 @@ def _attention_case(shape, impl, monkeypatch):
         # (re-shifting the same buffer every round is the same work on still-random data). The
         # shift runs in the native CPU op when zeroi2v._C is built; "_pure" forces pure PyTorch.
         if impl.endswith("_pure"):
-            monkeypatch.setattr(stdha_ops, "USE_NATIVE_SHIFT", False)
+            monkeypatch.setitem(settings._values, "native_shift", False)
         elif DEV.type == "cpu" and stdha_ops.native_shift_op() is None:
             pytest.skip("zeroi2v._C not built: no native shift op")
         fn = lambda: stdha_attention(q, k, v, t, offsets, backend="torch", inplace_kv=True)  # noqa: E731

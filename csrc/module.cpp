@@ -5,6 +5,8 @@
 // touches the CUDA runtime. The attributes below only describe what was compiled.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "stdha.h"
 
 namespace py = pybind11;
@@ -36,12 +38,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Whether a kernel is compiled for dtype ('float16' or 'bfloat16') and head_dim.");
   m.attr("HEAD_DIMS") = py::make_tuple(64, 128);
   m.attr("MAX_HEADS") = ZEROI2V_STDHA_MAX_HEADS;
-  m.attr("OPS") = py::make_tuple("shift_heads_", "stdha_fwd_cpu", "stdha_fwd_cuda");
+  m.def(
+      "set_block_m",
+      [](int block_m) {
+        if (zeroi2v_stdha_set_block_m(block_m) != 0)
+          throw py::value_error("CUDA STDHA block size must be 64 or 128 (or 0: by size), got " +
+                                std::to_string(block_m));
+      },
+      py::arg("block_m"), "Force the CUDA kernel's query rows per tile (64, 128; 0: by size).");
 #else
   m.doc() =
       "zeroi2v native extension (CPU only): torch.ops.zeroi2v.stdha_fwd_cpu(q, k, v, offsets, "
       "num_frames, scale) and torch.ops.zeroi2v.shift_heads_(xs, num_frames, offsets).";
   m.attr("WITH_CUDA") = false;
-  m.attr("OPS") = py::make_tuple("shift_heads_", "stdha_fwd_cpu");
 #endif
 }

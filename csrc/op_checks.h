@@ -1,5 +1,5 @@
 // Argument checks shared by the zeroi2v operators (stdha_fwd_cuda, stdha_fwd_cpu, shift_heads_):
-// the clip layout and the head offsets of SPEC §2, with one wording for every op.
+// the clip layout and the head offsets of docs/method.md §2, with one wording for every op.
 #pragma once
 
 #include <c10/util/ArrayRef.h>

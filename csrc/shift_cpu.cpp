@@ -5,7 +5,7 @@
 // Every x in xs is (B*T, H, N, D) with the T frames of a video adjacent and D contiguous;
 // typically the K and the V view of a fused qkv activation. Afterwards, for head h, frame t holds
 // what frame t - offsets[h] held, and frames whose source lies outside the clip keep their own
-// (SPEC §2). Heads with offset 0 are not touched.
+// (docs/method.md §2). Heads with offset 0 are not touched.
 //
 // Why a native op: in pure PyTorch an overlapping in-place move needs a temporary (clone, then
 // copy back), i.e. twice the memory traffic plus an allocation, and one pass over the activation

@@ -1,6 +1,6 @@
 /* zeroi2v STDHA forward: plain C API of the CUDA kernel (no libtorch, no Python).
  *
- * STDHA (SPEC §2): for output row bt = b*T + t and head h, the keys and values come from row
+ * STDHA (docs/method.md §2): for output row bt = b*T + t and head h, the keys and values come from row
  * b*T + s, where s = t - d_h if 0 <= t - d_h < T, else s = t (boundary: keep the own frame).
  *     out[bt, h] = softmax(q[bt, h] · k[src, h]^T * scale) · v[src, h]
  * The source frame is chosen by pointer arithmetic while K/V tiles are loaded: no shifted copy.
@@ -56,6 +56,10 @@ int zeroi2v_stdha_fwd(int dtype, const void* q, const void* k, const void* v, vo
 
 /* 1 if a kernel is compiled for this dtype and head_dim, else 0. */
 int zeroi2v_stdha_supported(int dtype, int64_t head_dim);
+
+/* Query rows per tile of the head_dim-64 kernel: 64 or 128, or 0 to choose by size (the
+   default). Any other value: ZEROI2V_ERR_INVALID_ARGUMENT, nothing changed. */
+int zeroi2v_stdha_set_block_m(int block_m);
 
 /* Human-readable message for a status code (CUDA errors included). */
 const char* zeroi2v_status_string(int status);

@@ -1,7 +1,4 @@
 // Plain C API of the STDHA forward kernel (see stdha.h): argument checks and tile selection.
-#include <stdlib.h>
-#include <string.h>
-
 #include "stdha.h"
 #include "stdha_kernel.cuh"
 
@@ -18,17 +15,13 @@ bool strides_ok(const int64_t s[3]) { return s[0] % 8 == 0 && s[1] % 8 == 0 && s
 
 // Rows per thread block for head_dim 64: 128 (2 m tiles per warp: K/V fragments reused twice)
 // unless that pads N more than 64-row blocks would (N = 257: 384 vs 320 rows) or leaves fewer
-// blocks than a GPU has warp schedulers to fill. ZEROI2V_STDHA_BLOCK_M=64|128 forces a choice
-// (for benchmarking). Heuristic, to be tuned with measurements.
+// blocks than a GPU has warp schedulers to fill. zeroi2v_stdha_set_block_m forces a choice (the
+// Python side passes ZEROI2V_STDHA_BLOCK_M, validated, for benchmarking). Heuristic, to be tuned
+// with measurements.
+int g_forced_m_tiles = 0;  // 0: by size; 1: 64 rows; 2: 128 rows
+
 int choose_m_tiles(int64_t n, int64_t bt, int64_t heads) {
-  static const int forced = [] {
-    const char* env = getenv("ZEROI2V_STDHA_BLOCK_M");
-    if (env == nullptr) return 0;
-    if (strcmp(env, "64") == 0) return 1;
-    if (strcmp(env, "128") == 0) return 2;
-    return 0;
-  }();
-  if (forced) return forced;
+  if (g_forced_m_tiles) return g_forced_m_tiles;
   const int64_t blocks128 = (n + 127) / 128;
   const int64_t blocks64 = (n + 63) / 64;
   const bool no_extra_padding = blocks128 * 2 == blocks64;
@@ -41,6 +34,12 @@ int choose_m_tiles(int64_t n, int64_t bt, int64_t heads) {
 }  // namespace zeroi2v
 
 extern "C" {
+
+int zeroi2v_stdha_set_block_m(int block_m) {
+  if (block_m != 0 && block_m != 64 && block_m != 128) return ZEROI2V_ERR_INVALID_ARGUMENT;
+  zeroi2v::stdha::g_forced_m_tiles = block_m / 64;
+  return 0;
+}
 
 int zeroi2v_stdha_supported(int dtype, int64_t head_dim) {
   if (dtype != ZEROI2V_DTYPE_FP16 && dtype != ZEROI2V_DTYPE_BF16) return 0;

@@ -10,7 +10,7 @@
 // Why: the shift-then-SDPA path moves the temporal heads' K/V through memory first; for ViT-L/14
 // with 7 of 16 heads temporal over 32 frames that is ~30 MB, ~4-5 % of SDPA on a 2-core CPU. Here
 // the shift is pointer arithmetic: a (frame, head, query block) task reads K/V of its source frame
-// s(t, h) (SPEC §2, boundary: own frame) in place. The work is laid out as ATen's CPU flash
+// s(t, h) (docs/method.md §2, boundary: own frame) in place. The work is laid out as ATen's CPU flash
 // attention lays it out (tasks in (frame, head, query block) order over one parallel region, 64
 // query rows per block, BLAS sgemm for Q·K^T and P·V, a full-row softmax since ViT rows are short),
 // so that it costs what SDPA costs.
@@ -203,7 +203,7 @@ at::Tensor stdha_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     for (int64_t task = begin; task < end; ++task) {
       const int64_t slice = task % q_slices, h = (task / q_slices) % H, bt = task / (q_slices * H);
       const int64_t t = bt % T, src = t - off[h];
-      const int64_t kv_row = (0 <= src && src < T) ? bt - t + src : bt;  // SPEC §2 boundary
+      const int64_t kv_row = (0 <= src && src < T) ? bt - t + src : bt;  // docs/method.md §2 boundary
       const int64_t m0 = slice * N / q_slices, rows = (slice + 1) * N / q_slices - m0;
       const float* qp = qd + bt * qs0 + h * qs1 + m0 * qs2;
       const float* kp = kd + kv_row * ks0 + h * ks1;

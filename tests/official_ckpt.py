@@ -8,7 +8,7 @@ ADAPTERS = ("T_Adapter_in", "S_Adapter", "MLP_Adapter", "MLP_Adapter_out")
 
 
 def make_official(width, layers, frames, classes, *, img=32, patch=8, adapters=ADAPTERS, seed=0):
-    """Random weights in the official mmaction2 key layout (SPEC §6)."""
+    """Random weights in the official mmaction2 key layout (docs/method.md §6)."""
     g = torch.Generator().manual_seed(seed)
 
     def rn(*shape, std=None):

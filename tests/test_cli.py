@@ -210,7 +210,7 @@ def test_import_official(tmp_path, capsys):
     assert main(["import-official", str(src), "--out", str(out), "--head-offsets", "1,-1,0,0"]) == 0
     assert "converted" in capsys.readouterr().out
     rebuilt = load_model(out)
-    assert rebuilt.backbone.blocks[0].mlp_adapter_out is None  # none in the checkpoint
+    assert "mlp_adapter_out" not in rebuilt.adapters(0)  # none in the checkpoint
     assert list(rebuilt.head_offsets) == [1, -1, 0, 0] and rebuilt.num_frames == 4
     direct = load_official_checkpoint(src, head_offsets=[1, -1, 0, 0]).eval()
     x = torch.randn(1, 3, 4, 32, 32)

@@ -1,4 +1,5 @@
-"""Fused "adapter + frozen linear" ops (zeroi2v.kernels.adapter) against the unfused modules.
+"""Fused "adapter + frozen linear" ops (zeroi2v.ops.adapter over zeroi2v.kernels.adapter) against
+the unfused modules.
 
 CPU: Triton interpreter, float32 fused vs float64 reference modules, small shapes, ragged token
 counts. GPU (``@pytest.mark.gpu``): ViT-B / ViT-L widths in float16/bfloat16.
@@ -10,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zeroi2v import create_video_model, merge_adapters
+from zeroi2v import create_video_model, merge_adapters, settings
 from zeroi2v.kernels import adapter as fa
-from zeroi2v.nn import LinearAdapter
+from zeroi2v.nn import AdaptedLinear, LinearAdapter
+from zeroi2v.ops import adapter as oa
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -51,8 +53,8 @@ def unfused(kind, adapter, lin, x):
 
 def fused(kind, adapter, lin, x, **kw):
     if kind == "pre":
-        return fa.adapter_then_linear(adapter, lin, x, **kw)
-    return fa.linear_then_adapter(lin, adapter, x, **kw)
+        return oa.adapter_then_linear(adapter, lin.weight, lin.bias, x, **kw)
+    return oa.linear_then_adapter(adapter, lin.weight, lin.bias, x, **kw)
 
 
 def compare(kind, lead, C, r, n_other, p, strategy, dtype, device, ref_dtype, tol, seed=0):
@@ -130,14 +132,14 @@ def test_auto_strategy_and_drawn_mask(kind, monkeypatch):
     """Without a mask the op draws one with ``dropout_mask``; the result is the unfused module
     under that very mask."""
     drawn = []
-    orig = fa.dropout_mask
+    orig = oa.dropout_mask
 
     def record(shape, p, device):
         m = orig(shape, p, device)
         drawn.append(m)
         return m
 
-    monkeypatch.setattr(fa, "dropout_mask", record)
+    monkeypatch.setattr(oa, "dropout_mask", record)
     gen = torch.Generator().manual_seed(1)
     p = 0.3
     adapter, lin = make_pair(kind, 32, 8, 64, torch.float32, "cpu", gen, p=p)
@@ -149,7 +151,7 @@ def test_auto_strategy_and_drawn_mask(kind, monkeypatch):
 
 
 def test_dropout_mask_rate():
-    m = fa.dropout_mask((4000, 16), 0.25, "cpu")
+    m = oa.dropout_mask((4000, 16), 0.25, "cpu")
     assert m.dtype == torch.bool and abs(m.float().mean().item() - 0.75) < 0.02
 
 
@@ -176,11 +178,11 @@ def test_bad_inputs():
     adapter, lin = make_pair("pre", 32, 8, 64, torch.float32, "cpu", gen, p=0.1)
     x = torch.randn(10, 32)
     with pytest.raises(ValueError, match="mask"):
-        fa.adapter_then_linear(adapter, lin, x, mask=torch.ones(10, 7, dtype=torch.bool))
+        fused("pre", adapter, lin, x, mask=torch.ones(10, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="strategy"):
-        fa.adapter_then_linear(adapter, lin, x, strategy="fast")
+        fused("pre", adapter, lin, x, strategy="fast")
     with pytest.raises(ValueError, match="dim"):
-        fa.adapter_then_linear(adapter, lin, torch.randn(10, 16))
+        fused("pre", adapter, lin, torch.randn(10, 16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
@@ -237,31 +239,27 @@ def _train_step(model, x, y):
 
 def _one_step_fused_vs_unfused(model, x, y, p, tol, monkeypatch, autocast_dtype=None):
     """Train one step fused (masks recorded) and unfused (masks replayed); compare everything."""
-    def set_mode(m, fused_mode):
-        for blk in m.backbone.blocks:
-            blk.fused_adapters = fused_mode
-
     fused_m, unfused_m = model, copy.deepcopy(model)
-    set_mode(fused_m, True)
-    set_mode(unfused_m, False)
+    fused_m.set_fused_adapters(True)
+    unfused_m.set_fused_adapters(False)
     masks = []
-    orig = fa.dropout_mask
+    orig = oa.dropout_mask
 
     def record(shape, p_, device):
         m = orig(shape, p_, device)
         masks.append(m)
         return m
 
-    monkeypatch.setattr(fa, "dropout_mask", record)
+    monkeypatch.setattr(oa, "dropout_mask", record)
     calls = {"pre": 0, "post": 0}
     for name, key in [("adapter_then_linear", "pre"), ("linear_then_adapter", "post")]:
-        fn = getattr(fa, name)
+        fn = getattr(oa, name)
 
         def counted(*a, _fn=fn, _key=key, **k):
             calls[_key] += 1
             return _fn(*a, **k)
 
-        monkeypatch.setattr(fa, name, counted)
+        monkeypatch.setattr(oa, name, counted)
 
     ac = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype
           else torch.autocast(x.device.type, enabled=False))
@@ -271,9 +269,9 @@ def _one_step_fused_vs_unfused(model, x, y, p, tol, monkeypatch, autocast_dtype=
     assert calls == {"pre": 2 * depth, "post": 2 * depth}
     assert len(masks) == (4 * depth if p > 0 else 0)
     if p > 0:
-        for blk in unfused_m.backbone.blocks:
-            for n in ("t_adapter", "s_adapter", "mlp_adapter", "mlp_adapter_out"):
-                getattr(blk, n).drop = Replay(masks, p)
+        for i in range(depth):
+            for adapter in unfused_m.adapters(i).values():
+                adapter.drop = Replay(masks, p)
     with ac:
         loss_u, grads_u = _train_step(unfused_m, x, y)
     assert calls == {"pre": 2 * depth, "post": 2 * depth}  # the unfused run used no fused op
@@ -296,8 +294,7 @@ def test_model_one_step_fused_equals_unfused_cpu(p, monkeypatch):
     gen = torch.Generator().manual_seed(5)
     model = create_video_model(_tiny_vit(), 2, 5, head_offsets=[1, -1, 0, 0],
                                adapter_dropout=p, head_dropout=0.0).train()
-    for blk in model.backbone.blocks:  # attention is not under test here: keep it cheap on CPU
-        blk.attn.backend = "torch"
+    model.set_attn_backend("torch")  # attention is not under test here: keep it cheap on CPU
     with torch.no_grad():
         for prm in model.parameters():
             if prm.requires_grad:
@@ -311,23 +308,50 @@ def test_model_one_step_fused_equals_unfused_cpu(p, monkeypatch):
         assert rel_err(merge_adapters(trained)(x), trained(x)) < 1e-5
 
 
-def test_model_auto_mode_stays_unfused_on_cpu(monkeypatch):
-    """Automatic mode fuses only on CUDA; the env switch forces either path."""
+def test_model_auto_mode_stays_unfused_on_cpu():
+    """Automatic mode fuses only when training on CUDA in half precision; the switch
+    (ZEROI2V_FUSED_ADAPTERS) forces either path, a model's own setting wins over it."""
+    from zeroi2v.models.video_vit import fused_adapters_active
+
     model = create_video_model(_tiny_vit(), 2, 5, head_offsets=[1, -1, 0, 0]).train()
-    blk = model.backbone.blocks[0]
-    x = torch.randn(4, 17, 32)
-    monkeypatch.delenv("ZEROI2V_FUSED_ADAPTERS", raising=False)
-    assert not blk._use_fused(x)
-    monkeypatch.setenv("ZEROI2V_FUSED_ADAPTERS", "1")
-    assert blk._use_fused(x)
-    blk.fused_adapters = False  # the attribute wins over the environment
-    assert not blk._use_fused(x)
-    blk.fused_adapters = None
-    monkeypatch.setenv("ZEROI2V_FUSED_ADAPTERS", "0")
-    assert not blk._use_fused(x)
-    monkeypatch.setenv("ZEROI2V_FUSED_ADAPTERS", "maybe")
-    with pytest.raises(ValueError, match="ZEROI2V_FUSED_ADAPTERS"):
-        blk._use_fused(x)
+    cpu = torch.device("cpu")
+    assert not fused_adapters_active(model, cpu, torch.float32, training=True)
+    with settings.override(fused_adapters=True):
+        assert fused_adapters_active(model, cpu, torch.float32, training=True)
+        model.set_fused_adapters(False)
+        assert not fused_adapters_active(model, cpu, torch.float32, training=True)
+    model.set_fused_adapters(None)
+    with settings.override(fused_adapters=False):
+        assert not fused_adapters_active(model, torch.device("cuda"), torch.bfloat16,
+                                         training=True)
+    with pytest.raises(ValueError, match="ZEROI2V_FUSED_ADAPTERS='maybe'"):
+        settings.SWITCHES["fused_adapters"].parse("maybe")
+    lin = model.adapted_linears()[0]
+    why = oa.fused_not_supported_reasons(torch.randn(4, 32), lin.weight, lin.bias,
+                                         lin.get_adapter(), automatic=True)
+    assert "not on CUDA" in why
+    with pytest.raises(ValueError, match="cannot run here: the linear is trained"):
+        lin.weight.requires_grad_(True)
+        oa.adapted_linear(torch.randn(4, 32), lin.weight, lin.bias, lin.get_adapter(), "before",
+                          fused=True)
+
+
+def test_adapted_linear_folds_exactly_and_keeps_timm_names():
+    gen = torch.Generator().manual_seed(7)
+    lin = nn.Linear(24, 40).double().requires_grad_(False)
+    for position, dim in (("before", 24), ("after", 40)):
+        adapter = LinearAdapter(dim, scale=0.7).double()
+        with torch.no_grad():
+            for t in adapter.parameters():
+                t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.2)
+        al = AdaptedLinear(lin, adapter, position).eval()
+        assert {"weight", "bias", "adapter.fc1.weight"} <= set(al.state_dict())
+        x = torch.randn(6, 24, generator=gen, dtype=torch.float64)
+        merged = al.to_linear()
+        assert type(merged) is nn.Linear
+        assert (merged(x) - al(x)).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="cannot go after"):
+        AdaptedLinear(lin, LinearAdapter(24), "after")
 
 
 # --------------------------------------------------------------------------- GPU
@@ -351,14 +375,13 @@ def test_fused_matches_unfused_gpu(width, kind, mult, p, strategy, dtype):
 
 @pytest.mark.gpu
 def test_model_auto_mode_fuses_on_cuda():
+    from zeroi2v.models.video_vit import fused_adapters_active
+
     model = create_video_model(_tiny_vit(), 2, 5, head_offsets=[1, -1, 0, 0]).cuda().train()
-    blk = model.backbone.blocks[0]
-    x = torch.randn(4, 17, 32, device="cuda")
-    assert not blk._use_fused(x)  # float32: unfused
-    assert blk._use_fused(x.half())
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert blk._use_fused(x)
-    assert not blk.eval()._use_fused(x.half())
+    dev = torch.device("cuda")
+    assert not fused_adapters_active(model, dev, torch.float32, training=True)
+    assert fused_adapters_active(model, dev, torch.float16, training=True)
+    assert not fused_adapters_active(model, dev, torch.bfloat16, training=False)
 
 
 @pytest.mark.gpu

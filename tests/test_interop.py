@@ -2,7 +2,7 @@
 
 All weights are random, written to tmp files in each layout. The reference forwards (CLIP visual
 tower, official ZeroI2V backbone with STDHA by a shift of a cloned tensor) are written here,
-independently of the library, from the official architecture's description (SPEC §2, §3, §6).
+independently of the library, from the official architecture's description (docs/method.md §2, §3, §6).
 """
 from __future__ import annotations
 
@@ -293,7 +293,7 @@ def test_official_import_matches_official_forward(case, tmp_path):
     from zeroi2v import PRESETS
     offsets = PRESETS[preset]
     assert model.head_offsets == offsets
-    assert model.backbone.blocks[0].t_adapter.scale == scale
+    assert model.adapters(0)["t_adapter"].scale == scale
     assert (model.num_frames, model.head.out_features) == (frames, classes)
     x = _video(frames)
     want = official_forward(sd, x, offsets, scale)
@@ -312,7 +312,7 @@ def test_official_explicit_offsets_one_mlp_adapter_and_reparameterized(tmp_path)
     sd = make_official(64, 2, 4, 7, adapters=ADAPTERS[:3])
     model = load_official_checkpoint(_save_official(sd, tmp_path / "a.pth", wrap=False),
                                      head_offsets=offsets, adapter_scale=1.0).eval()
-    assert model.backbone.blocks[0].mlp_adapter_out is None and not model.merged
+    assert "mlp_adapter_out" not in model.adapters(0) and not model.merged
     x = _video(4)
     with torch.no_grad():
         assert rel_err(model(x), official_forward(sd, x, offsets, 1.0)) <= 1e-5

@@ -1,4 +1,4 @@
-"""The video model, adapter placement, freezing, and the exact merge (SPEC §3, §4)."""
+"""The video model, adapter placement, freezing, and the exact merge (docs/method.md §3, §4)."""
 import pytest
 import timm
 import torch
@@ -45,7 +45,7 @@ def test_merge_is_exact_and_zero_cost(name, kw, offsets):
     assert merged.merged and not model.merged
     assert rel_err(y_merged, y) < 1e-5
     # the original model still has its adapters (merge copies by default)
-    assert model.backbone.blocks[0].t_adapter is not None
+    assert model.adapters(0)["t_adapter"] is not None and merged.adapters(0) == {}
     # every head offset survives the merge (the official inference backbone drops the ±2 heads)
     assert all(b.attn.head_offsets == model.head_offsets for b in merged.backbone.blocks)
     # the merged backbone is a plain timm ViT: strict load into a vanilla one of the same name
@@ -90,7 +90,8 @@ def test_trainable_parameters():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     assert "temporal_embedding" in trainable and "head.weight" in trainable
     assert "backbone.norm.weight" in trainable
-    assert not any(n.startswith("backbone.blocks.0.attn.qkv") for n in trainable)
+    assert "backbone.blocks.0.attn.qkv.weight" not in trainable  # frozen; its adapter trains
+    assert "backbone.blocks.0.attn.qkv.adapter.fc1.weight" in trainable
     assert not any("patch_embed" in n or "pos_embed" in n for n in trainable)
 
 
@@ -105,7 +106,8 @@ def test_forward_shapes_and_backward_reaches_adapters():
     logits.sum().backward()
     blk = model.backbone.blocks[1]
     # fc2 starts at zero, fc1 receives no gradient until fc2 moves; fc2 itself does
-    assert blk.t_adapter.fc2.weight.grad.abs().sum() > 0
+    for slot, adapter in model.adapters(1).items():
+        assert adapter.fc2.weight.grad.abs().sum() > 0, slot
     assert model.temporal_embedding.grad.abs().sum() > 0
     assert blk.attn.qkv.weight.grad is None
 
@@ -147,9 +149,9 @@ def test_wrong_frame_count_and_set_num_frames():
 
 
 def test_unsupported_architectures():
-    with pytest.raises(TypeError, match="timm VisionTransformer"):
+    with pytest.raises(TypeError, match="not a model family zeroi2v supports"):
         create_video_model("resnet18", 4, 3)
-    with pytest.raises(TypeError, match="standard vision_transformer.Block"):
+    with pytest.raises(TypeError, match="ResPostBlock; zeroi2v supports Block"):
         create_video_model("vit_small_patch16_224", 4, 3, img_size=32, depth=1,
                            block_fn=timm.models.vision_transformer.ResPostBlock)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import zeroi2v.ops.stdha as ops
+from zeroi2v import settings
 from zeroi2v import PRESETS, stdha_attention
 from zeroi2v.ops.stdha import head_runs, native_shift_op, shift_frames, shift_heads_
 
@@ -107,7 +108,7 @@ def test_stdha_inplace_native_equals_pure(op, preset, monkeypatch):
     T = 8
     outs = {}
     for native in (True, False):
-        monkeypatch.setattr(ops, "USE_NATIVE_SHIFT", native)
+        monkeypatch.setitem(settings._values, "native_shift", native)
         q, k, v = _qkv(2 * T, 197, h, 16, torch.float32, seed=3).unbind(0)
         with torch.inference_mode():
             outs[native] = stdha_attention(q, k, v, T, offsets, backend="torch", inplace_kv=True)

@@ -103,7 +103,7 @@ def test_auto_picks_cpu_only_without_grad(op, monkeypatch):
     calls = []
     real = cpu_backend.stdha_cpu
     monkeypatch.setitem(ops._BACKENDS, "cpu", ops.Backend("cpu", lambda *a: calls.append(1) or real(*a),
-                                                        cpu_backend.supports, 5, inference_only=True))
+                                                        cpu_backend.CAPABILITIES, 5))
     q, k, v = (x.float() for x in _qkv(8, 17, 4, 8, seed=2))
     with torch.no_grad():
         out = stdha_attention(q, k, v, 4, (1, 0, -1, 2))
@@ -117,7 +117,7 @@ def test_auto_picks_cpu_only_without_grad(op, monkeypatch):
         stdha_attention(q.double(), k.double(), v.double(), 4, (1, 0, -1, 2))  # float64: torch
         stdha_attention(q, k, v, 4, (1, 0, -1, 2), dropout_p=0.0)
     assert calls == [1, 1]
-    with pytest.raises(ValueError, match="inference-only"):
+    with pytest.raises(ValueError, match="inference only"):
         stdha_attention(qg, k, v, 4, (1, 0, -1, 2), backend="cpu")
 
 

@@ -72,7 +72,8 @@ def test_backend_registered_with_documented_priority():
     # below Triton (10) until a GPU measurement says otherwise
     assert cuda_mod.CUDA_BACKEND_PRIORITY < 10
     cpu = torch.randn(2, 2, 5, 64, dtype=torch.float16)
-    assert not b.supports(cpu, cpu, cpu, False)  # CPU tensors are never picked
+    x = ops.Inputs.of(cpu, cpu, cpu, needs_grad=False)
+    assert b.not_supported_reasons(cpu, cpu, cpu, x, auto=True)  # CPU tensors are never picked
 
 
 def zeroi2v_available():
@@ -208,7 +209,7 @@ def test_large_batch_uses_wide_tiles():
 
 @pytest.mark.gpu
 def test_boundary_rule_and_presets_exactly():
-    """Offsets at the clip ends: frames that read their own K/V (SPEC §2)."""
+    """Offsets at the clip ends: frames that read their own K/V (docs/method.md §2)."""
     if _C is None:
         pytest.skip("zeroi2v._C not built")
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -279,13 +280,17 @@ def test_auto_dispatch_and_grad_rules():
 
     q = torch.randn(8, 12, 197, 64, device="cuda", dtype=torch.float16)
     b = ops._BACKENDS["cuda"]
-    assert b.supports(q, q, q, False)
-    assert not b.supports(q, q, q, True)  # inference only
-    assert not b.supports(q.float(), q.float(), q.float(), False)
+
+    def why(t, grad):
+        return b.not_supported_reasons(t, t, t, ops.Inputs.of(t, t, t, needs_grad=grad))
+
+    assert why(q, False) == []
+    assert "inference only" in why(q, True)[0]
+    assert why(q.float(), False)
     q32 = torch.randn(8, 12, 197, 32, device="cuda", dtype=torch.float16)
-    assert not b.supports(q32, q32, q32, False)
+    assert "head_dim 32" in why(q32, False)[0]
     qg = q.clone().requires_grad_()
-    with pytest.raises(ValueError, match="inference-only"):
+    with pytest.raises(ValueError, match="inference only"):
         stdha_attention(qg, q, q, 8, "vit_b", backend="cuda")
 
 

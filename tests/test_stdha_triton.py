@@ -313,14 +313,14 @@ def test_dispatch_registration():
     b = ops._BACKENDS["triton"]
     assert b.priority == 10
     x = torch.randn(2, 2, 4, 64)
-    # auto never picks triton for CPU tensors
-    assert not b.supports(x, x, x, False)
-    assert ops._pick_backend("auto", x, x, x, False, 0.0).name != "triton"
+    # auto never picks triton for CPU tensors, and says why
+    chosen, why = ops.explain_backend(x, x, x, needs_grad=False)
+    assert chosen != "triton" and "runs on cuda, not cpu" in why["triton"]
     if HAS_CUDA:
         y = x.to("cuda", torch.bfloat16)
-        assert b.supports(y, y, y, True)
-        assert ops._pick_backend("auto", y, y, y, True, 0.0).name == "triton"
-        assert not b.supports(y[..., :60], y[..., :60], y[..., :60], True)
+        assert ops.explain_backend(y, y, y, needs_grad=True)[0] == "triton"
+        chosen, why = ops.explain_backend(y[..., :60], y[..., :60], y[..., :60], needs_grad=True)
+        assert chosen != "triton" and "head_dim 60 not in" in why["triton"][0]
 
 
 def test_bad_inputs():

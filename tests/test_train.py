@@ -118,9 +118,10 @@ def test_param_groups_recipe():
     assert "temporal_embedding" in no_decay
     assert "head.bias" in no_decay and "head.weight" in decay
     assert "backbone.norm.weight" in no_decay and "backbone.norm.bias" in no_decay
-    assert "backbone.blocks.0.t_adapter.fc1.weight" in decay
-    assert "backbone.blocks.0.t_adapter.fc1.bias" in no_decay
-    assert not any("attn.qkv" in n for n in trainable)  # frozen backbone
+    assert "backbone.blocks.0.attn.qkv.adapter.fc1.weight" in decay
+    assert "backbone.blocks.0.attn.qkv.adapter.fc1.bias" in no_decay
+    assert "backbone.blocks.0.attn.qkv.weight" not in trainable  # frozen backbone
+    assert "backbone.blocks.0.attn.qkv.bias" not in trainable
 
 
 def test_param_groups_full_finetune():

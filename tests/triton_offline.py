@@ -102,6 +102,7 @@ def adapter_launches(dtype: torch.dtype):
     """(site, args, flags) of every fused_gemm call of the adapter ops, forward and backward, at
     ViT-B/16 widths (C = 768, r = 192; qkv, proj, fc1, fc2), dropout on, both strategies."""
     from zeroi2v.kernels import adapter as fa
+    from zeroi2v.ops import adapter as oa
 
     calls: list = []
     saved = (fa._gemm_tuned, fa._apply_tuned)
@@ -119,12 +120,12 @@ def adapter_launches(dtype: torch.dtype):
         for strategy in ("residual", "dual"):
             for mult in (3, 4):  # adapter -> qkv / fc1
                 W, b = rnd(mult * c, c), rnd(mult * c)
-                y = fa.fused_adapter_linear(rnd(m, c, grad=True), A, a, B, b2, W, b, scale=0.5,
+                y = oa.fused_adapter_linear(rnd(m, c, grad=True), A, a, B, b2, W, b, scale=0.5,
                                             p=0.1, strategy=strategy)
                 y.backward(torch.ones_like(y))
             for mult in (1, 4):  # proj / fc2 -> adapter
                 W, b = rnd(c, mult * c), rnd(c)
-                y = fa.fused_linear_adapter(rnd(m, mult * c, grad=True), W, b, A, a, B, b2,
+                y = oa.fused_linear_adapter(rnd(m, mult * c, grad=True), W, b, A, a, B, b2,
                                             scale=0.5, p=0.1, strategy=strategy)
                 y.backward(torch.ones_like(y))
     finally:

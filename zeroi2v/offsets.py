@@ -1,4 +1,4 @@
-"""STDHA head offsets: the official presets, validation, and the source-frame rule (SPEC §2).
+"""STDHA head offsets: the official presets, validation, and the source-frame rule (docs/method.md §2).
 
 A head offset ``d_h`` says which frame head ``h`` takes its keys and values from: frame
 ``t - d_h`` when that frame exists in the clip, otherwise its own frame ``t`` (the boundary rule
@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-# Offsets in the channel order of the fused qkv projection (SPEC §2); zeros fill the remaining heads.
+# Offsets in the channel order of the fused qkv projection (docs/method.md §2); zeros fill the remaining heads.
 PRESETS: dict[str, tuple[int, ...]] = {
     "vit_b": (1, -1) + (0,) * 10,
     "vit_b_long": (1, -1, 2, -2) + (0,) * 8,
@@ -105,7 +105,7 @@ def resolve_offsets(head_offsets: HeadOffsets, num_heads: int,
 
 
 def check_offsets(offsets: Sequence[int], num_frames: int) -> None:
-    """Every offset must satisfy ``|d| < num_frames`` (SPEC §2)."""
+    """Every offset must satisfy ``|d| < num_frames`` (docs/method.md §2)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     bad = [d for d in offsets if abs(d) >= num_frames]

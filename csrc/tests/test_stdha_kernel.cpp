@@ -4,7 +4,7 @@
 //    offsets out of range.
 // 2. On a GPU: random fp16/bf16 inputs, contiguous and fused-qkv (strided) layouts, random
 //    per-head offsets, masked tails (N not a multiple of the tiles); the output buffer is
-//    poisoned with NaN first; compared with a float64 CPU reference of SPEC §2 on the same
+//    poisoned with NaN first; compared with a float64 CPU reference of docs/method.md §2 on the same
 //    (rounded) inputs: ||out - ref|| / ||ref|| <= 5e-3 (fp16) / 1e-2 (bf16).
 // Without a usable GPU, part 2 is skipped and the program exits with 77 (ctest SKIP_RETURN_CODE).
 #include <cuda_bf16.h>
@@ -88,7 +88,7 @@ struct Case {
   bool fused_qkv;  // q, k, v are strided views of one (B*T, N, 3, H, D) buffer
 };
 
-// Reference (float64) of SPEC §2 on logical (BT, H, N, D) arrays.
+// Reference (float64) of docs/method.md §2 on logical (BT, H, N, D) arrays.
 void reference(const Case& c, const std::vector<float>& q, const std::vector<float>& k,
                const std::vector<float>& v, const std::vector<int32_t>& offs,
                std::vector<double>& out) {

@@ -21,7 +21,7 @@ __all__ = ["VideoDataset", "build_dataset", "VideoSample", "SkippedVideo", "Load
 
 logger = logging.getLogger("zeroi2v.data")
 
-#: Something-Something V2 left/right classes swapped by a horizontal flip (SPEC §4).
+#: Something-Something V2 left/right classes swapped by a horizontal flip (docs/method.md §4).
 SSV2_FLIP_LABEL_MAP = {86: 87, 87: 86, 93: 94, 94: 93, 166: 167, 167: 166}
 
 

@@ -1,4 +1,4 @@
-"""Image weights (OpenAI CLIP, open_clip, timm) from a local file into a timm ViT (SPEC §6).
+"""Image weights (OpenAI CLIP, open_clip, timm) from a local file into a timm ViT (docs/method.md §6).
 
 The key mapping is timm's own: :func:`timm.models.vision_transformer.checkpoint_filter_fn`
 recognises OpenAI CLIP (``visual.*``, via timm's ``_convert_openai_clip``; ``visual.proj`` becomes
@@ -17,7 +17,29 @@ from torch import nn
 from ..files import PathLike, check_state_dict, read_state_dict
 
 _HEAD_PREFIXES = ("head.",)
-_ADAPTER_KEY = re.compile(r"(^|\.)(t|s|mlp)_adapter(_out)?\.")
+_ADAPTER_KEY = re.compile(r"\.adapter\.")
+
+
+def _vit_filter():
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn
+
+
+def _eva_filter():
+    from timm.models.eva import checkpoint_filter_fn
+
+    return checkpoint_filter_fn
+
+
+def _beit_filter():
+    from timm.models.beit import checkpoint_filter_fn
+
+    return checkpoint_filter_fn
+
+
+# timm's own key conversion per model family (OpenAI CLIP, open_clip, EVA, BEiT layouts ...)
+_FILTERS = {"vit": _vit_filter, "eva": _eva_filter, "beit": _beit_filter}
 
 
 def load_clip_weights(backbone_or_name: Union[str, nn.Module], path: PathLike, *,
@@ -64,11 +86,11 @@ def load_clip_weights(backbone_or_name: Union[str, nn.Module], path: PathLike, *
 
 def load_image_state_dict(vit: nn.Module, state_dict: dict, path: PathLike = "<state dict>", *,
                           resample: bool = False) -> None:
-    """Convert ``state_dict`` with timm's filter and load it into ``vit`` (checked, see above)."""
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+    """Convert ``state_dict`` with timm's filter for the model's family and load it into ``vit``
+    (checked, see above)."""
+    from ..models.families import family_of
 
-    if not isinstance(vit, VisionTransformer):
-        raise TypeError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
+    checkpoint_filter_fn = _FILTERS[family_of(vit).name]()
     path = os.fspath(path)
     if not resample:
         _check_sizes(vit, state_dict, path)

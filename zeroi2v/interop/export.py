@@ -21,7 +21,7 @@ from ..files import PathLike
 def export_mode(model, example: torch.Tensor):
     """Eval mode and every attention on the pure-PyTorch ``"torch"`` STDHA backend (slices,
     concatenation and SDPA: standard ops)."""
-    attns = [blk.attn for blk in model.backbone.blocks]
+    attns = model.attentions()
     saved = [a.backend for a in attns]
     was_training = model.training
     model.eval()

@@ -1,4 +1,4 @@
-"""Import of official ZeroI2V checkpoints (mmaction2 layout, SPEC §6) into :class:`ZeroI2VViT`.
+"""Import of official ZeroI2V checkpoints (mmaction2 layout, docs/method.md §6) into :class:`ZeroI2VViT`.
 
 The official backbone is OpenAI's CLIP visual tower with four ``LinearAdapter``s per block
 (``T_Adapter_in``, ``S_Adapter``, ``MLP_Adapter``, optionally ``MLP_Adapter_out``; each with
@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..models.config import ZeroI2VConfig
+from ..models.families import adapter_owner
 from ..offsets import PRESETS, HeadOffsets
 from ..files import PathLike, check_state_dict, read_state_dict
 
@@ -37,7 +38,7 @@ _ADAPTER_RE = re.compile(r"^blocks\.(\d+)\.(T_Adapter_in|S_Adapter|MLP_Adapter|M
                          r"\.D_fc([12])\.(weight|bias)$")
 SSV2_CLASSES = 174
 
-# The released configurations (SPEC §2, §4): (arch, frames, classes) -> (preset, adapter scale).
+# The released configurations (docs/method.md §2, §4): (arch, frames, classes) -> (preset, adapter scale).
 # Frame count alone does not determine the layout (a ViT-B/16 16-frame Kinetics config shifts only
 # heads 0/1), so nothing outside this table is guessed.
 RELEASED_CONFIGS: dict[tuple[str, int, int], tuple[str, float]] = {
@@ -66,7 +67,7 @@ def official_config(width: int, layers: int, patch_size: int, num_frames: int,
 
     Only the nine released (backbone, frames, classes) combinations of :data:`RELEASED_CONFIGS`
     have a known layout; for any other, ``head_offsets`` is ``None`` (the caller must say) and the
-    adapter scale is the recipe's (1.0 for 174-class SSv2, 0.5 otherwise, SPEC §3).
+    adapter scale is the recipe's (1.0 for 174-class SSv2, 0.5 otherwise, docs/method.md §3).
     """
     arch = _arch(width, layers, patch_size)
     preset, scale = RELEASED_CONFIGS.get((arch, num_frames, num_classes),
@@ -188,11 +189,13 @@ def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_
                if (m := re.match(re.escape(_BLOCK) + r"(\d+)\.(\w+)\.D_fc1\.weight$", k))}
     adapters = tuple(tuple(ours for off, ours in _ADAPTERS.items() if (i, off) in present)
                      for i in range(layers))
+    # no adapter at all: reparameterized by the official tools/weight_reparam.py, a merged model
+    merged = not any(adapters)
     config = ZeroI2VConfig(
         model_name=name, timm_kwargs=kwargs, num_frames=num_frames, num_classes=num_classes,
         head_offsets=head_offsets, adapter_ratio=adapter_ratio, adapter_scale=adapter_scale,
-        adapter_dropout=adapter_dropout, head_dropout=head_dropout,
-        adapters=None if all(len(a) == len(_ADAPTERS) for a in adapters) else adapters)
+        adapter_dropout=adapter_dropout, head_dropout=head_dropout, merged=merged,
+        adapters=None if merged or all(len(a) == len(_ADAPTERS) for a in adapters) else adapters)
     model = ZeroI2VViT.from_config(config)
 
     # ------------------------------------------------------------ keys
@@ -208,7 +211,9 @@ def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_
             (ck, v), = _convert_openai_clip({k: v}, vit, prefix="backbone.").items()
             m = _ADAPTER_RE.match(ck)
             if m:
-                ck = f"blocks.{m.group(1)}.{_ADAPTERS[m.group(2)]}.fc{m.group(3)}.{m.group(4)}"
+                i = int(m.group(1))
+                owner = adapter_owner(vit.blocks[i], _ADAPTERS[m.group(2)])
+                ck = f"blocks.{i}.{owner}.adapter.fc{m.group(3)}.{m.group(4)}"
             new = "backbone." + ck
         else:
             continue  # data_preprocessor buffers and the like

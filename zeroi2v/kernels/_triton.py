@@ -2,16 +2,16 @@
 ``adapter.py``)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .. import settings
+
 
 def interpreting() -> bool:
     """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return settings.triton_interpret()
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:

@@ -1,13 +1,15 @@
-"""Fused "linear adapter + frozen linear" ops for training (SPEC §3, issue #5).
+"""Kernels of the fused "linear adapter + frozen linear" ops (docs/method.md §3): one Triton GEMM and the
+two ``autograd.Function``s built on it. The functional API, its reference and its dispatch are
+:mod:`zeroi2v.ops.adapter`; this module holds only what runs.
 
 The adapter is ``adapter(x) = x + s * fc2(dropout(fc1(x)))`` with ``fc1 = (A, a)`` (C -> r) and
 ``fc2 = (B, b2)`` (r -> C). Inside a ZeroI2V block it always sits next to a frozen linear
 ``(W, b)``, in one of two arrangements:
 
 * **adapter -> linear** (T adapter before ``qkv``, MLP adapter before ``fc1``):
-  :func:`fused_adapter_linear` computes ``linear(adapter(x))``.
+  :class:`AdapterLinearFunction` computes ``linear(adapter(x))``.
 * **linear -> adapter** (S adapter after ``proj``, MLP-out adapter after ``fc2``):
-  :func:`fused_linear_adapter` computes ``adapter(linear(x))``.
+  :class:`LinearAdapterFunction` computes ``adapter(linear(x))``.
 
 Unfused, one adapter is ``fc1`` (writes u), dropout (writes d and the mask), ``fc2`` (writes an
 M x C tensor), ``* s`` (another M x C) and ``x + ...`` (another M x C); its backward again
@@ -62,7 +64,7 @@ them, plus fewer kernel launches.
 
 Dropout uses inverted dropout on the bottleneck exactly like ``nn.Dropout`` inside
 :class:`~zeroi2v.nn.LinearAdapter`: ``d = keep * u / (1 - p)``. The keep-mask (``bool``, shape of
-``u``) is drawn with :func:`dropout_mask` from the torch RNG (so activation checkpointing, which
+``u``) is drawn with :func:`zeroi2v.ops.adapter.dropout_mask` from the torch RNG (so activation checkpointing, which
 restores the RNG state, recomputes the same mask) or passed in by the caller (tests compare with
 the reference under the same mask).
 
@@ -71,31 +73,22 @@ refuse weights that require grad).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import triton
 import triton.language as tl
 
+from .. import settings
 from ._triton import dot, interpreting, upcast_dots
 
-__all__ = [
-    "fused_adapter_linear",
-    "fused_linear_adapter",
-    "adapter_then_linear",
-    "linear_then_adapter",
-    "dropout_mask",
-    "fused_gemm",
-    "can_fuse",
-    "STRATEGIES",
-]
+__all__ = ["AdapterLinearFunction", "LinearAdapterFunction", "fused_gemm",
+           "resolve_strategy", "check_frozen", "STRATEGIES", "SUPPORTED_DTYPES"]
 
 STRATEGIES = ("auto", "residual", "dual")
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --------------------------------------------------------------------------------------- kernel
@@ -283,13 +276,7 @@ def fused_gemm(out: torch.Tensor, *, res=None, a1=None, b1=None, a2=None, b2=Non
 
 
 # --------------------------------------------------------------------------------------- helpers
-def dropout_mask(shape, p: float, device) -> torch.Tensor:
-    """Keep-mask for inverted dropout with drop probability ``p`` (``True`` = keep), from the torch
-    RNG of ``device``."""
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
-
-
-def _check_frozen(*ts):
+def check_frozen(*ts):
     for t in ts:
         if t is not None and t.requires_grad:
             raise ValueError("fused adapter ops give no gradient to the frozen linear: its weight "
@@ -304,15 +291,15 @@ def _masked(u, mask):
     return u if mask is None else u * mask
 
 
-def _resolve_strategy(strategy: Optional[str]) -> str:
-    s = strategy or os.environ.get("ZEROI2V_ADAPTER_STRATEGY", "auto")
+def resolve_strategy(strategy: Optional[str]) -> str:
+    s = strategy or settings.adapter_strategy()
     if s not in STRATEGIES:
         raise ValueError(f"unknown fused-adapter strategy {s!r}; expected one of {STRATEGIES}")
     return s
 
 
 # ------------------------------------------------------------------------ adapter -> frozen linear
-class _AdapterLinear(torch.autograd.Function):
+class AdapterLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, a, B, b2, W, b, scale, p, mask, strategy):
         ks = scale * _keep_scale(p, mask)
@@ -360,7 +347,7 @@ class _AdapterLinear(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------ frozen linear -> adapter
-class _LinearAdapter(torch.autograd.Function):
+class LinearAdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, A, a, B, b2, scale, p, mask, strategy):
         ks = scale * _keep_scale(p, mask)
@@ -406,117 +393,3 @@ class _LinearAdapter(torch.autograd.Function):
                     dz = fused_gemm(torch.empty_like(dy), res=dy, a2=du, b2=A.t().contiguous())
                     dx = torch.mm(dz, W)                       # frozen GEMM, cuBLAS
         return dx, None, None, dA, da, dB, db2, None, None, None, None
-
-
-# ------------------------------------------------------------------------ public functional ops
-def _prepare(x, tensors, mask, p, training, r):
-    """Flatten ``x`` to 2-D, apply autocast's dtype, validate/draw the dropout mask."""
-    dev = x.device
-    if torch.is_autocast_enabled(dev.type):
-        dt = torch.get_autocast_dtype(dev.type)
-        x = x.to(dt)
-        tensors = [None if t is None else t.to(dt) for t in tensors]
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"fused adapter ops support float16/bfloat16/float32, got {x.dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    if not (0.0 <= p < 1.0):
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    if not training or p == 0.0:
-        mask = None
-    elif mask is None:
-        mask = dropout_mask((x2.shape[0], r), p, dev)
-    else:
-        if mask.dtype != torch.bool or mask.shape[-1] != r or mask.numel() != x2.shape[0] * r:
-            raise ValueError(f"mask must be a bool tensor of shape {(*lead, r)}, got "
-                             f"{mask.dtype} {tuple(mask.shape)}")
-        mask = mask.reshape(x2.shape[0], r).contiguous()
-    return x2, lead, tensors, mask
-
-
-def _check_shapes(C, A, a, B, b2):
-    r = A.shape[0]
-    if A.shape != (r, C) or a.shape != (r,) or B.shape != (C, r) or b2.shape != (C,):
-        raise ValueError(f"adapter shapes A {tuple(A.shape)}, a {tuple(a.shape)}, B "
-                         f"{tuple(B.shape)}, b2 {tuple(b2.shape)} do not fit dim {C}")
-    return r
-
-
-def fused_adapter_linear(x, A, a, B, b2, W, b=None, *, scale: float, p: float = 0.0,
-                         training: bool = True, mask: Optional[torch.Tensor] = None,
-                         strategy: Optional[str] = None) -> torch.Tensor:
-    """``F.linear(adapter(x), W, b)`` with ``adapter(x) = x + scale * (drop(x A^T + a) B^T + b2)``.
-
-    ``x`` is ``(..., C)``; ``A (r, C)``, ``a (r)``, ``B (C, r)``, ``b2 (C)`` are the adapter's fc1
-    and fc2; ``W (N, C)``, ``b (N)`` the frozen linear (no gradient). Dropout with probability
-    ``p`` when ``training``; ``mask`` (bool, ``(..., r)``, True = keep) replaces the random draw.
-    ``strategy``: ``"auto"``/``"residual"``/``"dual"`` (module doc; default from the environment
-    variable ``ZEROI2V_ADAPTER_STRATEGY``, else ``"auto"``).
-    """
-    strategy = _resolve_strategy(strategy)
-    C = x.shape[-1]
-    r = _check_shapes(C, A, a, B, b2)
-    if W.shape[1] != C or (b is not None and b.shape != (W.shape[0],)):
-        raise ValueError(f"linear weight {tuple(W.shape)} does not take inputs of dim {C}")
-    _check_frozen(W, b)
-    x2, lead, (A, a, B, b2, W, b), mask = _prepare(x, [A, a, B, b2, W, b], mask, p, training, r)
-    with torch.autocast(x2.device.type, enabled=False):
-        y = _AdapterLinear.apply(x2, A, a, B, b2, W, b, float(scale), float(p), mask,
-                                 "dual" if strategy == "dual" else "residual")
-    return y.reshape(*lead, W.shape[0])
-
-
-def fused_linear_adapter(x, W, b, A, a, B, b2, *, scale: float, p: float = 0.0,
-                         training: bool = True, mask: Optional[torch.Tensor] = None,
-                         strategy: Optional[str] = None) -> torch.Tensor:
-    """``adapter(F.linear(x, W, b))``: ``z + scale * (drop(z A^T + a) B^T + b2)``, ``z = x W^T + b``.
-
-    ``x`` is ``(..., K)``; ``W (C, K)``, ``b (C)`` the frozen linear (no gradient); ``A (r, C)``,
-    ``a (r)``, ``B (C, r)``, ``b2 (C)`` the adapter. ``p``/``training``/``mask``/``strategy`` as in
-    :func:`fused_adapter_linear`.
-    """
-    strategy = _resolve_strategy(strategy)
-    C = W.shape[0]
-    if x.shape[-1] != W.shape[1] or (b is not None and b.shape != (C,)):
-        raise ValueError(f"linear weight {tuple(W.shape)} does not take inputs of dim {x.shape[-1]}")
-    r = _check_shapes(C, A, a, B, b2)
-    _check_frozen(W, b)
-    x2, lead, (W, b, A, a, B, b2), mask = _prepare(x, [W, b, A, a, B, b2], mask, p, training, r)
-    with torch.autocast(x2.device.type, enabled=False):
-        y = _LinearAdapter.apply(x2, W, b, A, a, B, b2, float(scale), float(p), mask, strategy)
-    return y.reshape(*lead, C)
-
-
-# ------------------------------------------------------------------------ module-level helpers
-def adapter_then_linear(adapter, linear: nn.Linear, x: torch.Tensor, *,
-                        mask: Optional[torch.Tensor] = None, strategy: Optional[str] = None):
-    """``linear(adapter(x))`` for a :class:`~zeroi2v.nn.LinearAdapter` and a frozen ``nn.Linear``."""
-    return fused_adapter_linear(
-        x, adapter.fc1.weight, adapter.fc1.bias, adapter.fc2.weight, adapter.fc2.bias,
-        linear.weight, linear.bias, scale=adapter.scale, p=adapter.drop.p,
-        training=adapter.training, mask=mask, strategy=strategy)
-
-
-def linear_then_adapter(linear: nn.Linear, adapter, x: torch.Tensor, *,
-                        mask: Optional[torch.Tensor] = None, strategy: Optional[str] = None):
-    """``adapter(linear(x))`` for a frozen ``nn.Linear`` and a :class:`~zeroi2v.nn.LinearAdapter`."""
-    return fused_linear_adapter(
-        x, linear.weight, linear.bias, adapter.fc1.weight, adapter.fc1.bias, adapter.fc2.weight,
-        adapter.fc2.bias, scale=adapter.scale, p=adapter.drop.p, training=adapter.training,
-        mask=mask, strategy=strategy)
-
-
-def can_fuse(x: torch.Tensor, linear: nn.Linear, adapter) -> bool:
-    """Whether the fused op applies to this (adapter, linear) pair at all: plain ``nn.Linear``
-    with frozen parameters, a ``LinearAdapter`` whose fc1/fc2 have biases, a supported dtype."""
-    if adapter is None or type(linear) is not nn.Linear:
-        return False
-    if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
-        return False
-    if adapter.fc1.bias is None or adapter.fc2.bias is None:
-        return False
-    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
-        else x.dtype
-    return dt in _SUPPORTED_DTYPES

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .._native import require
-from ..ops.stdha import register_backend
+from ..ops.stdha import Capabilities, register_backend
 
 _C = require("the 'cpu' STDHA backend")  # importing it registers torch.ops.zeroi2v.*
 if not hasattr(_C, "stdha_cpu_available") or not _C.stdha_cpu_available():
@@ -26,22 +26,15 @@ if not hasattr(_C, "stdha_cpu_available") or not _C.stdha_cpu_available():
 CPU_BACKEND_PRIORITY = 5
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs_grad: bool) -> bool:
-    """CPU float32 tensors with a contiguous last dimension, one head_dim, no autograd."""
-    if needs_grad:
-        return False
-    for t in (q, k, v):
-        if t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1:
-            return False
-    return q.shape[-1] == k.shape[-1] == v.shape[-1]
-
-
 def stdha_cpu(q, k, v, num_frames: int, offsets: tuple, scale: float) -> torch.Tensor:
-    """The registered backend function (validated inputs, see ``zeroi2v.ops.stdha``; registered
-    inference-only, so the dispatch refuses inputs that need a gradient)."""
+    """The registered backend function (inputs validated and checked against
+    :data:`CAPABILITIES` by ``zeroi2v.ops.stdha``)."""
     return torch.ops.zeroi2v.stdha_fwd_cpu(q, k, v, [int(o) for o in offsets], int(num_frames),
                                             float(scale))
 
 
-register_backend("cpu", stdha_cpu, supports=supports, priority=CPU_BACKEND_PRIORITY,
-                 inference_only=True)
+#: CPU float32 inference with a contiguous last dimension.
+CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32,), backward=False,
+                            needs_contiguous_last_dim=True)
+
+register_backend("cpu", stdha_cpu, caps=CAPABILITIES, priority=CPU_BACKEND_PRIORITY)

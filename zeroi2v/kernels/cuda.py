@@ -2,7 +2,7 @@
 
 The extension (sources in ``csrc/``) holds a flash-attention style CUDA C++ forward kernel
 (tensor cores through ``mma.sync``, fp16/bf16, head_dim 64 and 128, fp32 online softmax). The
-temporal shift of SPEC §2 is done by pointer arithmetic when K/V tiles are loaded; strided views
+temporal shift of docs/method.md §2 is done by pointer arithmetic when K/V tiles are loaded; strided views
 of a fused qkv projection are read in place. It is exposed as the dispatcher op
 
     torch.ops.zeroi2v.stdha_fwd_cuda(q, k, v, offsets: list[int], num_frames: int, scale: float)
@@ -20,13 +20,14 @@ from functools import lru_cache
 import torch
 
 from .._native import require
-from ..ops.stdha import register_backend
+from .. import settings
+from ..ops.stdha import Capabilities, register_backend
 
 _C = require("the 'cuda' STDHA backend")  # importing it registers torch.ops.zeroi2v.*
 if not getattr(_C, "WITH_CUDA", False):
     raise ImportError(
         "zeroi2v._C was built without CUDA (CPU ops only): reinstall with a CUDA toolkit and a CUDA "
-        "build of torch (pip install --no-build-isolation -e .) to get the 'cuda' STDHA backend"
+        "build of torch (pip install -e .) to get the 'cuda' STDHA backend"
     )
 
 # Priority of "cuda" for stdha_attention(backend="auto"); the Triton backend registers 10, so
@@ -44,28 +45,24 @@ def _capability_ok(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # mma.sync bf16, cp.async
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs_grad: bool) -> bool:
-    """CUDA tensors of sm_80+, fp16/bf16, a compiled head_dim, no autograd (inference only)."""
-    if needs_grad:
-        return False
-    if not (q.is_cuda and k.is_cuda and v.is_cuda):
-        return False
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return False
-    d = q.shape[-1]
-    if d not in HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
-        return False
-    if q.shape[1] > MAX_HEADS:
-        return False
-    return _capability_ok(q.device.index if q.device.index is not None else torch.cuda.current_device())
+def _check(q, k, v) -> list:
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return [] if _capability_ok(dev) else ["needs a GPU of compute capability 8.0 or newer"]
 
 
 def stdha_cuda(q, k, v, num_frames: int, offsets: tuple, scale: float) -> torch.Tensor:
-    """The registered backend function (validated inputs, see ``zeroi2v.ops.stdha``; registered
-    inference-only, so the dispatch refuses inputs that need a gradient)."""
+    """The registered backend function (inputs validated and checked against
+    :data:`CAPABILITIES` by ``zeroi2v.ops.stdha``)."""
     return torch.ops.zeroi2v.stdha_fwd_cuda(q, k, v, [int(o) for o in offsets], int(num_frames),
                                              float(scale))
 
 
-register_backend("cuda", stdha_cuda, supports=supports, priority=CUDA_BACKEND_PRIORITY,
-                 inference_only=True)
+#: CUDA (sm_80+), fp16/bf16, the compiled head dims, inference only.
+CAPABILITIES = Capabilities(devices=("cuda",), dtypes=DTYPES, head_dims=HEAD_DIMS,
+                            max_heads=MAX_HEADS, backward=False)
+
+register_backend("cuda", stdha_cuda, caps=CAPABILITIES, priority=CUDA_BACKEND_PRIORITY,
+                 check=_check)
+
+if settings.stdha_block_m() is not None:  # ZEROI2V_STDHA_BLOCK_M, validated by zeroi2v.settings
+    _C.set_block_m(settings.stdha_block_m())

@@ -1,4 +1,4 @@
-"""Triton STDHA attention (SPEC §2): flash-style forward and backward, temporal gather in-kernel.
+"""Triton STDHA attention (docs/method.md §2): flash-style forward and backward, temporal gather in-kernel.
 
 Head ``h`` of frame ``t`` attends to the keys/values of source frame ``s(t, h) = t - d_h`` (or
 ``t`` when that frame is outside the clip). The kernels compute ``s`` from a small int32 tensor of
@@ -56,7 +56,7 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"zeroi2v.kernels.stdha needs Triton: {exc}") from exc
 
-from ..ops.stdha import register_backend
+from ..ops.stdha import Capabilities, register_backend
 from ._triton import dot, interpreting, upcast_dots
 
 __all__ = [
@@ -70,7 +70,6 @@ __all__ = [
     "stdha_triton_packed_backward",
     "tile_extent",
     "TAIL",
-    "supports",
     "SUPPORTED_DTYPES",
     "AUTO_HEAD_DIMS",
     "MAX_HEAD_DIM",
@@ -537,7 +536,7 @@ def _bwd_dkdv_kernel(
     s = bt % T
     base = bt - s
     d = tl.load(OFF + h)
-    # Query frames that read frame s for head h (SPEC §2 boundary rule), at most two:
+    # Query frames that read frame s for head h (docs/method.md §2 boundary rule), at most two:
     t1 = s + d
     read_by_shifted = (t1 >= 0) & (t1 < T)  # frame t1 = s + d reads t1 - d = s
     back = s - d
@@ -915,14 +914,17 @@ def stdha_triton_packed(qkv: torch.Tensor, num_frames: int, offsets: Sequence[in
     return STDHATritonPackedFunction.apply(qkv, tuple(offsets), int(num_frames), float(scale))
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs_grad: bool = False) -> bool:
-    """Whether ``backend="auto"`` should use this backend: CUDA, fp16/bf16, common head dims."""
-    return (
-        q.is_cuda and k.device == q.device and v.device == q.device
-        and q.dtype in AUTO_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-        and q.shape[-1] in AUTO_HEAD_DIMS and k.shape[-1] == q.shape[-1]
-        and v.shape[-1] == q.shape[-1]
-    )
+#: CUDA tensors (CPU ones only through the interpreter, by name), fp16/bf16/fp32 up to head_dim
+#: 128, forward and backward; "auto" picks it for CUDA fp16/bf16 and the common head dims.
+CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=SUPPORTED_DTYPES,
+                            max_head_dim=MAX_HEAD_DIM, auto_devices=("cuda",),
+                            auto_dtypes=AUTO_DTYPES, auto_head_dims=AUTO_HEAD_DIMS)
+
+
+def _device_check(q, k, v) -> list:
+    if q.is_cuda or interpreting():
+        return []
+    return ["CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)"]
 
 
 def _backend(q, k, v, num_frames, offsets, scale):
@@ -933,4 +935,5 @@ def _packed_backend(qkv, num_frames, offsets, scale):
     return stdha_triton_packed(qkv, num_frames, offsets, scale)
 
 
-register_backend("triton", _backend, supports=supports, priority=10, packed=_packed_backend)
+register_backend("triton", _backend, caps=CAPABILITIES, priority=10, packed=_packed_backend,
+                 check=_device_check)

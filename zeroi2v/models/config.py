@@ -3,7 +3,7 @@
 A model is the timm image model ``timm.create_model(model_name, num_classes=0, **timm_kwargs)``
 with STDHA head offsets, linear adapters (which ones each block has, their bottleneck ratio,
 scale and dropout), a temporal embedding for ``num_frames`` frames and a classifier of
-``num_classes``. The defaults of every field are the paper's recipe (SPEC §3, §4) and live here
+``num_classes``. The defaults of every field are the paper's recipe (docs/method.md §3, §4) and live here
 only: :func:`zeroi2v.create_video_model`, the training config's ``model:`` section and the
 importers all read them from this class.
 
@@ -53,8 +53,10 @@ class ZeroI2VConfig:
             from an instance whose construction could not be recovered.
         adapter_ratio, adapter_scale, adapter_dropout: the linear adapters' bottleneck width
             (fraction of the channel count), scale ``s`` and dropout.
-        adapters: for each block, the names of the adapters it has (of ``ADAPTER_NAMES``);
-            ``None`` means all four in every block. A merged model has none anywhere.
+        adapters: for each block, the names of the adapters it has or had before a merge (of
+            ``ADAPTER_NAMES``); ``None`` means all four in every block.
+        merged: the adapters are folded into the frozen linears (:func:`zeroi2v.merge_adapters`);
+            the model is a plain ViT with STDHA.
         head_dropout: dropout before the classifier (training only).
         class_names: optional, one per class.
         format_version: of the saved layout; files of a newer version are refused.
@@ -69,6 +71,7 @@ class ZeroI2VConfig:
     adapter_scale: float = 0.5
     adapter_dropout: float = 0.1
     adapters: Optional[tuple[tuple[str, ...], ...]] = None
+    merged: bool = False
     head_dropout: float = 0.5
     class_names: Optional[tuple[str, ...]] = None
     format_version: int = FORMAT_VERSION
@@ -123,6 +126,8 @@ class ZeroI2VConfig:
                 _fail(f"timm_kwargs must hold JSON values only (numbers, strings, lists): {e}; "
                       "name layers by string, e.g. act_layer='gelu'")
             set_("timm_kwargs", kw)
+        if not isinstance(self.merged, bool):
+            _fail(f"merged must be true or false, got {self.merged!r}")
         if self.adapters is not None:
             rows = []
             for i, row in enumerate(self.adapters):
@@ -143,11 +148,6 @@ class ZeroI2VConfig:
             set_("class_names", tuple(names))
 
     # ------------------------------------------------------------------ properties
-    @property
-    def merged(self) -> bool:
-        """No adapters left anywhere (what :func:`zeroi2v.merge_adapters` returns)."""
-        return self.adapters is not None and not any(self.adapters)
-
     def adapters_of(self, block: int) -> tuple[str, ...]:
         return ADAPTER_NAMES if self.adapters is None else self.adapters[block]
 
@@ -194,7 +194,7 @@ class ZeroI2VConfig:
     def summary(self) -> str:
         """One line for logs and the command line."""
         kw = "" if not self.timm_kwargs else " " + json.dumps(self.timm_kwargs, separators=(",", ":"))
-        adapters = "merged (no adapters)" if self.merged else (
+        adapters = "merged (adapters folded in)" if self.merged else (
             "4 adapters per block" if self.adapters is None else
             f"{sum(len(r) for r in self.adapters)} adapters")
         return (f"{self.model_name}{kw}, {self.num_frames} frames, {self.num_classes} classes, "

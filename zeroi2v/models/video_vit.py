@@ -1,186 +1,34 @@
-"""The ZeroI2V video model: a timm ViT with STDHA, four linear adapters per block, a temporal
-embedding and a video head (SPEC §3, §4)."""
+"""The ZeroI2V video model: a timm ViT with STDHA, linear adapters next to its frozen linears, a
+temporal embedding and a video head (docs/method.md §3, §4).
+
+The timm model's own blocks and their forward code stay; what changes inside them is described
+in :mod:`zeroi2v.models.families` (STDHA attention modules, adapted linears).
+"""
 from __future__ import annotations
 
 import contextlib
 import os
-from functools import partial
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.adapter import LinearAdapter
-from ..nn.attention import STDHAttention
+from ..errors import UnsupportedModelError
+from ..nn.adapter import AdaptedLinear, LinearAdapter
+from ..nn.attention import STDHA_CLASSES, stdha_from_timm
 from ..offsets import HeadOffsets, check_offsets, clamp_offsets, resolve_offsets
 from . import timm_spec
-from ..errors import UnsupportedModelError
 from .config import ADAPTER_NAMES, ZeroI2VConfig
-
-
-class ZeroI2VBlock(nn.Module):
-    """A timm ``Block`` with STDHA and four adapters::
-
-        x = x + ls1(S(attn(T(norm1(x)))))
-        x = x + ls2(MLP_out(mlp(MLP(norm2(x)))))
-
-    Submodule names are the timm Block's plus the four adapters; after
-    :func:`zeroi2v.merge_adapters` the adapters are ``None`` and the state dict is a timm Block's.
-    """
-
-    def __init__(self, block: nn.Module, num_frames: int, head_offsets: HeadOffsets,
-                 adapter_ratio: float, adapter_scale: float, adapter_dropout: float,
-                 adapters: Sequence[str] = ADAPTER_NAMES):
-        super().__init__()
-        _check_block(block)
-        self.norm1 = block.norm1
-        self.attn = STDHAttention.from_timm(block.attn, num_frames, head_offsets)
-        self.ls1, self.drop_path1 = block.ls1, block.drop_path1
-        self.norm2, self.mlp = block.norm2, block.mlp
-        self.ls2, self.drop_path2 = block.ls2, block.drop_path2
-        dim = block.norm1.weight.shape[0] if getattr(block.norm1, "weight", None) is not None \
-            else block.attn.qkv.in_features
-        p = block.attn.qkv.weight
-        kw = dict(ratio=adapter_ratio, scale=adapter_scale, dropout=adapter_dropout,
-                  device=p.device, dtype=p.dtype)
-        dims = {"t_adapter": dim, "s_adapter": block.attn.proj.out_features,
-                "mlp_adapter": dim, "mlp_adapter_out": block.mlp.fc2.out_features}
-        for n in ADAPTER_NAMES:
-            setattr(self, n, LinearAdapter(dims[n], **kw) if n in adapters else None)
-
-    #: Fused "adapter + frozen linear" ops (:mod:`zeroi2v.kernels.adapter`). ``None``: automatic
-    #: (fused when training on CUDA in float16/bfloat16, autocast included); ``True``: fused wherever
-    #: an (adapter, linear) pair allows it (also on CPU through the Triton interpreter); ``False``:
-    #: never. Unset (``None``), the environment variable ``ZEROI2V_FUSED_ADAPTERS`` (``auto``/``1``/
-    #: ``0``) decides. Either way the parameters and the state dict are the same.
-    fused_adapters: Optional[bool] = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_fused(x):
-            return self._forward_fused(x)
-        a = _maybe(self.s_adapter, self.attn(_maybe(self.t_adapter, self.norm1(x))))
-        x = x + self.drop_path1(self.ls1(a))
-        m = _maybe(self.mlp_adapter_out, self.mlp(_maybe(self.mlp_adapter, self.norm2(x))))
-        return x + self.drop_path2(self.ls2(m))
-
-    def _use_fused(self, x: torch.Tensor) -> bool:
-        mode = self.fused_adapters if self.fused_adapters is not None else _fused_env()
-        if mode is False or self.merged or getattr(self.attn, "gate", None) is not None:
-            return False
-        if mode is None:  # automatic
-            dev = x.device.type
-            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            if not (self.training and x.is_cuda and dt in (torch.float16, torch.bfloat16)):
-                return False
-        return _fused_ops() is not None
-
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """Same computation as the unfused path with each (adapter, frozen linear) pair run as one
-        fused op; a pair that cannot be fused (trainable linear, dropout between the linear and its
-        adapter, ...) runs unfused. The MLP is timm's ``Mlp`` (checked at construction), spelled out
-        so its fc1/fc2 can be paired with the adapters."""
-        fa = _fused_ops()
-        attn, mlp = self.attn, self.mlp
-        h = self.norm1(x)
-        t_fused = fa.can_fuse(h, attn.qkv, self.t_adapter)
-        s_fused = fa.can_fuse(h, attn.proj, self.s_adapter) and _no_dropout(attn.proj_drop)
-        a = attn(
-            h if t_fused else _maybe(self.t_adapter, h),
-            qkv_fn=partial(fa.adapter_then_linear, self.t_adapter, attn.qkv) if t_fused else None,
-            proj_fn=partial(fa.linear_then_adapter, attn.proj, self.s_adapter) if s_fused else None,
-        )
-        if not s_fused:
-            a = _maybe(self.s_adapter, a)
-        x = x + self.drop_path1(self.ls1(a))
-
-        h = self.norm2(x)
-        if fa.can_fuse(h, mlp.fc1, self.mlp_adapter):
-            m = fa.adapter_then_linear(self.mlp_adapter, mlp.fc1, h)
-        else:
-            m = mlp.fc1(_maybe(self.mlp_adapter, h))
-        m = mlp.norm(mlp.drop1(mlp.act(m)))
-        if fa.can_fuse(m, mlp.fc2, self.mlp_adapter_out) and _no_dropout(mlp.drop2):
-            m = fa.linear_then_adapter(mlp.fc2, self.mlp_adapter_out, m)
-        else:
-            m = _maybe(self.mlp_adapter_out, mlp.drop2(mlp.fc2(m)))
-        return x + self.drop_path2(self.ls2(m))
-
-    @property
-    def merged(self) -> bool:
-        return all(getattr(self, n) is None for n in ADAPTER_NAMES)
-
-
-def fused_adapters_active(model: nn.Module, device, dtype: torch.dtype, training: bool) -> bool:
-    """Whether the blocks of ``model`` run the fused adapter ops for inputs of this device and
-    dtype (``dtype``: the autocast dtype when autocasting)."""
-    blocks = [b for b in model.modules() if isinstance(b, ZeroI2VBlock)]
-    if not blocks or blocks[0].merged:
-        return False
-    mode = blocks[0].fused_adapters if blocks[0].fused_adapters is not None else _fused_env()
-    if mode is False:
-        return False
-    if mode is None and not (training and torch.device(device).type == "cuda"
-                             and dtype in (torch.float16, torch.bfloat16)):
-        return False
-    return _fused_ops() is not None
-
-
-def _maybe(adapter: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    return x if adapter is None else adapter(x)
-
-
-_FUSED_ENV = {"": None, "auto": None, "1": True, "on": True, "true": True, "always": True,
-              "0": False, "off": False, "false": False, "never": False}
-
-
-def _fused_env() -> Optional[bool]:
-    v = os.environ.get("ZEROI2V_FUSED_ADAPTERS", "auto").strip().lower()
-    if v not in _FUSED_ENV:
-        raise ValueError(f"ZEROI2V_FUSED_ADAPTERS={v!r}: expected auto, 1 or 0")
-    return _FUSED_ENV[v]
-
-
-_FUSED_OPS: list = []
-
-
-def _fused_ops():
-    """The fused adapter ops module, or None when Triton is unavailable (imported once)."""
-    if not _FUSED_OPS:
-        try:
-            from ..kernels import adapter as fa
-        except ImportError:
-            fa = None
-        _FUSED_OPS.append(fa)
-    return _FUSED_OPS[0]
-
-
-def _no_dropout(m: nn.Module) -> bool:
-    return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0 or not m.training))
-
-
-def _check_block(block: nn.Module) -> None:
-    from timm.layers import Attention, Mlp
-    from timm.models.vision_transformer import Block
-
-    if type(block) is not Block:
-        raise UnsupportedModelError(
-            f"ZeroI2V needs timm ViTs built from the standard vision_transformer.Block; got "
-            f"{type(block).__module__}.{type(block).__name__}"
-        )
-    if type(block.attn) is not Attention:
-        raise UnsupportedModelError(f"unsupported attention {type(block.attn).__name__}: need timm.layers.Attention")
-    if type(block.mlp) is not Mlp or not isinstance(block.mlp.fc1, nn.Linear):
-        raise UnsupportedModelError(f"unsupported MLP {type(block.mlp).__name__}: need timm.layers.Mlp with nn.Linear")
-    if getattr(block.attn, "gate", None) is not None:
-        raise UnsupportedModelError("gated attention is not supported by ZeroI2V")
+from .families import adapter_dim, adapter_sites, family_of, input_channels
 
 
 class ZeroI2VViT(nn.Module):
-    """Video classifier over a timm ``VisionTransformer`` (``self.backbone``).
+    """Video classifier over a timm ViT (``self.backbone``: a ``VisionTransformer``, ``Eva`` or
+    ``Beit`` whose attention modules do STDHA and whose frozen linears carry the adapters).
 
     Input ``(B, C, T, H, W)``; frames go through the ViT as ``B*T`` images. Trainable: adapters,
-    ``temporal_embedding``, the final norm and ``head`` (SPEC §3); everything else is frozen.
+    ``temporal_embedding``, the final norm and ``head`` (docs/method.md §3); everything else is frozen.
 
     Build one with :func:`create_video_model` (a timm name or instance) or
     :meth:`from_config`; save it with :meth:`save_pretrained` and read it back with
@@ -191,30 +39,35 @@ class ZeroI2VViT(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, config: ZeroI2VConfig):
-        """Wrap ``backbone`` (a timm ``VisionTransformer`` without classifier, used as is) as
-        ``config`` says. ``config.model_name``/``timm_kwargs`` must describe ``backbone``; use
+        """Wrap ``backbone`` (a timm model without classifier, modified in place) as ``config``
+        says. ``config.model_name``/``timm_kwargs`` must describe ``backbone``; use
         :meth:`from_config` or :func:`create_video_model`, which guarantee that."""
         super().__init__()
-        from timm.models.vision_transformer import VisionTransformer
-
-        if not isinstance(backbone, VisionTransformer):
-            raise UnsupportedModelError(
-                f"ZeroI2V supports timm VisionTransformer models, got {type(backbone).__name__}"
-            )
         if not isinstance(config, ZeroI2VConfig):
             raise TypeError(f"config must be a ZeroI2VConfig, got {type(config).__name__}")
-        _check_backbone(backbone, config)
-        if backbone.num_classes:
+        family = family_of(backbone)
+        family.check(backbone)
+        _check_config_fits(backbone, config)
+        if getattr(backbone, "num_classes", 0):
             backbone.reset_classifier(0)
+        self.family = family.name
         self.backbone = backbone
         self.num_frames = config.num_frames
         self.embed_dim = backbone.embed_dim
-        self.backbone.blocks = nn.Sequential(*[
-            ZeroI2VBlock(b, config.num_frames, config.head_offsets, config.adapter_ratio,
-                         config.adapter_scale, config.adapter_dropout, config.adapters_of(i))
-            for i, b in enumerate(backbone.blocks)
-        ])
+        offsets = resolve_offsets(config.head_offsets, backbone.blocks[0].attn.num_heads,
+                                  config.num_frames)
         p = next(backbone.parameters())
+        kw = dict(ratio=config.adapter_ratio, scale=config.adapter_scale,
+                  dropout=config.adapter_dropout, device=p.device, dtype=p.dtype)
+        for i, blk in enumerate(backbone.blocks):
+            blk.attn = stdha_from_timm(blk.attn, config.num_frames, offsets)
+            for slot, (sites, position) in adapter_sites(blk).items():
+                if slot not in config.adapters_of(i):
+                    continue
+                adapter = LinearAdapter(adapter_dim(sites, position), **kw)
+                for k, (parent, attr) in enumerate(sites):
+                    setattr(parent, attr, AdaptedLinear(getattr(parent, attr), adapter, position,
+                                                        shared=k > 0))
         self.temporal_embedding = nn.Parameter(
             torch.zeros(1, config.num_frames, self.embed_dim, device=p.device, dtype=p.dtype))
         self.head_drop = nn.Dropout(config.head_dropout)
@@ -223,10 +76,14 @@ class ZeroI2VViT(nn.Module):
         if p.device.type != "meta":
             nn.init.trunc_normal_(self.head.weight, std=0.01)
             nn.init.zeros_(self.head.bias)
-        # what the live modules cannot tell: the timm recipe and the adapter settings
-        self._spec = config.replace(head_offsets=self.backbone.blocks[0].attn.head_offsets,
-                                    adapters=None)
+        # what the live modules cannot tell: the timm recipe, the adapter settings and slots
+        self._spec = config.replace(head_offsets=offsets, merged=False)
         self.freeze()
+        if config.merged:  # the structure of a merged model: fold the fresh adapters (identity)
+            from .merge import merge_adapters
+
+            merge_adapters(self, inplace=True)
+            self._spec = config.replace(head_offsets=offsets)
 
     @classmethod
     def from_config(cls, config: ZeroI2VConfig, *, device=None, dtype=None,
@@ -252,18 +109,13 @@ class ZeroI2VViT(nn.Module):
     @property
     def config(self) -> ZeroI2VConfig:
         """The model's :class:`ZeroI2VConfig` as it is now (frame count, head offsets and
-        adapters are read from the modules)."""
+        classes are read from the modules)."""
         offsets = {blk.attn.head_offsets for blk in self.backbone.blocks}
         if len(offsets) != 1:
             raise ValueError("the blocks use different head offsets; a ZeroI2VConfig holds one "
                              f"layout for all blocks, got {sorted(offsets)}")
-        adapters = tuple(tuple(n for n in ADAPTER_NAMES if getattr(blk, n) is not None)
-                         for blk in self.backbone.blocks)
-        if all(len(a) == len(ADAPTER_NAMES) for a in adapters):
-            adapters = None
         return self._spec.replace(num_frames=self.num_frames, num_classes=self.head.out_features,
-                                  head_offsets=offsets.pop(), adapters=adapters,
-                                  head_dropout=self.head_drop.p)
+                                  head_offsets=offsets.pop(), head_dropout=self.head_drop.p)
 
     @property
     def class_names(self) -> Optional[tuple[str, ...]]:
@@ -281,18 +133,51 @@ class ZeroI2VViT(nn.Module):
 
         return save_pretrained(self, path, **kwargs)
 
-    # ------------------------------------------------------------------ parameters
+    # ------------------------------------------------------------------ parts
+    def adapted_linears(self) -> list[AdaptedLinear]:
+        return [m for m in self.backbone.modules() if isinstance(m, AdaptedLinear)]
+
+    def adapters(self, block: int) -> dict[str, LinearAdapter]:
+        """The adapters of block ``block``, by slot (``t_adapter``, ``s_adapter``, ...)."""
+        out = {}
+        for slot, (sites, _) in adapter_sites(self.backbone.blocks[block]).items():
+            lin = getattr(*sites[0]) if sites else None
+            if isinstance(lin, AdaptedLinear):
+                out[slot] = lin.get_adapter()
+        return out
+
+    def attentions(self) -> list[nn.Module]:
+        return [m for m in self.backbone.modules() if isinstance(m, STDHA_CLASSES)]
+
+    def set_attn_backend(self, backend: str) -> None:
+        """The STDHA backend of every attention (``"auto"``, ``"torch"``, ``"triton"``, ...)."""
+        from ..ops.stdha import get_backend
+
+        if backend != "auto":
+            get_backend(backend)  # an unknown name fails here, not at the first forward
+        for a in self.attentions():
+            a.backend = backend
+
+    def set_fused_adapters(self, mode: Optional[bool]) -> None:
+        """Fused adapter ops for every adapted linear: ``None`` automatic (training on CUDA in
+        fp16/bf16), ``True`` wherever they can run, ``False`` never."""
+        if mode not in (None, True, False):
+            raise ValueError(f"fused adapters: None, True or False, got {mode!r}")
+        for m in self.adapted_linears():
+            m.fused = mode
+
     def freeze(self) -> None:
         """Freeze the image backbone; leave adapters, temporal embedding, final norm, head trainable."""
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        trainable = [self.temporal_embedding, *self.head.parameters(),
-                     *self.backbone.norm.parameters(), *self.backbone.fc_norm.parameters()]
-        for blk in self.backbone.blocks:
-            for n in ADAPTER_NAMES:
-                a = getattr(blk, n)
-                if a is not None:
-                    trainable.extend(a.parameters())
+        trainable = [self.temporal_embedding, *self.head.parameters()]
+        for name in ("norm", "fc_norm"):
+            mod = getattr(self.backbone, name, None)
+            if isinstance(mod, nn.Module):
+                trainable.extend(mod.parameters())
+        for m in self.adapted_linears():
+            if not m.shared:
+                trainable.extend(m.adapter.parameters())
         for p in trainable:
             p.requires_grad_(True)
 
@@ -302,7 +187,7 @@ class ZeroI2VViT(nn.Module):
 
     @property
     def merged(self) -> bool:
-        return all(b.merged for b in self.backbone.blocks)
+        return self._spec.merged
 
     def set_num_frames(self, num_frames: int) -> None:
         """Re-target the model to clips of ``num_frames`` frames.
@@ -324,8 +209,8 @@ class ZeroI2VViT(nn.Module):
             self.temporal_embedding = nn.Parameter(
                 te.transpose(1, 2).contiguous().to(self.temporal_embedding.dtype),
                 requires_grad=self.temporal_embedding.requires_grad)
-        for blk in self.backbone.blocks:
-            blk.attn.set_temporal(num_frames, clamp_offsets(blk.attn.head_offsets, num_frames))
+        for attn in self.attentions():
+            attn.set_temporal(num_frames, clamp_offsets(attn.head_offsets, num_frames))
         self.num_frames = num_frames
 
     # ------------------------------------------------------------------ forward
@@ -339,27 +224,22 @@ class ZeroI2VViT(nn.Module):
                 f"{self.num_frames}; sample {self.num_frames} frames or call "
                 f"model.set_num_frames({t})"
             )
-        in_chans = self.backbone.patch_embed.proj.in_channels
+        in_chans = input_channels(self.backbone)
         if c != in_chans:
             raise ValueError(f"expected {in_chans} channels in dim 1 of (B, C, T, H, W), got {c}")
         return b, t
 
     def forward_frames(self, x: torch.Tensor) -> torch.Tensor:
         """Token features after the final norm: ``(B*T, N, C)``."""
+        from .families import FAMILIES
+
         b, t = self._check_video(x)
-        vit = self.backbone
-        x = x.transpose(1, 2).flatten(0, 1)  # (B*T, C, H, W), frames of a video adjacent
-        x = vit.patch_embed(x)
-        x = vit._pos_embed(x)
-        x = (x.unflatten(0, (b, t)) + self.temporal_embedding.unsqueeze(2)).flatten(0, 1)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
-        if vit.grad_checkpointing and torch.is_grad_enabled():
-            from timm.models._manipulate import checkpoint_seq
-            x = checkpoint_seq(vit.blocks, x)
-        else:
-            x = vit.blocks(x)
-        return vit.norm(x)
+        fam = next(f for f in FAMILIES if f.name == self.family)
+
+        def add_temporal(tokens):  # frame t of every video gets temporal_embedding[t]
+            return (tokens.unflatten(0, (b, t)) + self.temporal_embedding.unsqueeze(2)).flatten(0, 1)
+
+        return fam.forward_tokens(self.backbone, x.transpose(1, 2).flatten(0, 1), add_temporal)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Per-frame pooled features (the CLS token for CLIP/ViT): ``(B, T, C)``."""
@@ -369,6 +249,34 @@ class ZeroI2VViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_drop(self.forward_features(x).mean(dim=1)))
+
+
+def _check_config_fits(backbone: nn.Module, config: ZeroI2VConfig) -> None:
+    """Refuse before any module is replaced: the adapter list and the head offsets fit."""
+    if config.adapters is not None and len(config.adapters) != len(backbone.blocks):
+        raise ValueError(f"model config: adapters lists {len(config.adapters)} blocks, the "
+                         f"backbone has {len(backbone.blocks)}")
+    offsets = resolve_offsets(config.head_offsets, backbone.blocks[0].attn.num_heads,
+                              config.num_frames)
+    check_offsets(offsets, config.num_frames)
+
+
+def fused_adapters_active(model: nn.Module, device, dtype: torch.dtype, training: bool) -> bool:
+    """Whether the adapted linears of ``model`` run the fused ops for inputs of this device and
+    dtype (``dtype``: the autocast dtype when autocasting)."""
+    from .. import settings
+    from ..ops.adapter import _kernels
+
+    lins = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+    if not lins:
+        return False
+    mode = lins[0].fused if lins[0].fused is not None else settings.fused_adapters()
+    if mode is False or _kernels() is None:
+        return False
+    if mode is None:
+        return training and torch.device(device).type == "cuda" and \
+            dtype in (torch.float16, torch.bfloat16)
+    return True
 
 
 def create_video_model(
@@ -382,6 +290,7 @@ def create_video_model(
     pretrained_file: Optional[Union[str, os.PathLike]] = None,
     head_dropout: float = ZeroI2VConfig.head_dropout,
     class_names: Optional[Sequence[str]] = None,
+    fused_adapters: Optional[bool] = None,
     **timm_kwargs,
 ) -> ZeroI2VViT:
     """Build a ZeroI2V video model from a timm ViT name or instance.
@@ -393,20 +302,23 @@ def create_video_model(
     so the result can be saved and rebuilt; where they cannot be recovered the model works but
     :meth:`ZeroI2VViT.save_pretrained` refuses it. ``pretrained_file`` is a local
     timm/safetensors/CLIP checkpoint loaded into the image model before conversion (no network).
+    ``head_offsets`` defaults to ``"auto"`` (:func:`zeroi2v.offsets.auto_offsets`).
+    ``fused_adapters``: see :meth:`ZeroI2VViT.set_fused_adapters`.
     """
     import copy
 
     if isinstance(model, str):
         # kwargs that are classes or functions build a model but cannot be saved as JSON
         kwargs = dict(timm_kwargs) if _jsonable(timm_kwargs) else None
-        _check_timm_name(model, num_frames, num_classes, head_offsets, kwargs)
+        ZeroI2VConfig(model_name=model, timm_kwargs=kwargs, num_frames=num_frames,
+                      num_classes=num_classes, head_offsets=head_offsets)  # fail before building
         backbone = timm_spec.create(model, timm_kwargs)
         name = model
     elif isinstance(model, nn.Module):
         if timm_kwargs:
             raise TypeError(f"timm keyword arguments {sorted(timm_kwargs)} only apply to a model "
                             "name; an instance is used as built")
-        _check_instance(model)
+        family_of(model).check(model)  # refuse before copying anything
         backbone = copy.deepcopy(model)
         if getattr(backbone, "num_classes", 0):
             backbone.reset_classifier(0)
@@ -420,7 +332,10 @@ def create_video_model(
         class_names=class_names)
     if pretrained_file is not None:
         load_image_weights(backbone, pretrained_file)
-    return ZeroI2VViT(backbone, config)
+    video = ZeroI2VViT(backbone, config)
+    if fused_adapters is not None:
+        video.set_fused_adapters(fused_adapters)
+    return video
 
 
 def _jsonable(kwargs: dict) -> bool:
@@ -433,40 +348,17 @@ def _jsonable(kwargs: dict) -> bool:
         return False
 
 
-def _check_timm_name(name: str, num_frames, num_classes, head_offsets, timm_kwargs) -> None:
-    """Everything that can be checked before building a (possibly large) backbone."""
-    ZeroI2VConfig(model_name=name, timm_kwargs=timm_kwargs, num_frames=num_frames,
-                  num_classes=num_classes, head_offsets=head_offsets)
-
-
-def _check_instance(model: nn.Module) -> None:
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(f"ZeroI2V supports timm VisionTransformer models, got {type(model).__name__}")
-    for b in model.blocks:
-        _check_block(b)
-
-
-def _check_backbone(backbone: nn.Module, config: ZeroI2VConfig) -> None:
-    """Refuse before any module is replaced: every block supported, the adapter list and the
-    head offsets fit the backbone."""
-    for b in backbone.blocks:
-        _check_block(b)
-    if config.adapters is not None and len(config.adapters) != len(backbone.blocks):
-        raise ValueError(f"model config: adapters lists {len(config.adapters)} blocks, the "
-                         f"backbone has {len(backbone.blocks)}")
-    offsets = resolve_offsets(config.head_offsets, backbone.blocks[0].attn.num_heads,
-                              config.num_frames)
-    check_offsets(offsets, config.num_frames)
-
-
 def load_image_weights(backbone: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Load an image-model checkpoint from a local file, ignoring any classifier head.
 
     OpenAI CLIP (TorchScript archive or state dict), open_clip and timm files are accepted; see
     :func:`zeroi2v.interop.load_clip_weights` (a mismatching key is a ``ValueError`` naming it).
     """
+    # interop builds on models (it imports ZeroI2VViT), so this direction is imported late
     from ..interop.clip import load_clip_weights
 
     load_clip_weights(backbone, path)
+
+
+__all__ = ["ZeroI2VViT", "create_video_model", "load_image_weights", "fused_adapters_active",
+           "ADAPTER_NAMES", "UnsupportedModelError"]

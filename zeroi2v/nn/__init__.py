@@ -1,5 +1,7 @@
-"""Modules: STDHA attention and the linear adapter."""
-from .adapter import LinearAdapter
-from .attention import STDHAttention
+"""Modules: STDHA attention (drop-in for timm's attention classes), the linear adapter and the
+adapted linear that carries one."""
+from .adapter import AdaptedLinear, LinearAdapter
+from .attention import STDHAttention, STDHBeitAttention, STDHEvaAttention, stdha_from_timm
 
-__all__ = ["LinearAdapter", "STDHAttention"]
+__all__ = ["AdaptedLinear", "LinearAdapter", "STDHAttention", "STDHBeitAttention",
+           "STDHEvaAttention", "stdha_from_timm"]

@@ -1,5 +1,8 @@
-"""The linear adapter of ZeroI2V (SPEC §3): a bottleneck with no nonlinearity, so it can be merged."""
+"""The linear adapter of ZeroI2V (docs/method.md §3): a bottleneck with no nonlinearity, so it can be merged,
+and the adapted linear that carries one next to a frozen layer."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -43,3 +46,89 @@ class LinearAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, scale={self.scale}"
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen ``nn.Linear`` with a :class:`LinearAdapter` right before (``position="before"``:
+    ``linear(adapter(x))``) or right after it (``"after"``: ``adapter(linear(x))``).
+
+    It stands where the linear stood in a timm model and keeps its parameter names (``weight``,
+    ``bias``; the adapter's are ``adapter.fc1.*``, ``adapter.fc2.*``), so the model's own forward
+    code runs unchanged and, once merged (:meth:`to_linear`), its state dict is timm's again.
+    ``fused`` chooses the fused adapter + linear op (:func:`zeroi2v.ops.adapter.adapted_linear`:
+    ``None`` automatic, ``True``, ``False``).
+
+    One adapter may feed several linears that read the same input (the q, k and v projections of
+    an attention with separate projections; the two input projections of a SwiGLU MLP): it is a
+    submodule of the first (``shared=False``) and only referenced by the others (``shared=True``),
+    so it is one set of parameters, stored once; each linear applies it to its own input.
+    """
+
+    def __init__(self, linear: nn.Linear, adapter: LinearAdapter, position: str,
+                 shared: bool = False):
+        super().__init__()
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"AdaptedLinear wraps an nn.Linear, got {type(linear).__name__}")
+        if position not in ("before", "after"):
+            raise ValueError(f"position must be 'before' or 'after', got {position!r}")
+        want = linear.in_features if position == "before" else linear.out_features
+        if adapter.dim != want:
+            raise ValueError(f"an adapter of dim {adapter.dim} cannot go {position} a linear "
+                             f"{linear.in_features} -> {linear.out_features}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.position, self.shared = position, bool(shared)
+        if shared:
+            self.__dict__["_shared_adapter"] = adapter  # not a submodule: owned by another linear
+        else:
+            self.adapter = adapter
+        self.fused: Optional[bool] = None
+
+    def get_adapter(self) -> LinearAdapter:
+        return self.__dict__["_shared_adapter"] if self.shared else self.adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..ops.adapter import adapted_linear
+
+        return adapted_linear(x, self.weight, self.bias, self.get_adapter(), self.position,
+                              fused=self.fused)
+
+    @torch.no_grad()
+    def to_linear(self, constant: bool = True) -> nn.Linear:
+        """The merged ``nn.Linear`` (docs/method.md §3): with ``(M, c)`` the adapter's affine map, ``W M``
+        and ``W c + b`` before, ``M W`` and ``M b + c`` after; in float64, cast back to the
+        weight's dtype. A bias-free linear gets a bias. ``constant=False`` (an adapter before the
+        linear only) leaves ``c`` out, for a caller that has moved it into the input, and keeps
+        the linear's bias as it is."""
+        m, c = self.get_adapter().affine(torch.float64)
+        if not constant:
+            if self.position != "before":
+                raise ValueError("only an adapter before a linear can leave its constant out")
+            out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                            device=self.weight.device, dtype=self.weight.dtype)
+            out.weight.copy_((self.weight.double() @ m).to(self.weight.dtype))
+            out.weight.requires_grad_(self.weight.requires_grad)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+                out.bias.requires_grad_(False)
+            return out
+        w = self.weight.double()
+        b = self.bias.double() if self.bias is not None else torch.zeros(
+            self.out_features, dtype=torch.float64, device=w.device)
+        if self.position == "before":
+            w2, b2 = w @ m, w @ c + b
+        else:
+            w2, b2 = m @ w, m @ b + c
+        out = nn.Linear(self.in_features, self.out_features, device=self.weight.device,
+                        dtype=self.weight.dtype)
+        out.weight.copy_(w2.to(self.weight.dtype))
+        out.bias.copy_(b2.to(self.weight.dtype))
+        out.weight.requires_grad_(self.weight.requires_grad)
+        out.bias.requires_grad_(False)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, adapter {self.position}"
+                + (" (shared)" if self.shared else ""))

@@ -1,4 +1,4 @@
-"""``stdha_attention``: spatial-temporal dual-headed attention (SPEC §2) and its backend dispatch.
+"""``stdha_attention``: spatial-temporal dual-headed attention (docs/method.md §2) and its backend dispatch.
 
 This module is the single place that validates STDHA arguments and picks a backend. It holds the
 two pure-PyTorch backends side by side:
@@ -8,43 +8,138 @@ two pure-PyTorch backends side by side:
 * ``"torch"`` — K/V heads shifted by slice copies per run of heads sharing an offset (no Python
   loop over frames), then one ``F.scaled_dot_product_attention``. With ``inplace_kv=True`` (the
   caller owns K/V, as ``STDHAttention`` does) only the moving heads are copied. Runs anywhere,
-  supports autograd and dropout.
+  supports autograd, dropout and an additive attention bias.
 
 Compiled backends (the Triton kernel in :mod:`zeroi2v.kernels`, the CUDA and the fused CPU kernels
-of the extension ``zeroi2v._C``) call :func:`register_backend` when they are imported; ``backend="auto"`` imports them lazily and
-picks the highest-priority backend that supports the inputs.
+of the extension ``zeroi2v._C``) call :func:`register_backend` when they are imported. Every
+backend declares what it can run (:class:`Capabilities`: devices, dtypes, head dims, backward,
+dropout, attention bias, whether it may overwrite K/V); the dispatcher knows no backend by name.
+``backend="auto"`` imports the optional ones lazily and picks the highest-priority backend whose
+:meth:`Backend.not_supported_reasons` is empty; a backend asked for by name that cannot run the
+inputs raises with those reasons; :func:`explain_backend` says what ``"auto"`` would pick and why.
 """
 from __future__ import annotations
 
 import importlib
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .. import _native
+from .. import _native, settings
 from ..offsets import HeadOffsets, check_offsets, resolve_offsets, source_frames
 
-# fn(q, k, v, num_frames, offsets: tuple[int, ...], scale: float) -> out (B*T, H, N, D)
-BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, tuple, float], torch.Tensor]
-# supports(q, k, v, needs_grad) -> bool
-SupportsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], bool]
+# fn(q, k, v, num_frames, offsets: tuple[int, ...], scale: float, **declared) -> (B*T, H, N, D);
+# ``declared`` holds dropout_p / attn_bias / inplace_kv for the backends that declare them.
+BackendFn = Callable[..., torch.Tensor]
 # packed(qkv (B*T, N, 3, H, D), num_frames, offsets, scale) -> out (B*T, N, H, D), contiguous
 PackedFn = Callable[[torch.Tensor, int, tuple, float], torch.Tensor]
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a backend needs to know about one call to say whether it can run it."""
+
+    device: torch.device
+    dtype: torch.dtype
+    num_heads: int
+    head_dim: int
+    needs_grad: bool
+    dropout: bool
+    attn_bias: bool
+    last_dim_contiguous: bool
+
+    @classmethod
+    def of(cls, q, k, v, *, needs_grad: bool, dropout_p: float = 0.0,
+           attn_bias: Optional[torch.Tensor] = None) -> "Inputs":
+        dtypes = {q.dtype, k.dtype, v.dtype}
+        return cls(q.device, q.dtype if len(dtypes) == 1 else None, q.shape[1], q.shape[-1],
+                   bool(needs_grad), dropout_p > 0, attn_bias is not None,
+                   all(t.stride(-1) == 1 for t in (q, k, v)))
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can run. ``auto_*`` narrow what ``backend="auto"`` picks it for (a kernel
+    may run fp32 when asked for by name but is only the fastest choice for fp16/bf16)."""
+
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] = _ALL_DTYPES
+    head_dims: Optional[tuple[int, ...]] = None   # None: any up to max_head_dim
+    max_head_dim: Optional[int] = None
+    max_heads: Optional[int] = None
+    backward: bool = True
+    dropout: bool = False
+    attn_bias: bool = False
+    inplace_kv: bool = False          # honours inplace_kv=True (may overwrite the caller's K/V)
+    needs_contiguous_last_dim: bool = False
+    auto: bool = True                 # "auto" may pick it at all
+    auto_devices: Optional[tuple[str, ...]] = None
+    auto_dtypes: Optional[tuple[torch.dtype, ...]] = None
+    auto_head_dims: Optional[tuple[int, ...]] = None
+
+    def reasons(self, x: Inputs, *, auto: bool) -> list[str]:
+        out = []
+        devices = (self.auto_devices or self.devices) if auto else self.devices
+        if x.device.type not in devices:
+            out.append(f"runs on {'/'.join(devices)}, not {x.device.type}")
+        dtypes = (self.auto_dtypes or self.dtypes) if auto else self.dtypes
+        if x.dtype is None:
+            out.append("q, k, v have different dtypes")
+        elif x.dtype not in dtypes:
+            out.append(f"supports {', '.join(str(d).replace('torch.', '') for d in dtypes)}, "
+                       f"not {str(x.dtype).replace('torch.', '')}")
+        dims = (self.auto_head_dims or self.head_dims) if auto else self.head_dims
+        if dims is not None and x.head_dim not in dims:
+            out.append(f"head_dim {x.head_dim} not in {list(dims)}")
+        if self.max_head_dim is not None and x.head_dim > self.max_head_dim:
+            out.append(f"head_dim {x.head_dim} > {self.max_head_dim}")
+        if self.max_heads is not None and x.num_heads > self.max_heads:
+            out.append(f"{x.num_heads} heads > {self.max_heads}")
+        if x.needs_grad and not self.backward:
+            out.append("inference only (no backward): call it under torch.no_grad()")
+        if x.dropout and not self.dropout:
+            out.append("no attention dropout")
+        if x.attn_bias and not self.attn_bias:
+            out.append("no attention bias")
+        if self.needs_contiguous_last_dim and not x.last_dim_contiguous:
+            out.append("needs q, k, v with a contiguous last dimension")
+        return out
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     fn: BackendFn
-    supports: SupportsFn
-    priority: int
-    inference_only: bool = False
+    caps: Capabilities
+    priority: int = 0
     packed: Optional[PackedFn] = None
+    check: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list]] = field(
+        default=None, compare=False)
+
+    def not_supported_reasons(self, q, k, v, x: Inputs, *, auto: bool = False) -> list[str]:
+        """Why this backend cannot run these inputs (empty: it can)."""
+        out = self.caps.reasons(x, auto=auto)
+        if not out and self.check is not None:
+            out = list(self.check(q, k, v))
+        if auto and not self.caps.auto:
+            out.append("not chosen automatically (ask for it by name)")
+        return out
+
+    def __call__(self, q, k, v, num_frames, offsets, scale, *, dropout_p=0.0, attn_bias=None,
+                 inplace_kv=False):
+        kw = {}
+        if self.caps.dropout:
+            kw["dropout_p"] = dropout_p
+        if self.caps.attn_bias:
+            kw["attn_bias"] = attn_bias
+        if self.caps.inplace_kv:
+            kw["inplace_kv"] = inplace_kv
+        return self.fn(q, k, v, num_frames, offsets, scale, **kw)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -54,21 +149,22 @@ _plugins_loaded = False
 
 
 def register_backend(
-    name: str, fn: BackendFn, *, supports: Optional[SupportsFn] = None, priority: int = 0,
-    inference_only: bool = False, packed: Optional[PackedFn] = None,
+    name: str, fn: BackendFn, *, caps: Optional[Capabilities] = None, priority: int = 0,
+    packed: Optional[PackedFn] = None,
+    check: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list]] = None,
 ) -> None:
     """Make ``fn`` available as ``stdha_attention(..., backend=name)``.
 
-    ``fn`` receives validated arguments. ``supports(q, k, v, needs_grad)`` tells ``"auto"`` whether
-    the backend can take these inputs (device, dtype, head_dim, autograd); ``"auto"`` picks the
-    supporting backend with the highest ``priority``. An ``inference_only`` backend (no backward)
-    named explicitly for inputs that need a gradient gets a ``ValueError`` here, not a call.
-    ``packed``, if given, is what :func:`stdha_attention_packed` calls instead of ``fn``: it takes
-    the packed ``(B*T, N, 3, H, D)`` qkv and returns ``(B*T, N, H, D)`` (its gradient, if any, is
-    one packed tensor: no stack of dq, dk, dv).
+    ``fn(q, k, v, num_frames, offsets, scale)`` receives validated arguments, plus
+    ``dropout_p``/``attn_bias``/``inplace_kv`` keywords for what ``caps`` says it supports.
+    ``caps`` (:class:`Capabilities`) says what it can run; ``check(q, k, v)`` may add reasons
+    the declaration cannot express (e.g. the GPU generation). ``"auto"`` picks the backend of
+    highest ``priority`` with no reason against it. ``packed``, if given, is what
+    :func:`stdha_attention_packed` calls instead of ``fn``: it takes the packed
+    ``(B*T, N, 3, H, D)`` qkv and returns ``(B*T, N, H, D)`` (its gradient, if any, is one packed
+    tensor: no stack of dq, dk, dv).
     """
-    _BACKENDS[name] = Backend(name, fn, supports or (lambda q, k, v, g: True), priority,
-                              inference_only, packed)
+    _BACKENDS[name] = Backend(name, fn, caps or Capabilities(), priority, packed, check)
 
 
 def _load_plugins() -> None:
@@ -80,7 +176,7 @@ def _load_plugins() -> None:
         try:
             importlib.import_module(mod)
         except ImportError:
-            pass  # optional: no Triton / extension not built
+            pass  # optional: no Triton / extension not built (zeroi2v._native says why)
 
 
 def available_backends() -> list[str]:
@@ -89,36 +185,56 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def _pick_backend(name: str, q, k, v, needs_grad: bool, dropout_p: float) -> Backend:
+def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        _load_plugins()
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown STDHA backend {name!r}; available: {available_backends()}")
+    return _BACKENDS[name]
+
+
+def _pick_backend(name: str, q, k, v, x: Inputs) -> Backend:
     if name != "auto":
-        if name not in _BACKENDS:
-            _load_plugins()
-        if name not in _BACKENDS:
-            raise ValueError(f"unknown STDHA backend {name!r}; available: {available_backends()}")
-        if dropout_p > 0 and name != "torch":
-            raise ValueError(f"attention dropout is only supported by the 'torch' backend, not {name!r}")
-        return _BACKENDS[name]
-    if dropout_p > 0:
-        return _BACKENDS["torch"]
+        b = get_backend(name)
+        why = b.not_supported_reasons(q, k, v, x)
+        if why:
+            raise ValueError(f"the {name!r} STDHA backend cannot run these inputs: "
+                             f"{'; '.join(why)}")
+        return b
     _load_plugins()
-    best = None
-    for b in _BACKENDS.values():
-        if b.name == "reference":
-            continue
-        if (best is None or b.priority > best.priority) and b.supports(q, k, v, needs_grad):
-            best = b
-    return best or _BACKENDS["torch"]
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if not b.not_supported_reasons(q, k, v, x, auto=True):
+            return b
+    raise ValueError("no STDHA backend can run these inputs: "
+                     + "; ".join(f"{n}: {', '.join(r)}" for n, r in
+                                 _reasons_all(q, k, v, x).items()))
+
+
+def _reasons_all(q, k, v, x: Inputs) -> dict[str, list[str]]:
+    return {b.name: b.not_supported_reasons(q, k, v, x, auto=True)
+            for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)}
+
+
+def explain_backend(q, k, v, *, needs_grad: Optional[bool] = None, dropout_p: float = 0.0,
+                    attn_bias: Optional[torch.Tensor] = None) -> tuple[str, dict[str, list[str]]]:
+    """``(backend "auto" picks, {backend: reasons it was not picked})`` for these inputs
+    (``needs_grad`` defaults to whether they require a gradient)."""
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    x = Inputs.of(q, k, v, needs_grad=needs_grad, dropout_p=dropout_p, attn_bias=attn_bias)
+    chosen = _pick_backend("auto", q, k, v, x).name
+    return chosen, {n: r for n, r in _reasons_all(q, k, v, x).items() if n != chosen}
 
 
 def auto_backend(device, dtype: torch.dtype, head_dim: int, num_heads: int = 1,
                  needs_grad: bool = False) -> str:
     """The backend ``backend="auto"`` picks for inputs of this device, dtype and head size."""
     t = torch.empty(1, num_heads, 1, head_dim, device=device, dtype=dtype)
-    return _pick_backend("auto", t, t, t, needs_grad, 0.0).name
+    return explain_backend(t, t, t, needs_grad=needs_grad)[0]
 
 
 def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
-             head_offsets: HeadOffsets) -> tuple[int, ...]:
+             head_offsets: HeadOffsets, attn_bias: Optional[torch.Tensor] = None) -> tuple[int, ...]:
     """Check shapes and offsets; return the offsets as a tuple of ints."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -143,6 +259,14 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
             f"wrong frame count: batch*frames = {q.shape[0]} is not divisible by "
             f"num_frames = {num_frames}"
         )
+    if attn_bias is not None:
+        want = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        ok = attn_bias.is_floating_point() and attn_bias.dim() <= 4 and all(
+            s in (1, w) for s, w in zip(attn_bias.shape[::-1], want[::-1]))
+        if not ok:
+            raise ValueError(f"attn_bias must be a float tensor broadcastable to (B*T, H, N, Nk) = "
+                             f"{want} (added to the logits), got {attn_bias.dtype} "
+                             f"{tuple(attn_bias.shape)}")
     if isinstance(head_offsets, (tuple, str)):  # hashable: what modules pass on every call
         return _checked_offsets(head_offsets, q.shape[1], num_frames)
     offsets = resolve_offsets(head_offsets, q.shape[1], num_frames)
@@ -167,6 +291,7 @@ def stdha_attention(
     *,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    attn_bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
     inplace_kv: bool = False,
 ) -> torch.Tensor:
@@ -176,22 +301,26 @@ def stdha_attention(
         q, k, v: ``(B*T, H, N, D)`` in SDPA layout, the ``T`` frames of a video adjacent
             (row ``b*T + t``).
         num_frames: ``T``.
-        head_offsets: ``H`` ints (or a preset name from :data:`zeroi2v.offsets.PRESETS`). Head ``h``
-            of frame ``t`` reads K/V of frame ``t - d_h``, or of frame ``t`` if that is outside
-            the clip.
+        head_offsets: ``H`` ints, or a layout name (``"auto"``, ``"spatial"``, a preset of
+            :data:`zeroi2v.offsets.PRESETS`). Head ``h`` of frame ``t`` reads K/V of frame
+            ``t - d_h``, or of frame ``t`` if that is outside the clip.
         scale: softmax scale, default ``1/sqrt(D)``.
-        dropout_p: attention-probability dropout (``"torch"`` backend only).
+        dropout_p: attention-probability dropout.
+        attn_bias: additive logits bias broadcastable to ``(B*T, H, N, Nk)`` (e.g. BEiT's
+            relative position bias ``(1, H, N, N)``); it depends on token positions only, so it
+            applies whichever frame a head reads.
         backend: ``"auto"``, ``"reference"``, ``"torch"``, or a registered compiled backend
             (``"triton"``, ``"cuda"``, ``"cpu"``).
-        inplace_kv: the caller allows ``k`` and ``v`` to be overwritten (honoured by the
-            ``"torch"`` backend when no gradient is needed; kernels never need it).
+        inplace_kv: the caller allows ``k`` and ``v`` to be overwritten (used by backends that
+            declare it, e.g. ``"torch"`` when no gradient is needed; kernels never need it).
 
     Returns:
         ``(B*T, H, N, D)``, same dtype as ``q``.
     """
-    offsets = validate(q, k, v, num_frames, head_offsets)
-    b, scale, needs_grad = _choose(q, k, v, backend, scale, dropout_p)
-    return _call(b, q, k, v, int(num_frames), offsets, scale, dropout_p, inplace_kv and not needs_grad)
+    offsets = validate(q, k, v, num_frames, head_offsets, attn_bias)
+    b, scale, needs_grad = _choose(q, k, v, backend, scale, dropout_p, attn_bias)
+    return b(q, k, v, int(num_frames), offsets, scale, dropout_p=dropout_p, attn_bias=attn_bias,
+             inplace_kv=inplace_kv and not needs_grad)
 
 
 def stdha_attention_packed(
@@ -201,6 +330,7 @@ def stdha_attention_packed(
     *,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    attn_bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
     inplace_kv: bool = False,
 ) -> torch.Tensor:
@@ -224,41 +354,32 @@ def stdha_attention_packed(
         )
     bt, n, _, h, d = qkv.shape
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    offsets = validate(q, k, v, num_frames, head_offsets)
-    b, scale, needs_grad = _choose(q, k, v, backend, scale, dropout_p)
+    offsets = validate(q, k, v, num_frames, head_offsets, attn_bias)
+    b, scale, needs_grad = _choose(q, k, v, backend, scale, dropout_p, attn_bias)
     if b.packed is not None:
         return b.packed(qkv, int(num_frames), offsets, scale).flatten(2)
-    out = _call(b, q, k, v, int(num_frames), offsets, scale, dropout_p,
-                inplace_kv and not needs_grad)
+    out = b(q, k, v, int(num_frames), offsets, scale, dropout_p=dropout_p, attn_bias=attn_bias,
+            inplace_kv=inplace_kv and not needs_grad)
     return out.transpose(1, 2).reshape(bt, n, h * d)
 
 
-def _choose(q, k, v, backend: str, scale: Optional[float], dropout_p: float):
+def _choose(q, k, v, backend: str, scale: Optional[float], dropout_p: float, attn_bias):
     """The backend for validated inputs, the scale, and whether a gradient is needed."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    b = _pick_backend(backend, q, k, v, needs_grad, dropout_p)
-    if needs_grad and b.inference_only:
-        trainable = sorted(n for n, x in _BACKENDS.items() if not x.inference_only and n != "reference")
-        raise ValueError(
-            f"the {b.name!r} STDHA backend is inference-only (no backward); use one of {trainable} "
-            "for training, or call it under torch.no_grad() / torch.inference_mode()"
-        )
-    return b, scale, needs_grad
-
-
-def _call(b: Backend, q, k, v, num_frames: int, offsets, scale: float, dropout_p: float,
-          inplace_kv: bool):
-    if b.name == "torch":
-        return _torch_backend(q, k, v, num_frames, offsets, scale, dropout_p, inplace_kv)
-    return b.fn(q, k, v, num_frames, offsets, scale)
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (attn_bias is not None and attn_bias.requires_grad))
+    x = Inputs.of(q, k, v, needs_grad=needs_grad, dropout_p=dropout_p, attn_bias=attn_bias)
+    return _pick_backend(backend, q, k, v, x), scale, needs_grad
 
 
 # ----------------------------------------------------------------------------- pure PyTorch
 
 
-def stdha_reference(q, k, v, num_frames: int, offsets, scale: Optional[float] = None):
-    """The definition of STDHA, written out: for each head, gather K/V frames, explicit softmax.
+def stdha_reference(q, k, v, num_frames: int, offsets, scale: Optional[float] = None,
+                    attn_bias: Optional[torch.Tensor] = None):
+    """The definition of STDHA, written out: for each head, gather K/V frames, explicit softmax
+    (``attn_bias``, broadcastable to ``(B*T, H, N, Nk)``, added to the logits).
 
     Computes in the input dtype; tests call it on float64 inputs as the ground truth.
     """
@@ -276,6 +397,9 @@ def stdha_reference(q, k, v, num_frames: int, offsets, scale: Optional[float] = 
         kh = k[:, head].index_select(0, rows)  # (B*T, N, D)
         vh = v[:, head].index_select(0, rows)
         logits = (q[:, head] @ kh.transpose(-1, -2)) * scale
+        if attn_bias is not None:
+            bias = attn_bias.expand(bt, h, q.shape[2], k.shape[2])[:, head]
+            logits = logits + bias.to(logits.dtype)
         p = torch.softmax(logits, dim=-1)
         outs.append(p @ vh)
     return torch.stack(outs, dim=1)
@@ -307,13 +431,6 @@ def shift_frames(x: torch.Tensor, num_frames: int, d: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).flatten(0, 1)
 
 
-#: Use the native CPU op ``torch.ops.zeroi2v.shift_heads_`` (csrc/shift_cpu.cpp) for the in-place
-#: shift when the extension is built: it moves each row once, in one sweep over K and V for all
-#: heads, where pure PyTorch needs a temporary per run of heads (twice the memory traffic).
-#: ``ZEROI2V_NATIVE_SHIFT=0`` (or setting this to False) turns it off.
-USE_NATIVE_SHIFT: bool = os.environ.get("ZEROI2V_NATIVE_SHIFT", "1").strip().lower() not in ("0", "off", "false")
-
-
 @lru_cache(maxsize=None)
 def native_shift_op() -> Optional[Callable]:
     """``torch.ops.zeroi2v.shift_heads_`` if the extension ``zeroi2v._C`` provides it, else None."""
@@ -337,13 +454,14 @@ def shift_frames_(x: torch.Tensor, num_frames: int, d: int) -> None:
 
 def shift_heads_(tensors, num_frames: int, offsets: tuple[int, ...]) -> None:
     """Shift every head of each ``(B*T, H, N, D)`` tensor in ``tensors`` (K and V) in place by its
-    offset (SPEC §2). CPU tensors with a contiguous last dimension and no autograd go through the
-    native op when it is built (see ``USE_NATIVE_SHIFT``), in one call; otherwise
-    :func:`shift_frames_` per run of heads."""
+    offset (docs/method.md §2). CPU tensors with a contiguous last dimension and no autograd go through the
+    native op when it is built (``zeroi2v.settings``: ``ZEROI2V_NATIVE_SHIFT``), in one call;
+    otherwise :func:`shift_frames_` per run of heads. (The native op moves each row once, in one
+    sweep over K and V for all heads, where pure PyTorch needs a temporary per run of heads.)"""
     runs = head_runs(tuple(offsets))
     if all(d == 0 for _, _, d in runs):
         return
-    if USE_NATIVE_SHIFT and all(
+    if settings.native_shift() and all(
         x.device.type == "cpu" and x.dim() == 4 and x.stride(-1) == 1 for x in tensors
     ) and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
         op = native_shift_op()
@@ -356,7 +474,8 @@ def shift_heads_(tensors, num_frames: int, offsets: tuple[int, ...]) -> None:
                 shift_frames_(x[:, h0:h1], num_frames, d)
 
 
-def _torch_backend(q, k, v, num_frames, offsets, scale, dropout_p=0.0, inplace_kv=False):
+def _torch_backend(q, k, v, num_frames, offsets, scale, dropout_p=0.0, attn_bias=None,
+                   inplace_kv=False):
     runs = head_runs(offsets)
     if inplace_kv:
         # K/V are the caller's scratch (a fresh qkv projection): move just the temporal heads
@@ -367,8 +486,17 @@ def _torch_backend(q, k, v, num_frames, offsets, scale, dropout_p=0.0, inplace_k
         # than one SDPA per run of heads.
         k = torch.cat([shift_frames(k[:, a:b], num_frames, d) for a, b, d in runs], dim=1)
         v = torch.cat([shift_frames(v[:, a:b], num_frames, d) for a, b, d in runs], dim=1)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    if attn_bias is not None:
+        attn_bias = attn_bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p,
+                                          scale=scale)
 
 
-register_backend("reference", lambda q, k, v, t, o, s: stdha_reference(q, k, v, t, o, s), priority=-100)
-register_backend("torch", _torch_backend, priority=0)
+def _reference_backend(q, k, v, num_frames, offsets, scale, attn_bias=None):
+    return stdha_reference(q, k, v, num_frames, offsets, scale, attn_bias)
+
+
+register_backend("reference", _reference_backend, priority=-100,
+                 caps=Capabilities(attn_bias=True, auto=False))
+register_backend("torch", _torch_backend, priority=0,
+                 caps=Capabilities(dropout=True, attn_bias=True, inplace_kv=True))

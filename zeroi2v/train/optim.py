@@ -1,4 +1,4 @@
-"""AdamW with the recipe's parameter groups, linear LR scaling, warm-up + cosine schedule (SPEC §4)."""
+"""AdamW with the recipe's parameter groups, linear LR scaling, warm-up + cosine schedule (docs/method.md §4)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-# Parameter-name fragments that never get weight decay: embeddings, norms and scales (SPEC §4).
+# Parameter-name fragments that never get weight decay: embeddings, norms and scales (docs/method.md §4).
 NO_DECAY_KEYS = ("temporal_embedding", "pos_embed", "cls_token", "reg_token", "dist_token",
                  "class_embedding", "positional_embedding", "norm", "ln_", "scale", "gamma")
 

@@ -1,0 +1,154 @@
+"""Every popular timm ViT family becomes a video model with default arguments (issue #13).
+
+Each family is built the way a user would (``create_video_model(name, frames, classes)`` with
+nothing else but a small image and depth 2 to keep CI fast; head counts are the real ones), then
+checked for: a forward and backward pass, the image model at initialisation, an exact merge into
+a plain timm model, and a save/load round trip.
+"""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from zeroi2v import create_video_model, load_model, merge_adapters
+from zeroi2v.errors import UnsupportedModelError
+from zeroi2v.offsets import auto_offsets
+
+# (timm name, kwargs that only shrink it, family, heads). Kwargs never change a model's head
+# count, attention or MLP type, so the default head offsets are resolved as for the full model.
+CASES = [
+    ("vit_tiny_patch16_224", dict(img_size=32), "vit", 3),
+    ("vit_small_patch16_224", dict(img_size=32), "vit", 6),
+    ("vit_large_patch14_clip_224", dict(img_size=28), "vit", 16),
+    ("vit_huge_patch14_224", dict(img_size=28), "vit", 16),
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=28), "vit", 6),
+    ("vit_base_patch16_reg4_gap_256", dict(img_size=32), "vit", 12),
+    ("deit_tiny_distilled_patch16_224", dict(img_size=32), "vit", 3),
+    ("vit_base_patch16_siglip_224", dict(img_size=32), "vit", 12),
+    ("aimv2_large_patch14_224", dict(img_size=28), "vit", 8),           # SwiGLU, no biases
+    ("vit_giant_patch14_dinov2", dict(img_size=28, depth=1), "vit", 24),  # GluMlp (packed)
+    ("eva02_tiny_patch14_224", dict(img_size=28), "eva", 3),            # RoPE, SwiGLU
+    ("eva02_base_patch14_224", dict(img_size=28), "eva", 12),           # separate q/k/v
+    ("vit_small_patch16_dinov3", dict(img_size=32), "eva", 6),          # RoPE, registers
+    ("beitv2_base_patch16_224", dict(img_size=32), "beit", 12),         # relative position bias
+]
+IDS = [c[0] for c in CASES]
+T = 4
+
+
+def _build(name, kw, **extra):
+    kw = dict(depth=2) | kw
+    return create_video_model(name, T, 5, **kw, **extra)
+
+
+def _randomize(model, seed=0, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model
+
+
+def _video(model, b=2, seed=1, dtype=torch.float32):
+    size = model.backbone.patch_embed.img_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, T, *size, generator=g).to(dtype)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("name,kw,family,heads", CASES, ids=IDS)
+def test_default_arguments_forward_backward(name, kw, family, heads):
+    model = _build(name, kw)
+    assert model.family == family
+    assert model.head_offsets == auto_offsets(heads, T)
+    assert model.config.head_offsets == model.head_offsets  # the resolved ints are stored
+    assert any(model.head_offsets)  # a temporal layout, not the image model
+    x = _video(model)
+    logits = model(x)
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+    logits.square().sum().backward()
+    assert model.temporal_embedding.grad.abs().sum() > 0
+    for slot, adapter in model.adapters(1 if len(model.backbone.blocks) > 1 else 0).items():
+        assert adapter.fc2.weight.grad.abs().sum() > 0, slot
+    frozen = [p for n, p in model.backbone.named_parameters()
+              if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
+@pytest.mark.parametrize("name,kw,family,heads", CASES, ids=IDS)
+def test_initial_model_is_the_image_model(name, kw, family, heads):
+    """Spatial heads, zero temporal embedding, fresh adapters (fc2 = 0): per-frame features are
+    the timm model's own, for the same weights."""
+    model = _build(name, kw, head_offsets="spatial").eval()
+    merged = merge_adapters(model)  # fresh adapters fold to identity (zero biases where added)
+    image = timm.create_model(name, num_classes=0, **merged.config.timm_kwargs).eval()
+    image.load_state_dict(merged.backbone.state_dict(), strict=True)
+    x = _video(model)
+    with torch.no_grad():
+        feats = model.forward_features(x).flatten(0, 1)
+        ref = image(x.transpose(1, 2).flatten(0, 1))
+    assert _rel(feats, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name,kw,family,heads", CASES, ids=IDS)
+def test_merge_is_exact(name, kw, family, heads):
+    model = _randomize(_build(name, kw).double()).eval()
+    x = _video(model, dtype=torch.float64)
+    with torch.no_grad():
+        merged = merge_adapters(model)
+        err64 = _rel(merged(x), model(x))
+        merged32, model32 = merged.float(), model.float()
+        err32 = _rel(merged32(x.float()), model32(x.float()))
+    assert err64 < 1e-12
+    assert err32 < 1e-5
+    assert merged.adapted_linears() == [] and merged.head_offsets == model.head_offsets
+    # the merged backbone loads strictly into vanilla timm built with the recorded kwargs
+    cfg = merged.config
+    vanilla = timm.create_model(cfg.model_name, num_classes=0, **cfg.timm_kwargs)
+    vanilla.load_state_dict(merged.backbone.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("name,kw,family,heads", CASES, ids=IDS)
+def test_save_and_load_round_trip(name, kw, family, heads, tmp_path):
+    model = _randomize(_build(name, kw)).eval()
+    x = _video(model)
+    for label, m in (("unmerged", model), ("merged", merge_adapters(model))):
+        m.save_pretrained(tmp_path / label)
+        back = load_model(tmp_path / label).eval()
+        assert back.config == m.config
+        with torch.no_grad():
+            assert torch.equal(back(x), m(x)), label
+
+
+def test_hybrid_resnet_stem():
+    """A ResNet-stem hybrid takes 3-channel frames; its patch embedding is a CNN."""
+    model = create_video_model("vit_base_r50_s16_224", T, 5, img_size=64, depth=2)
+    x = _video(model, b=1)
+    assert model(x).shape == (1, 5)
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        model(x[:, :1].expand(-1, 1024, -1, -1, -1))
+
+
+def test_naflex_is_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match="NaFlexVit.*NaFlexViT packs images"):
+        create_video_model("naflexvit_base_patch16_siglip", T, 5, depth=1)
+
+
+def test_instance_is_not_modified_and_refused_before_copying():
+    src = timm.create_model("vit_small_patch16_224", img_size=32, depth=2, num_classes=10)
+    before = {k: v.clone() for k, v in src.state_dict().items()}
+    video = create_video_model(src, T, 5)
+    assert type(src.blocks[0].attn).__name__ == "Attention" and src.num_classes == 10
+    assert src.state_dict().keys() == before.keys()
+    assert all(torch.equal(src.state_dict()[k], v) for k, v in before.items())
+    assert video.backbone.blocks[0].attn.qkv is not src.blocks[0].attn.qkv
+    bad = timm.create_model("vit_small_patch16_224", img_size=32, depth=1,
+                            block_fn=timm.models.vision_transformer.ResPostBlock)
+    with pytest.raises(UnsupportedModelError, match="ResPostBlock"):
+        create_video_model(bad, T, 5)
+    assert type(bad.blocks[0]).__name__ == "ResPostBlock"

@@ -1,0 +1,241 @@
+"""The timm model families zeroi2v turns into video models, and what differs between them.
+
+Everything ZeroI2V does happens inside timm's own blocks, whose forward code runs unchanged:
+
+* the attention module is replaced by its STDHA version (:mod:`zeroi2v.nn.attention`);
+* each adapter of docs/method.md §3 becomes an :class:`~zeroi2v.nn.AdaptedLinear` at its *sites*, the
+  frozen linears it feeds or reads (:func:`adapter_sites`): ``t_adapter`` before the attention's
+  input projections (fused ``qkv``, or ``q_proj``/``k_proj``/``v_proj``, and a gate if any),
+  ``s_adapter`` after its ``proj``, ``mlp_adapter`` before the MLP's first linear(s) (``fc1``;
+  ``fc1_g`` and ``fc1_x`` of a SwiGLU) and ``mlp_adapter_out`` after its ``fc2``. An adapter with
+  several sites is one module shared by them, so it computes what the paper's adapter before
+  the whole attention / MLP computes.
+
+What a family adds is how frames go through the model (:attr:`Family.forward_tokens`: position
+embedding, where the temporal embedding is added, what the blocks are called with) and which
+timm classes it accepts. Families: ``vit`` (``VisionTransformer`` and subclasses: ViT, DeiT incl.
+distilled, CLIP, DINOv2, SigLIP, AIMv2, hybrids), ``eva`` (``Eva``: EVA-02, EVA-CLIP, DINOv3,
+RoPE ViTs), ``beit`` (BEiT, BEiTv2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+SLOTS = ("t_adapter", "s_adapter", "mlp_adapter", "mlp_adapter_out")
+# slot -> (attribute paths of its sites within a block, position)
+_SITES = {
+    "t_adapter": (("attn.qkv", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.gate"), "before"),
+    "s_adapter": (("attn.proj",), "after"),
+    "mlp_adapter": (("mlp.fc1", "mlp.fc1_g", "mlp.fc1_x"), "before"),
+    "mlp_adapter_out": (("mlp.fc2",), "after"),
+}
+
+
+def adapter_sites(block: nn.Module) -> dict[str, tuple[list[tuple[nn.Module, str]], str]]:
+    """``slot -> ([(parent module, attribute)] of the linears, position)`` for one timm block."""
+    out = {}
+    for slot, (paths, position) in _SITES.items():
+        sites = []
+        for path in paths:
+            parent_name, attr = path.split(".")
+            parent = getattr(block, parent_name)
+            if isinstance(getattr(parent, attr, None), nn.Module):
+                sites.append((parent, attr))
+        out[slot] = (sites, position)
+    return out
+
+
+def adapter_owner(block: nn.Module, slot: str) -> str:
+    """Attribute path, within a block, of the linear whose ``adapter`` submodule holds ``slot``'s
+    parameters (the first of its sites), e.g. ``"attn.qkv"``."""
+    for path in _SITES[slot][0]:
+        parent_name, attr = path.split(".")
+        if isinstance(getattr(getattr(block, parent_name), attr, None), nn.Module):
+            return path
+    raise ValueError(f"the block has no linear for the {slot}")
+
+
+def adapter_dim(sites: list[tuple[nn.Module, str]], position: str) -> int:
+    lin = getattr(*sites[0])
+    weight = lin.weight
+    return weight.shape[1] if position == "before" else weight.shape[0]
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_cls: Callable[[], type]                 # the timm class (lazily imported)
+    block_classes: Callable[[], tuple[type, ...]]
+    mlp_classes: Callable[[], tuple[type, ...]]
+    forward_tokens: Callable                      # (vit, images, add_temporal) -> tokens after the norm
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse, naming the class, anything of this family zeroi2v cannot convert."""
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.Sequential) and not isinstance(blocks, nn.ModuleList):
+            raise UnsupportedModelError(f"{type(model).__name__} has no list of blocks")
+        ok_blocks, ok_mlps = self.block_classes(), self.mlp_classes()
+        for i, blk in enumerate(blocks):
+            if type(blk) not in ok_blocks:
+                raise UnsupportedModelError(
+                    f"block {i} is a {type(blk).__module__}.{type(blk).__name__}; zeroi2v supports "
+                    f"{', '.join(c.__name__ for c in ok_blocks)} in {self.model_cls().__name__} "
+                    "models")
+            _check_attention(blk.attn)
+            if type(blk.mlp) not in ok_mlps:
+                raise UnsupportedModelError(
+                    f"unsupported MLP {type(blk.mlp).__name__} in block {i}: zeroi2v supports "
+                    f"{', '.join(c.__name__ for c in ok_mlps)}")
+            for slot, (sites, _) in adapter_sites(blk).items():
+                for parent, attr in sites:
+                    if type(getattr(parent, attr)) is not nn.Linear:
+                        raise UnsupportedModelError(
+                            f"block {i}: {attr} is a {type(getattr(parent, attr)).__name__}, not "
+                            f"an nn.Linear: the {slot} cannot be folded into it")
+                if not sites:
+                    raise UnsupportedModelError(f"block {i} has no linear for the {slot}")
+        if getattr(model, "rope_mixed", False):
+            raise UnsupportedModelError("Eva models with depth-mixed RoPE (rope_mixed) are not "
+                                        "supported")
+
+
+def _check_attention(attn: nn.Module) -> None:
+    from timm.layers import Attention
+    from timm.models.beit import Attention as BeitAttention
+    from timm.models.eva import EvaAttention
+
+    if type(attn) not in (Attention, EvaAttention, BeitAttention):
+        raise UnsupportedModelError(
+            f"unsupported attention {type(attn).__module__}.{type(attn).__name__}: zeroi2v has "
+            "STDHA for timm's Attention, EvaAttention and BEiT's Attention")
+
+
+def _mlps():
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    return (Mlp, GluMlp, SwiGLU)
+
+
+def _vit_cls():
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer
+
+
+def _vit_blocks():
+    from timm.models.vision_transformer import Block
+
+    return (Block,)
+
+
+def _vit_tokens(vit, x, add_temporal):
+    x = vit.patch_embed(x)
+    x = vit._pos_embed(x)
+    x = add_temporal(x)
+    x = vit.patch_drop(x)
+    x = vit.norm_pre(x)
+    if vit.grad_checkpointing and torch.is_grad_enabled():
+        from timm.models._manipulate import checkpoint_seq
+
+        x = checkpoint_seq(vit.blocks, x)
+    else:
+        x = vit.blocks(x)
+    return vit.norm(x)
+
+
+def _eva_cls():
+    from timm.models.eva import Eva
+
+    return Eva
+
+
+def _eva_blocks():
+    from timm.models.eva import EvaBlock, EvaBlockPostNorm
+
+    return (EvaBlock, EvaBlockPostNorm)
+
+
+def _eva_tokens(vit, x, add_temporal):
+    x = vit.patch_embed(x)
+    x, rope = vit._pos_embed(x)
+    x = add_temporal(x)
+    x = vit.norm_pre(x)
+    for blk in vit.blocks:
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            x = checkpoint(blk, x, rope=rope, use_reentrant=False)
+        else:
+            x = blk(x, rope=rope)
+    return vit.norm(x)
+
+
+def _beit_cls():
+    from timm.models.beit import Beit
+
+    return Beit
+
+
+def _beit_blocks():
+    from timm.models.beit import Block
+
+    return (Block,)
+
+
+def _beit_tokens(vit, x, add_temporal):
+    x = vit.patch_embed(x)
+    x = torch.cat((vit.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    if vit.pos_embed is not None:
+        x = x + vit.pos_embed
+    x = add_temporal(x)
+    x = vit.pos_drop(x)
+    bias = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
+    for blk in vit.blocks:
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            x = checkpoint(blk, x, shared_rel_pos_bias=bias, use_reentrant=False)
+        else:
+            x = blk(x, shared_rel_pos_bias=bias)
+    return vit.norm(x)
+
+
+FAMILIES = (
+    Family("vit", _vit_cls, _vit_blocks, _mlps, _vit_tokens),
+    Family("eva", _eva_cls, _eva_blocks, _mlps, _eva_tokens),
+    Family("beit", _beit_cls, _beit_blocks, _mlps, _beit_tokens),
+)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a timm model, or an :class:`UnsupportedModelError` that names its class."""
+    for fam in FAMILIES:
+        if isinstance(model, fam.model_cls()):
+            return fam
+    name = f"{type(model).__module__}.{type(model).__name__}"
+    hint = ""
+    if type(model).__name__ == "NaFlexVit":
+        hint = (" (NaFlexViT packs images of several sizes into one sequence, which does not fit "
+                "clips of equal frames; use the fixed-size SigLIP/ViT model of the same weights)")
+    raise UnsupportedModelError(
+        f"{name} is not a model family zeroi2v supports{hint}: timm VisionTransformer (ViT, DeiT, "
+        "CLIP, DINOv2, SigLIP, AIMv2, hybrids), Eva (EVA-02, EVA-CLIP, DINOv3, RoPE ViTs) or "
+        "Beit (BEiT, BEiTv2)")
+
+
+def input_channels(model: nn.Module) -> int:
+    """Image channels the model takes: the first convolution of its patch embedding (for a
+    hybrid, the CNN stem's)."""
+    for m in model.patch_embed.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    raise UnsupportedModelError(f"{type(model.patch_embed).__name__} has no convolution")
