@@ -255,16 +255,13 @@ def saved_mb(fn):
 @contextlib.contextmanager
 def adapter_strategy(impl):
     """The fused-adapter strategy of ``impl`` for code that does not pass one (the video model)."""
-    old = os.environ.get("ZEROI2V_ADAPTER_STRATEGY")
-    if impl.startswith("fused_"):
-        os.environ["ZEROI2V_ADAPTER_STRATEGY"] = impl.split("_", 1)[1]
-    try:
+    from zeroi2v import settings
+
+    if not impl.startswith("fused_"):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("ZEROI2V_ADAPTER_STRATEGY", None)
-        else:
-            os.environ["ZEROI2V_ADAPTER_STRATEGY"] = old
+        return
+    with settings.override(adapter_strategy=impl.split("_", 1)[1]):
+        yield
 
 
 # ----------------------------------------------------------------------------- whole models

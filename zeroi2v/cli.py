@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import settings
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -507,7 +509,11 @@ def _user_errors() -> tuple:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    debug = getattr(args, "debug", False) or os.environ.get("ZEROI2V_DEBUG", "") == "1"
+    try:
+        debug = getattr(args, "debug", False) or settings.debug()
+    except ValueError as e:  # a bad ZEROI2V_DEBUG value
+        print(f"zeroi2v {args.command}: error: {e}", file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command](args) or 0
     except KeyboardInterrupt as e:
