@@ -31,7 +31,7 @@ _REQUIRED = (
     "backbone.ln_pre.weight", "backbone.ln_post.weight",
     _BLOCK + "0.attn.in_proj_weight", _BLOCK + "0.mlp.c_fc.weight", "cls_head.fc_cls.weight",
 )
-# official adapter module name -> this library's ZeroI2VBlock attribute
+# official adapter module name -> this library's adapter slot (models.families.SLOTS)
 _ADAPTERS = {"T_Adapter_in": "t_adapter", "S_Adapter": "s_adapter",
              "MLP_Adapter": "mlp_adapter", "MLP_Adapter_out": "mlp_adapter_out"}
 _ADAPTER_RE = re.compile(r"^blocks\.(\d+)\.(T_Adapter_in|S_Adapter|MLP_Adapter|MLP_Adapter_out)"

@@ -37,7 +37,8 @@ from ..nn.attention import STDHBeitAttention
 from .video_vit import ZeroI2VViT
 
 # timm keyword that gives a linear (by attribute name) of a VisionTransformer block a bias
-BIAS_KWARGS = {"qkv": "qkv_bias", "proj": "proj_bias", "fc1": "proj_bias", "fc2": "proj_bias"}
+BIAS_KWARGS = {"qkv": "qkv_bias", "proj": "proj_bias", "fc1": "proj_bias", "fc1_g": "proj_bias",
+               "fc1_x": "proj_bias", "fc2": "proj_bias"}
 
 
 @torch.no_grad()
