@@ -122,11 +122,32 @@ def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_
                                    num_classes=None, model_name=None, num_heads=None,
                                    adapter_dropout: float = ZeroI2VConfig.adapter_dropout,
                                    head_dropout: float = ZeroI2VConfig.head_dropout):
-    """:func:`load_official_checkpoint` on an already-loaded state dict."""
-    from timm.models.vision_transformer import _convert_openai_clip
+    """:func:`load_official_checkpoint` on an already-loaded state dict: the configuration the
+    shapes imply (:func:`infer_official_config`), the model it describes, and the checkpoint's
+    tensors under this library's names (:func:`official_filter_fn`)."""
+    from ..models.video_vit import ZeroI2VViT  # interop builds on models
 
-    from ..models.video_vit import ZeroI2VViT
+    config = infer_official_config(
+        sd, path=path, num_frames=num_frames, head_offsets=head_offsets,
+        adapter_scale=adapter_scale, num_classes=num_classes, model_name=model_name,
+        num_heads=num_heads, adapter_dropout=adapter_dropout, head_dropout=head_dropout)
+    model = ZeroI2VViT.from_config(config)
+    converted, source = official_filter_fn(sd, model)
+    check_state_dict(model.state_dict(), converted, path, what="the ZeroI2V architecture",
+                     source=source)
+    with torch.no_grad():
+        model.load_state_dict(converted, strict=True)
+    return model
 
+
+def infer_official_config(sd: dict, *, path: str = "<state dict>", num_frames=None,
+                          head_offsets: HeadOffsets = None, adapter_scale=None,
+                          num_classes=None, model_name=None, num_heads=None,
+                          adapter_dropout: float = ZeroI2VConfig.adapter_dropout,
+                          head_dropout: float = ZeroI2VConfig.head_dropout) -> ZeroI2VConfig:
+    """The :class:`ZeroI2VConfig` of an official checkpoint's state dict (arguments as
+    :func:`load_official_checkpoint`; what they leave open comes from the shapes and
+    :data:`RELEASED_CONFIGS`)."""
     for k in _REQUIRED:
         if k not in sd:
             raise ValueError(
@@ -191,14 +212,18 @@ def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_
                      for i in range(layers))
     # no adapter at all: reparameterized by the official tools/weight_reparam.py, a merged model
     merged = not any(adapters)
-    config = ZeroI2VConfig(
+    return ZeroI2VConfig(
         model_name=name, timm_kwargs=kwargs, num_frames=num_frames, num_classes=num_classes,
         head_offsets=head_offsets, adapter_ratio=adapter_ratio, adapter_scale=adapter_scale,
         adapter_dropout=adapter_dropout, head_dropout=head_dropout, merged=merged,
         adapters=None if merged or all(len(a) == len(_ADAPTERS) for a in adapters) else adapters)
-    model = ZeroI2VViT.from_config(config)
 
-    # ------------------------------------------------------------ keys
+
+def official_filter_fn(sd: dict, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The official checkpoint's tensors under ``model``'s state-dict names, and for each new
+    name the official key it came from (for error messages). Preprocessor buffers are dropped."""
+    from timm.models.vision_transformer import _convert_openai_clip
+
     converted: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     vit = model.backbone
@@ -218,8 +243,4 @@ def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_
         else:
             continue  # data_preprocessor buffers and the like
         converted[new], source[new] = v, k
-    check_state_dict(model.state_dict(), converted, path, what="the ZeroI2V architecture",
-                     source=source)
-    with torch.no_grad():
-        model.load_state_dict(converted, strict=True)
-    return model
+    return converted, source
