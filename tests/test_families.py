@@ -152,3 +152,22 @@ def test_instance_is_not_modified_and_refused_before_copying():
     with pytest.raises(UnsupportedModelError, match="ResPostBlock"):
         create_video_model(bad, T, 5)
     assert type(bad.blocks[0]).__name__ == "ResPostBlock"
+
+
+@pytest.mark.parametrize("name,kw", [(c[0], c[1]) for c in CASES
+                                     if c[0] in ("vit_small_patch16_224", "eva02_tiny_patch14_224",
+                                                 "beitv2_base_patch16_224")])
+def test_gradient_checkpointing_gives_the_same_gradients(name, kw):
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)  # the same frozen weights; eval: no dropout in either run
+        model = _randomize(_build(name, kw)).eval()
+        model.backbone.set_grad_checkpointing(ckpt)
+        calls = []
+        model.backbone.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+        model(_video(model)).square().sum().backward()
+        assert len(calls) == (2 if ckpt else 1)  # checkpointing recomputes in the backward
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7), n

@@ -169,14 +169,7 @@ def _eva_tokens(vit, x, add_temporal):
     x, rope = vit._pos_embed(x)
     x = add_temporal(x)
     x = vit.norm_pre(x)
-    for blk in vit.blocks:
-        if vit.grad_checkpointing and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            x = checkpoint(blk, x, rope=rope, use_reentrant=False)
-        else:
-            x = blk(x, rope=rope)
-    return vit.norm(x)
+    return vit.norm(_run_blocks(vit, x, rope=rope))
 
 
 def _beit_cls():
@@ -199,14 +192,17 @@ def _beit_tokens(vit, x, add_temporal):
     x = add_temporal(x)
     x = vit.pos_drop(x)
     bias = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
-    for blk in vit.blocks:
-        if vit.grad_checkpointing and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
+    return vit.norm(_run_blocks(vit, x, shared_rel_pos_bias=bias))
 
-            x = checkpoint(blk, x, shared_rel_pos_bias=bias, use_reentrant=False)
-        else:
-            x = blk(x, shared_rel_pos_bias=bias)
-    return vit.norm(x)
+
+def _run_blocks(vit, x, **kwargs):
+    """The blocks in order, each called with ``kwargs`` (timm's gradient checkpointing kept)."""
+    from torch.utils.checkpoint import checkpoint
+
+    ckpt = vit.grad_checkpointing and torch.is_grad_enabled()
+    for blk in vit.blocks:
+        x = checkpoint(blk, x, use_reentrant=False, **kwargs) if ckpt else blk(x, **kwargs)
+    return x
 
 
 FAMILIES = (
