@@ -164,7 +164,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name, kw):
         model = _randomize(_build(name, kw)).eval()
         model.backbone.set_grad_checkpointing(ckpt)
         calls = []
-        model.backbone.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+        model.backbone.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
         model(_video(model)).square().sum().backward()
         assert len(calls) == (2 if ckpt else 1)  # checkpointing recomputes in the backward
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
