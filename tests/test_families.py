@@ -171,3 +171,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(name, kw):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7), n
+
+
+@pytest.mark.parametrize("name,kw", [(c[0], c[1]) for c in CASES if c[2] in ("eva", "beit")]
+                         + [("vit_small_patch14_reg4_dinov2", dict(img_size=28))])
+def test_pretrained_image_file_of_each_family(name, kw, tmp_path):
+    """A timm checkpoint of the image model (with its classifier) loads into the video model's
+    backbone through that family's own key filter; the classifier is ignored."""
+    from safetensors.torch import save_file
+
+    kw = dict(depth=2) | kw
+    image = timm.create_model(name, num_classes=7, **kw)
+    save_file({k: v.contiguous() for k, v in image.state_dict().items()},
+              str(tmp_path / "image.safetensors"))
+    video = create_video_model(name, T, 5, pretrained_file=tmp_path / "image.safetensors", **kw)
+    got = merge_adapters(video).backbone.state_dict()
+    for k, v in image.state_dict().items():
+        if not k.startswith("head"):
+            assert torch.equal(got[k], v), k
