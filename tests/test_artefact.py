@@ -86,7 +86,7 @@ def test_config_json_is_the_config_and_strict(tmp_path):
     assert doc["model_name"] == "vit_small_patch16_224"
     assert doc["timm_kwargs"] == {"img_size": 32, "depth": 1}
     assert doc["head_offsets"] == [0] * 6 and doc["class_names"] == ["a", "b", "c"]
-    assert doc["format"] == "zeroi2v" and doc["format_version"] == 2
+    assert doc["format"] == "zeroi2v" and doc["format_version"] == 3
     assert doc["artefact"]["weights"] == "full"
     assert load_model(tmp_path).class_names == ("a", "b", "c")
     doc.pop("artefact")
@@ -96,7 +96,7 @@ def test_config_json_is_the_config_and_strict(tmp_path):
     with pytest.raises(ValueError, match="num_frames must be a positive integer"):
         ZeroI2VConfig.from_dict({**doc, "num_frames": "8"})
     with pytest.raises(ValueError, match="newer than this zeroi2v"):
-        ZeroI2VConfig.from_dict({**doc, "format_version": 3})
+        ZeroI2VConfig.from_dict({**doc, "format_version": 4})
     with pytest.raises(ValueError, match="2 class names for 3 classes"):
         ZeroI2VConfig.from_dict({**doc, "class_names": ["a", "b"]})
     with pytest.raises(ValueError, match="ambiguous"):
@@ -328,3 +328,29 @@ def test_malicious_pickles_run_nothing_anywhere(tmp_path, saved):
     assert not sentinel.exists()
     for d in ("o1", "o2", "o3"):
         assert not (tmp_path / d).exists()
+
+
+def test_format_2_folders_with_adapters_beside_the_linears_still_load(tmp_path):
+    """Format 2 stored adapters as blocks.i.t_adapter.*; format 3 inside the linear they adapt."""
+    from safetensors.torch import load_file, save_file
+
+    model = _randomize(create_video_model("vit_small_patch16_224", 4, 3, img_size=32, depth=2))
+    model.save_pretrained(tmp_path / "m")
+    owner = {"attn.qkv": "t_adapter", "attn.proj": "s_adapter", "mlp.fc1": "mlp_adapter",
+             "mlp.fc2": "mlp_adapter_out"}
+    old = {}
+    for k, v in load_file(str(tmp_path / "m" / "model.safetensors")).items():
+        for path, slot in owner.items():
+            k = k.replace(f".{path}.adapter.", f".{slot}.")
+        old[k] = v
+    assert any(".t_adapter.fc1." in k for k in old)
+    save_file(old, str(tmp_path / "m" / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["format_version"] = 2
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    back = load_model(tmp_path / "m")
+    assert back.config.format_version == 3
+    x = _video(model)
+    with torch.no_grad():
+        assert torch.equal(back(x), model.eval()(x))

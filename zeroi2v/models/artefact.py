@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -304,6 +305,7 @@ def load_from_artefact(art: Artefact, *, pretrained: Optional[PathLike] = None,
                        dtype: Optional[torch.dtype] = None):
     from safetensors.torch import load_file
 
+    from .families import rename_old_adapter_keys
     from .video_vit import ZeroI2VViT, load_image_weights
 
     try:
@@ -314,16 +316,23 @@ def load_from_artefact(art: Artefact, *, pretrained: Optional[PathLike] = None,
     # and a loaded model should compute exactly what the saved one did.
     tensors = {k: tensors.pop(k).clone() for k in list(tensors)}
     source = str(art.weights_file)
+    old_layout = art.config.format_version < 3
+    if old_layout:  # format 2 kept the adapters beside the linears: rename after building
+        art = dataclasses.replace(art, config=art.config.replace(format_version=FORMAT_VERSION))
     if art.weights == "full" and pretrained is not None:
         raise ValueError(f"{art.folder} holds all its weights: a pretrained file (--pretrained) "
                          "applies only to checkpoints that store just their trainable tensors")
     if art.weights == "full":
         model = ZeroI2VViT.from_config(art.config, empty=True)
+        if old_layout:
+            tensors = rename_old_adapter_keys(tensors, model.backbone.blocks)
         check_state_dict(model.state_dict(), tensors, source, what=f"its config ({CONFIG_FILE})")
         model.load_state_dict(tensors, strict=True, assign=True)
     else:
         base = _base_weights(art, pretrained)
         model = ZeroI2VViT.from_config(art.config)
+        if old_layout:
+            tensors = rename_old_adapter_keys(tensors, model.backbone.blocks)
         load_image_weights(model.backbone, base)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         own = {k: v for k, v in model.state_dict().items() if k in trainable}

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 FORMAT = "zeroi2v"
 #: Version 1 was zeroi2v 0.1's pickled ``.pth`` files and ``export`` folders; 2 is this layout.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: adapters inside the linears they adapt (keys ...attn.qkv.adapter.*)
 
 ADAPTER_NAMES = ("t_adapter", "s_adapter", "mlp_adapter", "mlp_adapter_out")
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from typing import Optional
 
 import torch
 
 from ..files import PathLike, check_state_dict, read_checkpoint
 from ..models.config import ADAPTER_NAMES
-from ..models.families import adapter_owner
+from ..models.families import rename_old_adapter_keys
 from ..models.merge import merge_adapters
 from ..models.video_vit import ZeroI2VViT, load_image_weights
 from .build import model_config
@@ -53,7 +52,7 @@ def convert_v1(path: PathLike, pretrained: Optional[str] = None) -> tuple[ZeroI2
         config = config.replace(adapters=tuple(
             tuple(n for n in ADAPTER_NAMES if (i, n) not in absent) for i in range(_depth(state))))
     model = ZeroI2VViT.from_config(config)
-    state = _renamed_adapters(state, model)
+    state = rename_old_adapter_keys(state, model.backbone.blocks)
     if not full:
         base = pretrained or mcfg.get("pretrained")
         if not base or not os.path.isfile(base):
@@ -76,24 +75,6 @@ def convert_v1(path: PathLike, pretrained: Optional[str] = None) -> tuple[ZeroI2
     with torch.no_grad():
         model.load_state_dict(state, strict=full)
     return model.eval(), cfg
-
-
-_OLD_ADAPTER = re.compile(r"^backbone\.blocks\.(\d+)\.(t_adapter|s_adapter|mlp_adapter|"
-                          r"mlp_adapter_out)\.(.*)$")
-
-
-def _renamed_adapters(state: dict, model: ZeroI2VViT) -> dict:
-    """0.1 kept the adapters beside the block's layers (``blocks.3.t_adapter.fc1.weight``);
-    today each sits in the linear it adapts (``blocks.3.attn.qkv.adapter.fc1.weight``)."""
-    out = {}
-    for k, v in state.items():
-        m = _OLD_ADAPTER.match(k)
-        if m:
-            i = int(m.group(1))
-            owner = adapter_owner(model.backbone.blocks[i], m.group(2))
-            k = f"backbone.blocks.{i}.{owner}.adapter.{m.group(3)}"
-        out[k] = v
-    return out
 
 
 def _depth(state: dict) -> int:
