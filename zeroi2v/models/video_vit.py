@@ -51,6 +51,7 @@ class ZeroI2VViT(nn.Module):
         if getattr(backbone, "num_classes", 0):
             backbone.reset_classifier(0)
         self.family = family.name
+        self._family = family
         self.backbone = backbone
         self.num_frames = config.num_frames
         self.embed_dim = backbone.embed_dim
@@ -231,15 +232,13 @@ class ZeroI2VViT(nn.Module):
 
     def forward_frames(self, x: torch.Tensor) -> torch.Tensor:
         """Token features after the final norm: ``(B*T, N, C)``."""
-        from .families import FAMILIES
-
         b, t = self._check_video(x)
-        fam = next(f for f in FAMILIES if f.name == self.family)
 
         def add_temporal(tokens):  # frame t of every video gets temporal_embedding[t]
             return (tokens.unflatten(0, (b, t)) + self.temporal_embedding.unsqueeze(2)).flatten(0, 1)
 
-        return fam.forward_tokens(self.backbone, x.transpose(1, 2).flatten(0, 1), add_temporal)
+        return self._family.forward_tokens(self.backbone, x.transpose(1, 2).flatten(0, 1),
+                                           add_temporal)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Per-frame pooled features (the CLS token for CLIP/ViT): ``(B, T, C)``."""
