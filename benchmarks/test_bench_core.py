@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import zeroi2v.ops.stdha as stdha_ops
-from zeroi2v import settings
-from zeroi2v import PRESETS, create_video_model, merge_adapters, stdha_attention
+from zeroi2v import PRESETS, create_video_model, merge_adapters, settings, stdha_attention
 from zeroi2v.nn import STDHAttention
 from zeroi2v.train.demo import rotating_times
 
@@ -129,7 +128,8 @@ def _paired(benchmark, baseline, candidate, rounds, warmup=2):
     times = {}
     # pytest-benchmark runs the whole paired measurement once; the statistics are in extra_info
     benchmark.pedantic(lambda: times.update(rotating_times(
-        {"baseline": timed(baseline), "candidate": timed(candidate)}, rounds, warmup)), rounds=1, iterations=1)
+        {"baseline": timed(baseline), "candidate": timed(candidate)}, rounds, warmup)),
+        rounds=1, iterations=1)
     ratios = [c / b for b, c in zip(times["baseline"], times["candidate"])]
     benchmark.extra_info.update(
         paired_ratio_median=statistics.median(ratios),

@@ -2,7 +2,6 @@
 import pytest
 import timm
 import torch
-from torch import nn
 
 from zeroi2v import PRESETS, create_video_model, merge_adapters
 from zeroi2v.nn import LinearAdapter

@@ -13,8 +13,7 @@ ks = pytest.importorskip("zeroi2v.kernels.stdha")
 
 from zeroi2v.nn import STDHAttention  # noqa: E402
 from zeroi2v.ops import stdha as ops  # noqa: E402
-from zeroi2v.ops.stdha import (stdha_attention, stdha_attention_packed,  # noqa: E402
-                               stdha_reference)
+from zeroi2v.ops.stdha import stdha_attention, stdha_attention_packed, stdha_reference  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -4,7 +4,6 @@ Without a GPU the kernels run through the Triton interpreter on CPU tensors (TRI
 set by the root conftest), so the CPU cases are small. ``@pytest.mark.gpu`` tests cover the full
 shape grid, determinism and torch.compile with Inductor.
 """
-import math
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ ks = pytest.importorskip("zeroi2v.kernels.stdha")
 
 from zeroi2v.offsets import source_frames  # noqa: E402
 from zeroi2v.ops import stdha as ops  # noqa: E402
-from zeroi2v.ops.stdha import (stdha_attention, stdha_attention_packed,  # noqa: E402
-                               stdha_reference)
+from zeroi2v.ops.stdha import stdha_attention, stdha_attention_packed, stdha_reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")

@@ -13,7 +13,6 @@ import torch
 
 from ..files import PathLike
 
-
 # ----------------------------------------------------------------------------- graph exports
 
 
@@ -51,8 +50,8 @@ def export_onnx(model, example: torch.Tensor, out_path: PathLike, *, merge: bool
     fixed to ``example``'s.
 
     ``dynamo=None`` uses the dynamo-based exporter when ``onnxscript`` is installed and the
-    TorchScript-based one (``dynamo=False``) otherwise; STDHA exports as slices and concatenations of K/V heads
-    followed by standard attention ops either way.
+    TorchScript-based one (``dynamo=False``) otherwise; STDHA exports as slices and concatenations
+    of K/V heads followed by standard attention ops either way.
     """
     import warnings
 

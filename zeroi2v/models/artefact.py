@@ -26,14 +26,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-from ..files import PathLike, atomic_path, atomic_write_text, check_state_dict, looks_like_safetensors
+from ..files import (
+    PathLike,
+    atomic_path,
+    atomic_write_text,
+    check_state_dict,
+    looks_like_safetensors,
+)
 from .config import FORMAT, FORMAT_VERSION, ZeroI2VConfig
 
 CONFIG_FILE = "config.json"

@@ -59,7 +59,7 @@ def merge_adapters(model: ZeroI2VViT, inplace: bool = False) -> ZeroI2VViT:
         for blk in model.backbone.blocks:
             _move_constant_into_norm(blk)
     gained = set()
-    for name, mod in list(model.backbone.named_modules()):
+    for mod in list(model.backbone.modules()):
         for attr, child in list(mod.named_children()):
             if isinstance(child, AdaptedLinear):
                 if child.bias is None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,7 @@ class ZeroI2VViT(nn.Module):
 
     @classmethod
     def from_config(cls, config: ZeroI2VConfig, *, device=None, dtype=None,
-                    empty: bool = False) -> "ZeroI2VViT":
+                    empty: bool = False) -> ZeroI2VViT:
         """A model with freshly initialised weights, built exactly as ``config`` says (the
         backbone through ``timm.create_model``). ``empty=True`` leaves the parameters on the meta
         device, to be loaded with ``load_state_dict(..., assign=True)`` (what

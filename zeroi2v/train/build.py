@@ -1,10 +1,10 @@
 """Build models and datasets from a config; rebuild saved models for evaluation and prediction."""
 from __future__ import annotations
 
-import copy
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn

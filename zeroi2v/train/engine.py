@@ -11,9 +11,10 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -22,17 +23,32 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import LoadReport, VideoDecodeError, collate_videos
-from . import dist as zdist
 from ..files import check_state_dict
-from .build import (build_model, build_test_dataset, build_train_dataset, count_params,
-                    dataset_num_classes, read_class_names)
-from .checkpoint import (base_weights_digest, read_training_checkpoint, rng_state,
-                         save_checkpoint, seed_everything, set_rng_state)
+from . import dist as zdist
+from .build import (
+    build_model,
+    build_test_dataset,
+    build_train_dataset,
+    count_params,
+    dataset_num_classes,
+    read_class_names,
+)
+from .checkpoint import (
+    base_weights_digest,
+    read_training_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from .config import dump_config
-from .metrics import average_views, classification_metrics, plot_confusion_matrix, \
-    write_per_class_tables
+from .metrics import (
+    average_views,
+    classification_metrics,
+    plot_confusion_matrix,
+    write_per_class_tables,
+)
 from .optim import build_optimizer, build_scheduler, scaled_lr
-
 
 # ----------------------------------------------------------------------------- small helpers
 
@@ -192,10 +208,10 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device,
     all_probs = np.zeros((n, num_classes), dtype=np.float32)
     all_labels = np.full(n, -1, dtype=np.int64)
     skipped = sorted((s for *_, r in parts for s in r.dropped), key=lambda s: s.index)
-    for idx, p, l, _ in parts:
+    for idx, p, lab, _ in parts:
         if len(idx):
             all_probs[idx] = p
-            all_labels[idx] = l
+            all_labels[idx] = lab
     done = all_labels >= 0
     if int(done.sum()) + len(skipped) != n:
         raise RuntimeError("evaluation lost samples while gathering across ranks")

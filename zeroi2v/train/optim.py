@@ -1,8 +1,10 @@
-"""AdamW with the recipe's parameter groups, linear LR scaling, warm-up + cosine schedule (docs/method.md §4)."""
+"""AdamW with the recipe's parameter groups, linear LR scaling, warm-up + cosine schedule
+(docs/method.md §4)."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 from torch import nn
