@@ -59,10 +59,6 @@ def test_every_decoder_is_usable_here():
     assert decoder_status() == {name: None for name in DECODERS}
 
 
-def _ids(m):
-    return [p.name for p, _, _ in m]
-
-
 @pytest.mark.parametrize("k", range(len(MATRIX) * len(LENGTHS)))
 def test_same_frames_from_every_decoder(matrix, k):
     path, ref, size = matrix[k]

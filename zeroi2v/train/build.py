@@ -152,6 +152,7 @@ def _ra(x) -> Optional[tuple]:
 
 
 def _flip_map(x) -> Optional[dict]:
+    """The config's ``flip_label_map`` as ints, completed to a symmetric swap (None: no map)."""
     if not x:
         return None
     m = {int(k): int(v) for k, v in dict(x).items()}

@@ -39,8 +39,6 @@ from pydantic import (
 from ..models.config import ZeroI2VConfig as _M
 from ..models.config import closest
 
-Probability = Field(ge=0.0, lt=1.0)
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
