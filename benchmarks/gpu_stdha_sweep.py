@@ -27,14 +27,12 @@ def main(argv=None):
     from triton.runtime.errors import OutOfResources
     from triton.testing import do_bench
 
-    from zeroi2v import PRESETS, stdha_attention
+    from bench_cases import ATTN_SHAPES
+    from zeroi2v import stdha_attention
     from zeroi2v.kernels import stdha as ks
 
     dtype = getattr(torch, args.dtype)
-    shapes = {
-        "vitb16_bt256": (32, 8, 12, 197, 64, PRESETS["vit_b"]),
-        "vitl14_t32_bt64": (2, 32, 16, 257, 64, PRESETS["vit_l_32f"]),
-    }
+    shapes = {k: ATTN_SHAPES[k] for k in ("vitb16_bt256", "vitl14_t32_bt64")}
     blocks = [32, 64] if args.quick else [16, 32, 64, 128]
     warps = [4] if args.quick else [2, 4, 8]
     stages = [2] if args.quick else [1, 2, 3, 4]
