@@ -24,6 +24,7 @@ import torch
 from ..files import PathLike, check_state_dict, read_state_dict
 from ..models.config import ZeroI2VConfig
 from ..models.families import adapter_owner
+from ..models.video_vit import ZeroI2VViT
 from ..offsets import PRESETS, HeadOffsets
 
 _BLOCK = "backbone.transformer.resblocks."
@@ -126,8 +127,6 @@ def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_
                                    head_dropout: float = ZeroI2VConfig.head_dropout):
     """:func:`load_official_checkpoint` on an already-loaded state dict."""
     from timm.models.vision_transformer import _convert_openai_clip
-
-    from ..models.video_vit import ZeroI2VViT
 
     for k in _REQUIRED:
         if k not in sd:

@@ -81,6 +81,7 @@ class ZeroI2VViT(nn.Module):
         self._spec = config.replace(head_offsets=offsets, merged=False)
         self.freeze()
         if config.merged:  # the structure of a merged model: fold the fresh adapters (identity)
+            # cycle: models.merge imports ZeroI2VViT from this module
             from .merge import merge_adapters
 
             merge_adapters(self, inplace=True)
@@ -130,6 +131,7 @@ class ZeroI2VViT(nn.Module):
     def save_pretrained(self, path, **kwargs):
         """Write ``config.json`` + ``model.safetensors`` into the folder ``path``; see
         :func:`zeroi2v.models.artefact.save_pretrained`."""
+        # cycle: models.artefact builds on this module (imports ZeroI2VViT)
         from .artefact import save_pretrained
 
         return save_pretrained(self, path, **kwargs)
@@ -355,7 +357,7 @@ def load_image_weights(backbone: nn.Module, path: Union[str, os.PathLike]) -> No
     OpenAI CLIP (TorchScript archive or state dict), open_clip and timm files are accepted; see
     :func:`zeroi2v.interop.load_clip_weights` (a mismatching key is a ``ValueError`` naming it).
     """
-    # interop builds on models (it imports ZeroI2VViT), so this direction is imported late
+    # cycle: interop.clip builds on models (imports ZeroI2VViT), so this direction is late
     from ..interop.clip import load_clip_weights
 
     load_clip_weights(backbone, path)
