@@ -15,13 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import settings
 from ..errors import UnsupportedModelError
 from ..nn.adapter import AdaptedLinear, LinearAdapter
 from ..nn.attention import STDHA_CLASSES, stdha_from_timm
 from ..offsets import HeadOffsets, check_offsets, clamp_offsets, resolve_offsets
+from ..ops.adapter import _kernels
+from ..ops.stdha import get_backend
 from . import timm_spec
 from .config import ADAPTER_NAMES, ZeroI2VConfig
-from .families import adapter_dim, adapter_sites, family_of, input_channels
+from .families import FAMILIES, adapter_dim, adapter_sites, family_of, input_channels
 
 
 class ZeroI2VViT(nn.Module):
@@ -154,8 +157,6 @@ class ZeroI2VViT(nn.Module):
 
     def set_attn_backend(self, backend: str) -> None:
         """The STDHA backend of every attention (``"auto"``, ``"torch"``, ``"triton"``, ...)."""
-        from ..ops.stdha import get_backend
-
         if backend != "auto":
             get_backend(backend)  # an unknown name fails here, not at the first forward
         for a in self.attentions():
@@ -234,8 +235,6 @@ class ZeroI2VViT(nn.Module):
 
     def forward_frames(self, x: torch.Tensor) -> torch.Tensor:
         """Token features after the final norm: ``(B*T, N, C)``."""
-        from .families import FAMILIES
-
         b, t = self._check_video(x)
         fam = next(f for f in FAMILIES if f.name == self.family)
 
@@ -267,9 +266,6 @@ def _check_config_fits(backbone: nn.Module, config: ZeroI2VConfig) -> None:
 def fused_adapters_active(model: nn.Module, device, dtype: torch.dtype, training: bool) -> bool:
     """Whether the adapted linears of ``model`` run the fused ops for inputs of this device and
     dtype (``dtype``: the autocast dtype when autocasting)."""
-    from .. import settings
-    from ..ops.adapter import _kernels
-
     lins = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
     if not lins:
         return False
