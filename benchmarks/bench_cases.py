@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,36 @@ class Unavailable(Exception):
 
 
 # ----------------------------------------------------------------------------- attention
+class AttnShape(NamedTuple):
+    """One attention call of a ViT block: ``clips`` videos of ``frames`` frames, ``heads`` heads
+    of ``head_dim`` channels over ``tokens`` tokens per frame, STDHA head ``offsets``. Unpacks as
+    ``B, T, H, N, D, offsets``, the argument order of :func:`attention_case`."""
+
+    clips: int
+    frames: int
+    heads: int
+    tokens: int
+    head_dim: int
+    offsets: tuple
+
+    @property
+    def batch_frames(self) -> int:
+        """B*T, the leading dimension of q, k and v."""
+        return self.clips * self.frames
+
+
+# The keys are benchmark ids (test ids, groups, gpu_check rows): keep them stable.
+#: GPU shapes (test_bench_stdha*, gpu_check.py, gpu_stdha_sweep.py).
 ATTN_SHAPES = {
-    # name: (B, T, H, N, D, offsets)
-    "vitb16_bt64": (8, 8, 12, 197, 64, PRESETS["vit_b"]),
-    "vitb16_bt256": (32, 8, 12, 197, 64, PRESETS["vit_b"]),
-    "vitl14_t32_bt64": (2, 32, 16, 257, 64, PRESETS["vit_l_32f"]),
-    "vitl14_t32_bt256": (8, 32, 16, 257, 64, PRESETS["vit_l_32f"]),
+    "vitb16_bt64": AttnShape(8, 8, 12, 197, 64, PRESETS["vit_b"]),
+    "vitb16_bt256": AttnShape(32, 8, 12, 197, 64, PRESETS["vit_b"]),
+    "vitl14_t32_bt64": AttnShape(2, 32, 16, 257, 64, PRESETS["vit_l_32f"]),
+    "vitl14_t32_bt256": AttnShape(8, 32, 16, 257, 64, PRESETS["vit_l_32f"]),
+}
+#: CPU shapes (test_bench_core.py; benchmarks/results/cpu refers to these ids).
+CPU_ATTN_SHAPES = {
+    "vitb16_bt16": AttnShape(2, 8, 12, 197, 64, PRESETS["vit_b"]),
+    "vitl14_bt32": AttnShape(1, 32, 16, 257, 64, PRESETS["vit_l_long"]),
 }
 #: triton: the packed path STDHAttention runs (qkv in, (B*T, N, H*D) out, packed gradient);
 #: triton_views: the kernels on q/k/v views (separate dq/dk/dv); cuda: the CUDA C++ forward;

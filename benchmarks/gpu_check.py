@@ -58,8 +58,8 @@ class Step:
     kind: str                # "command" (a subprocess) or "bench" (a function of this file)
     needs_build: bool = False
     background: bool = False
-    command: Optional[Callable[["Args"], list]] = None
-    env: Optional[Callable[["Args"], dict]] = None
+    command: Optional[Callable[[Args], list]] = None
+    env: Optional[Callable[[Args], dict]] = None
 
 
 def _gpu_test_files(exclude=()):
@@ -242,8 +242,9 @@ def _attention_rows(ctx, impls, shapes, modes, group_prefix, dtype, compile_flex
     for shape, (B, T, H, N, D, offsets) in shapes.items():
         for mode in modes:
             for impl in impls:
+                # _case calls the lambda before the loop moves on, hence noqa: B023
                 _case(ctx, f"{group_prefix}{shape}-{mode}", impl,
-                      lambda: run(impl, B, T, H, N, D, offsets, mode), min_left=3.0,
+                      lambda: run(impl, B, T, H, N, D, offsets, mode), min_left=3.0,  # noqa: B023
                       shape=[B * T, H, N, D], T=T, mode=mode, dtype=str(dtype).split(".")[-1])
 
 
@@ -339,7 +340,7 @@ def bench_adapter(ctx):
 
     for width, site in plan:
         for impl in ADAPTER_IMPLS:
-            _case(ctx, f"adapter-{width}-{site}", impl, lambda: run(width, site, impl))
+            _case(ctx, f"adapter-{width}-{site}", impl, lambda: run(width, site, impl))  # noqa: B023
             ctx.free()
 
 
@@ -355,7 +356,7 @@ def bench_train(ctx):
         return dict(ms=ms, peak_mb=peak, flops=flops, tflops=_rate(flops, ms))
 
     for impl in ADAPTER_IMPLS:
-        _case(ctx, "train-vitb16-8f", impl, lambda: run(impl), min_left=6.0, clips=clips,
+        _case(ctx, "train-vitb16-8f", impl, lambda: run(impl), min_left=6.0, clips=clips,  # noqa: B023
               frames=frames)
         ctx.free()
 
@@ -371,7 +372,7 @@ def bench_inference(ctx):
         return dict(ms=ms, flops=flops, tflops=_rate(flops, ms))
 
     for impl in INFERENCE_IMPLS:
-        _case(ctx, "inference-vitb16-8f", impl, lambda: run(impl), clips=clips, frames=frames)
+        _case(ctx, "inference-vitb16-8f", impl, lambda: run(impl), clips=clips, frames=frames)  # noqa: B023
         ctx.free()
 
 

@@ -25,8 +25,14 @@ import os
 import pytest
 import torch
 
-from bench_cases import (ADAPTER_IMPLS, ADAPTER_SITES, ADAPTER_WIDTHS, adapter_case, saved_mb,
-                         train_step_case)
+from bench_cases import (
+    ADAPTER_IMPLS,
+    ADAPTER_SITES,
+    ADAPTER_WIDTHS,
+    adapter_case,
+    saved_mb,
+    train_step_case,
+)
 
 pytestmark = pytest.mark.gpu
 HAS_CUDA = torch.cuda.is_available()

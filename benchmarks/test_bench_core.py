@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import zeroi2v.ops.stdha as stdha_ops
-from zeroi2v import settings
-from zeroi2v import PRESETS, create_video_model, merge_adapters, stdha_attention
+from bench_cases import CPU_ATTN_SHAPES
+from zeroi2v import create_video_model, merge_adapters, settings, stdha_attention
 from zeroi2v.nn import STDHAttention
 from zeroi2v.train.demo import rotating_times
 
@@ -27,17 +27,11 @@ def _sync():
         torch.cuda.synchronize()
 
 
-ATTN_SHAPES = {
-    # name: (B*T, H, N, D, T, offsets)
-    "vitb16_bt16": (16, 12, 197, 64, 8, PRESETS["vit_b"]),
-    "vitl14_bt32": (32, 16, 257, 64, 32, PRESETS["vit_l_long"]),
-}
-
-
 def _attention_case(shape, impl, monkeypatch):
     """``(fn, (bt, h, n, d), t)``: the attention call ``impl`` on views of a fused qkv projection,
     as inside a ViT block."""
-    bt, h, n, d, t, offsets = ATTN_SHAPES[shape]
+    s = CPU_ATTN_SHAPES[shape]
+    bt, h, n, d, t, offsets = s.batch_frames, s.heads, s.tokens, s.head_dim, s.frames, s.offsets
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(bt, n, 3, h, d, generator=gen).to(DEV).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
@@ -65,7 +59,7 @@ def _attention_case(shape, impl, monkeypatch):
 
 @pytest.mark.parametrize("impl", ["sdpa_no_shift", "stdha_cpu_fused", "stdha_torch_inplace",
                                   "stdha_torch_inplace_pure", "stdha_torch_copy"])
-@pytest.mark.parametrize("shape", list(ATTN_SHAPES))
+@pytest.mark.parametrize("shape", list(CPU_ATTN_SHAPES))
 def test_attention_forward(benchmark, shape, impl, monkeypatch):
     fn, dims, t = _attention_case(shape, impl, monkeypatch)
     benchmark.group = f"attention-{shape}"
@@ -129,7 +123,8 @@ def _paired(benchmark, baseline, candidate, rounds, warmup=2):
     times = {}
     # pytest-benchmark runs the whole paired measurement once; the statistics are in extra_info
     benchmark.pedantic(lambda: times.update(rotating_times(
-        {"baseline": timed(baseline), "candidate": timed(candidate)}, rounds, warmup)), rounds=1, iterations=1)
+        {"baseline": timed(baseline), "candidate": timed(candidate)}, rounds, warmup)),
+        rounds=1, iterations=1)
     ratios = [c / b for b, c in zip(times["baseline"], times["candidate"])]
     benchmark.extra_info.update(
         paired_ratio_median=statistics.median(ratios),
@@ -142,7 +137,7 @@ def _paired(benchmark, baseline, candidate, rounds, warmup=2):
 
 
 @pytest.mark.parametrize("impl", ["stdha_cpu_fused", "stdha_torch_inplace", "stdha_torch_inplace_pure"])
-@pytest.mark.parametrize("shape", list(ATTN_SHAPES))
+@pytest.mark.parametrize("shape", list(CPU_ATTN_SHAPES))
 def test_paired_attention_vs_sdpa(benchmark, shape, impl, monkeypatch):
     """STDHA (fused CPU kernel; "torch" backend's in-place path) / SDPA without any shift, same
     inputs."""

@@ -43,8 +43,10 @@ def _frames(rng, h, w, n):
     disk crossing it and a little sensor-like grain: at crf 23 about 1 Mbit/s at 720p, 0.3 at
     340x256, like camera videos (a clean pan alone compresses unrealistically well)."""
     th, tw = h + n, w + 2 * n
-    fine = np.kron(rng.random((th // 4 + 2, tw // 4 + 2, 3), dtype=np.float32), np.ones((4, 4, 1), np.float32))
-    blob = np.kron(rng.random((th // 32 + 2, tw // 32 + 2, 3), dtype=np.float32), np.ones((32, 32, 1), np.float32))
+    fine = np.kron(rng.random((th // 4 + 2, tw // 4 + 2, 3), dtype=np.float32),
+                   np.ones((4, 4, 1), np.float32))
+    blob = np.kron(rng.random((th // 32 + 2, tw // 32 + 2, 3), dtype=np.float32),
+                   np.ones((32, 32, 1), np.float32))
     tex = (30 + 60 * fine[:th, :tw] + 140 * blob[:th, :tw]).astype(np.uint8)
     grain = [rng.integers(-4, 5, (h, w, 3), dtype=np.int16) for _ in range(7)]
     yy, xx = np.mgrid[0:h, 0:w]
@@ -73,8 +75,8 @@ def bench_videos(request):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 tmp = path + ".part.mp4"
                 with av.open(tmp, "w") as out:
-                    s = add_video_stream(out, "h264", w, h, FPS, {"preset": "veryfast", "crf": "23", "bframes": "3",
-                                                                 "g": "250"})
+                    s = add_video_stream(out, "h264", w, h, FPS,
+                                         {"preset": "veryfast", "crf": "23", "bframes": "3", "g": "250"})
                     for f in _frames(np.random.default_rng(i), h, w, SECONDS * FPS):
                         for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                             out.mux(p)
@@ -108,8 +110,9 @@ def test_pipeline_clips_per_s(benchmark, bench_videos, sampling, res, decoder, w
     ds = build_dataset(anns[res], root, train=True, size=224, short_side=256, rand_augment=(7, 4), flip=True,
                        on_error="raise", decoder=decoder, **SAMPLINGS[sampling])
     clips = CLIPS[res]
-    loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=_Repeat(len(ds), clips), num_workers=workers,
-                                         persistent_workers=workers > 0, collate_fn=collate_videos)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=_Repeat(len(ds), clips),
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         collate_fn=collate_videos)
     shapes = []
     load = _load()
 
@@ -123,7 +126,8 @@ def test_pipeline_clips_per_s(benchmark, bench_videos, sampling, res, decoder, w
     benchmark.extra_info.update(kind="pipeline", sampling=sampling, resolution=res, decoder=decoder,
                                 workers=workers, clips_per_round=clips,
                                 clips_per_s=clips / benchmark.stats.stats.median,
-                                torch_threads=torch.get_num_threads(), load_1min=load, load_1min_after=_load())
+                                torch_threads=torch.get_num_threads(), load_1min=load,
+                                load_1min_after=_load())
 
 
 @pytest.mark.parametrize("frames, batch", [(8, 2), (32, 1)])
@@ -151,7 +155,8 @@ def test_vit_b16_train_step(benchmark, frames, batch):
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     benchmark.extra_info.update(kind="train_step", frames=frames, batch=batch,
                                 clips_per_s=batch / benchmark.stats.stats.median,
-                                torch_threads=torch.get_num_threads(), load_1min=load, load_1min_after=_load())
+                                torch_threads=torch.get_num_threads(), load_1min=load,
+                                load_1min_after=_load())
 
 
 # ------------------------------------------------------------------------------- table and plot
@@ -190,8 +195,9 @@ def plot(bench: dict, path: str) -> None:
     for k, (s, r) in enumerate((s, r) for s in SAMPLINGS for r in RESOLUTIONS):
         ax = fig.add_subplot(2, 2, k + 1)
         for j, d in enumerate(DECODERS):
-            ys = [next((e["clips_per_s"] for e in rows if (e["sampling"], e["resolution"], e["decoder"],
-                                                           e["workers"]) == (s, r, d, w)), 0.0) for w in WORKERS]
+            ys = [next((e["clips_per_s"] for e in rows
+                        if (e["sampling"], e["resolution"], e["decoder"], e["workers"]) == (s, r, d, w)),
+                       0.0) for w in WORKERS]
             ax.bar(np.arange(len(WORKERS)) + (j - 1) * 0.27, ys, width=0.27, label=d)
         frames = SAMPLINGS[s]["num_frames"]
         if frames in steps:

@@ -1,6 +1,6 @@
 """Fraction of useful score work per STDHA kernel at ViT token counts (arithmetic, no GPU).
 
-    python benchmarks/useful_work.py            # prints the table, rewrites benchmarks/results/useful_work.{json,md}
+    python benchmarks/useful_work.py   # prints the table, rewrites benchmarks/results/useful_work.{json,md}
 
 A kernel tiles each (frame, head) score matrix N x N into blocks; padded rows and columns past N
 are computed and thrown away. Useful fraction = N^2 / (rows computed x columns computed), from

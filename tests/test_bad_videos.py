@@ -57,7 +57,8 @@ def test_eval_reports_exactly_the_readable_videos(data, checkpoint, tmp_path, ca
     code, res = _eval(checkpoint, data["ann"]["bad"], tmp_path / "bad.json", "--set", f"data.on_error={mode}")
     assert code == 0
     assert (res["num_samples"], res["num_videos"], res["num_skipped"]) == (2, 6, 4)
-    assert [Path(s["path"]).name for s in res["skipped"]] == [Path(b).name for b in (BAD[0], BAD[1], BAD[2], BAD[3])]
+    assert [Path(s["path"]).name for s in res["skipped"]] == [
+        Path(b).name for b in (BAD[0], BAD[1], BAD[2], BAD[3])]
     assert all(s["reason"] for s in res["skipped"])
     for k in ("top1", "mean_class_acc", "confusion_matrix", "per_class_acc"):
         assert res[k] == good[k], k  # the metrics of the two readable videos, nothing duplicated
@@ -93,7 +94,8 @@ def test_short_videos_are_counted(data, checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["skip", "drop"])
 def test_training_counts_skipped_videos_per_epoch(data, tmp_path, capsys, mode):
-    cfg = write_cfg(tmp_path / "cfg.yaml", {**data, "train": data["ann"]["train_bad"], "val": data["ann"]["bad"]},
+    cfg = write_cfg(tmp_path / "cfg.yaml",
+                    {**data, "train": data["ann"]["train_bad"], "val": data["ann"]["bad"]},
                     epochs=2, batch_size=5, log_interval=1)
     assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--set", f"data.on_error={mode}",
                  "--set", "train.progress=true"]) == 0

@@ -194,7 +194,6 @@ def test_import_official(tmp_path, capsys):
     """``import-official`` converts a checkpoint in the official layout (random weights, an
     mmengine-style wrapper) into a file that eval/merge accept and that rebuilds the same model."""
     from official_ckpt import make_official
-
     from zeroi2v import load_model
     from zeroi2v.interop import load_official_checkpoint
 

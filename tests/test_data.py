@@ -10,10 +10,24 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from zeroi2v.data import (CLIP_MEAN, CLIP_STD, DenseSampler, UniformSampler, VideoDataset, VideoDecodeError,
-                          VideoTransform, build_dataset, collate_videos, make_synthetic_dataset,
-                          read_annotations, read_video_frames, symmetric_label_map, synthetic_orders,
-                          write_video, count_video_frames)
+from zeroi2v.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DenseSampler,
+    UniformSampler,
+    VideoDataset,
+    VideoDecodeError,
+    VideoTransform,
+    build_dataset,
+    collate_videos,
+    count_video_frames,
+    make_synthetic_dataset,
+    read_annotations,
+    read_video_frames,
+    symmetric_label_map,
+    synthetic_orders,
+    write_video,
+)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -52,7 +66,8 @@ def test_read_annotations(tmp_path):
     p = tmp_path / "a.txt"
     p.write_text("# comment\nsub/a.mp4 3\n\n  b.mp4\t0  \n")
     assert read_annotations(p) == [("sub/a.mp4", 3), ("b.mp4", 0)]
-    for bad, lineno in [("a.mp4 1\nb.mp4\n", 2), ("a.mp4 1\nb.mp4 x\n", 2), ("a.mp4 1 2\n", 1), ("a.mp4 -1\n", 1)]:
+    for bad, lineno in [("a.mp4 1\nb.mp4\n", 2), ("a.mp4 1\nb.mp4 x\n", 2), ("a.mp4 1 2\n", 1),
+                        ("a.mp4 -1\n", 1)]:
         p.write_text(bad)
         with pytest.raises(ValueError, match=f"a.txt:{lineno}:"):
             read_annotations(p)
@@ -103,7 +118,8 @@ def test_uniform_sampler():
     assert (s.num_frames, s.num_clips) == (8, 1)
     np.testing.assert_array_equal(s(80, None), [[5, 15, 25, 35, 45, 55, 65, 75]])
     np.testing.assert_array_equal(s(5, None), [[0, 0, 1, 2, 2, 3, 4, 4]])  # fewer frames than segments
-    np.testing.assert_array_equal(UniformSampler(4, True, num_clips=2)(40, None), [[2, 12, 22, 32], [7, 17, 27, 37]])
+    np.testing.assert_array_equal(UniformSampler(4, True, num_clips=2)(40, None),
+                                  [[2, 12, 22, 32], [7, 17, 27, 37]])
     tr = UniformSampler(8)
     idx = tr(80, np.random.default_rng(5))
     u = np.random.default_rng(5).random((1, 8))
@@ -167,7 +183,8 @@ def test_test_views_three_crops():
     resized = TF.resize(wide[1].permute(0, 3, 1, 2), 16, antialias=True)  # (T, C, 16, 27)
     w = resized.shape[-1]
     for k, left in enumerate([0, (w - 16) // 2, w - 16]):
-        ref = (resized[..., left:left + 16].float() - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+        ref = ((resized[..., left:left + 16].float() - torch.tensor(CLIP_MEAN).view(3, 1, 1))
+               / torch.tensor(CLIP_STD).view(3, 1, 1))
         torch.testing.assert_close(out[3 + k], ref.permute(1, 0, 2, 3))
     tall = torch.from_numpy(rng.integers(0, 256, (1, 2, 40, 24, 3), dtype=np.uint8))
     out = tf(tall)
@@ -212,7 +229,8 @@ def test_dataset_shapes_train_and_test(video_dir, tmp_path):
     assert len(tr) == 3 and tr.num_classes == 3 and tr.samples[1] == (os.path.join(str(d), "v1.mp4"), 1)
     x, y = tr[2]
     assert x.shape == (3, 4, 16, 16) and x.dtype == torch.float32 and y == 2
-    te = build_dataset(ann, d, num_frames=4, sampling="uniform", num_clips=2, train=False, size=16, num_crops=3)
+    te = build_dataset(ann, d, num_frames=4, sampling="uniform", num_clips=2, train=False, size=16,
+                       num_crops=3)
     x, y = te[0]
     assert x.shape == (6, 3, 4, 16, 16) and y == 0
     torch.testing.assert_close(te[0][0], x)  # test mode is deterministic
@@ -282,8 +300,9 @@ def test_flip_label_swap(tmp_path):
     ds.set_epoch(1)
     a = [ds[i][1] for i in range(8)]
     assert a == [ds[i][1] for i in range(8)]  # (seed, epoch, index) -> same draw
-    noflip = VideoDataset(ann, tmp_path, UniformSampler(2), VideoTransform(True, size=16, short_side=None, rand_augment=None,
-                                                                            flip=False), flip_label_map={0: 1})
+    noflip = VideoDataset(ann, tmp_path, UniformSampler(2),
+                          VideoTransform(True, size=16, short_side=None, rand_augment=None, flip=False),
+                          flip_label_map={0: 1})
     assert [noflip[i][1] for i in range(8)] == [0] * 4 + [2] * 4
     assert symmetric_label_map({86: 87, 93: 94}) == {86: 87, 87: 86, 93: 94, 94: 93}
     with pytest.raises(ValueError):
@@ -321,8 +340,12 @@ def test_synthetic_dataset(tmp_path):
     assert info["flip_label_map"] is None and info["flip"]  # a mirrored clip keeps its label
     train, val = read_annotations(info["train"]), read_annotations(info["val"])
     assert len(train) == 12 and len(val) == 4
-    assert np.bincount([l for _, l in train]).tolist() == [3] * 4 and np.bincount([l for _, l in val]).tolist() == [1] * 4
-    groups = lambda s: {os.path.basename(p) for p, _ in s}
+    assert np.bincount([y for _, y in train]).tolist() == [3] * 4
+    assert np.bincount([y for _, y in val]).tolist() == [1] * 4
+
+    def groups(s):
+        return {os.path.basename(p) for p, _ in s}
+
     assert not groups(train) & groups(val)
     videos = {}
     for rel, label in train + val:
@@ -339,7 +362,7 @@ def test_synthetic_dataset(tmp_path):
     # per-class mean frame statistics are equal (temporal order is the only difference) ...
     assert np.abs(stats - stats.mean(0)).max() < 1.0
     # ... while the order itself differs: class 0 vs 1 videos are far apart frame by frame
-    diffs = [np.abs(videos[(g, 0)] - videos[(g, 1)]).mean() for g, l in videos if l == 0]
+    diffs = [np.abs(videos[(g, 0)] - videos[(g, 1)]).mean() for g, y in videos if y == 0]
     assert min(diffs) > 5.0
     # the light's hue turns one way in class 0 and the other way in class 1: the mean colour of
     # consecutive frames rotates clockwise vs anticlockwise on the chroma plane

@@ -9,7 +9,14 @@ import logging
 import numpy as np
 import pytest
 
-from zeroi2v.data import DECODERS, VideoDecodeError, VideoReader, check_decoder, decoder_status, write_video
+from zeroi2v.data import (
+    DECODERS,
+    VideoDecodeError,
+    VideoReader,
+    check_decoder,
+    decoder_status,
+    write_video,
+)
 from zeroi2v.data import decoders as dec
 
 # (codec, container, height, width): odd sizes where the codec allows them (H.264's yuv420p does not)
@@ -50,10 +57,6 @@ def matrix(tmp_path_factory):
 
 def test_every_decoder_is_usable_here():
     assert decoder_status() == {name: None for name in DECODERS}
-
-
-def _ids(m):
-    return [p.name for p, _, _ in m]
 
 
 @pytest.mark.parametrize("k", range(len(MATRIX) * len(LENGTHS)))
@@ -104,7 +107,8 @@ def test_pyav_seeking_matches_sequential_decoding(tmp_path):
 def test_broken_files_name_the_file_and_each_decoder(tmp_path):
     good = tmp_path / "good.mp4"
     write_video(good, level_frames(6, 32, 64))
-    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    noise = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)
+    (tmp_path / "noise.mp4").write_bytes(noise.tobytes())
     (tmp_path / "half.mp4").write_bytes(good.read_bytes()[:300])
     (tmp_path / "empty.webm").write_bytes(b"")
     for name in ("noise.mp4", "half.mp4", "empty.webm", "missing.mkv"):

@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 
+from _helpers import rel_err
 from zeroi2v import create_video_model, load_model, merge_adapters
 from zeroi2v.errors import UnsupportedModelError
 from zeroi2v.offsets import auto_offsets
@@ -57,10 +58,6 @@ def _video(model, b=2, seed=1, dtype=torch.float32):
     return torch.randn(b, 3, T, *size, generator=g).to(dtype)
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 @pytest.mark.parametrize("name,kw,family,heads", CASES, ids=IDS)
 def test_default_arguments_forward_backward(name, kw, family, heads):
     model = _build(name, kw)
@@ -92,7 +89,7 @@ def test_initial_model_is_the_image_model(name, kw, family, heads):
     with torch.no_grad():
         feats = model.forward_features(x).flatten(0, 1)
         ref = image(x.transpose(1, 2).flatten(0, 1))
-    assert _rel(feats, ref) < 1e-5
+    assert rel_err(feats, ref) < 1e-5
 
 
 @pytest.mark.parametrize("name,kw,family,heads", CASES, ids=IDS)
@@ -101,9 +98,9 @@ def test_merge_is_exact(name, kw, family, heads):
     x = _video(model, dtype=torch.float64)
     with torch.no_grad():
         merged = merge_adapters(model)
-        err64 = _rel(merged(x), model(x))
+        err64 = rel_err(merged(x), model(x))
         merged32, model32 = merged.float(), model.float()
-        err32 = _rel(merged32(x.float()), model32(x.float()))
+        err32 = rel_err(merged32(x.float()), model32(x.float()))
     assert err64 < 1e-12
     assert err32 < 1e-5
     assert merged.adapted_linears() == [] and merged.head_offsets == model.head_offsets
@@ -164,7 +161,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name, kw):
         model = _randomize(_build(name, kw)).eval()
         model.backbone.set_grad_checkpointing(ckpt)
         calls = []
-        model.backbone.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        model.backbone.blocks[0].register_forward_pre_hook(lambda *a, c=calls: c.append(1))
         model(_video(model)).square().sum().backward()
         assert len(calls) == (2 if ckpt else 1)  # checkpointing recomputes in the backward
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})

@@ -86,10 +86,12 @@ def test_built_extension_is_for_the_running_torch():
 
 @pytest.mark.parametrize("record,expected", [
     (None, "no matching build record"),
-    ({"built": True, "torch": "0.0.1", "library": "LIB", "size": "SIZE"}, "built against torch 0.0.1 but torch"),
+    ({"built": True, "torch": "0.0.1", "library": "LIB", "size": "SIZE"},
+     "built against torch 0.0.1 but torch"),
     ({"built": True, "torch": "TORCH", "library": "LIB", "size": -1}, "no matching build record"),
     ({"built": True, "torch": "TORCH", "library": "other.so", "size": "SIZE"}, "no matching build record"),
-    ({"built": False, "torch": "TORCH", "reason": "no C++ compiler"}, "not built at install (no C++ compiler)"),
+    ({"built": False, "torch": "TORCH", "reason": "no C++ compiler"},
+     "not built at install (no C++ compiler)"),
 ])
 def test_loader_refuses_a_library_it_cannot_vouch_for(tmp_path, record, expected):
     """The decision is taken from the record alone, before the library is opened: the library here
@@ -164,7 +166,8 @@ def test_editable_build_without_compiler_succeeds_and_says_why(tmp_path):
     build = _build_editable(src, tmp_path / "wheel", env={"CC": missing, "CXX": missing})
     assert build.returncode == 0, build.stderr[-3000:]
     assert "WHEEL: zeroi2v-" in build.stdout
-    said = [line for line in build.stderr.splitlines() if line.startswith("zeroi2v setup: zeroi2v._C not built")]
+    said = [line for line in build.stderr.splitlines()
+            if line.startswith("zeroi2v setup: zeroi2v._C not built")]
     assert len(said) == 1 and "no C++ compiler" in said[0] and missing in said[0], build.stderr[-3000:]
     record = json.loads((src / "zeroi2v" / _native.RECORD_NAME).read_text())
     assert record["built"] is False and missing in record["reason"]
@@ -216,7 +219,8 @@ def _isolated_backend(python, overlay: Path, code, env=None):
     (setuptools, from ``overlay``) on it."""
     prelude = f"""
         import sys
-        sys.path[:] = [p for p in sys.path if "site-packages" not in p] + [{str(overlay)!r}, {str(ROOT / "csrc")!r}]
+        sys.path[:] = ([p for p in sys.path if "site-packages" not in p]
+                       + [{str(overlay)!r}, {str(ROOT / "csrc")!r}])
         import importlib.util, build_backend
     """
     return _run(textwrap.dedent(prelude) + textwrap.dedent(code), env=env, python=python)

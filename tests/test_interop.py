@@ -6,7 +6,6 @@ independently of the library, from the official architecture's description (docs
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import OrderedDict
 
@@ -19,7 +18,11 @@ from torch import nn
 from official_ckpt import ADAPTERS, make_official
 from zeroi2v import merge_adapters
 from zeroi2v.interop import (
-    export_onnx, export_program, load_clip_weights, load_official_checkpoint, official_config,
+    export_onnx,
+    export_program,
+    load_clip_weights,
+    load_official_checkpoint,
+    official_config,
 )
 
 CLIP_B = "vit_base_patch16_clip_quickgelu_224"
@@ -349,7 +352,8 @@ def test_official_errors(tmp_path):
         load_official_checkpoint(good, head_offsets=[1, -1, 0, 0], num_frames=8)
     bad = dict(sd)
     bad["backbone.transformer.resblocks.1.attn.out_proj.weight"] = torch.randn(64, 65)
-    with pytest.raises(ValueError, match=r"bad\.pth.*resblocks\.1\.attn\.out_proj\.weight.*\(64, 65\).*\(64, 64\)"):
+    with pytest.raises(ValueError, match=r"bad\.pth.*resblocks\.1\.attn\.out_proj\.weight"
+                                         r".*\(64, 65\).*\(64, 64\)"):
         load_official_checkpoint(_save_official(bad, tmp_path / "bad.pth"), head_offsets=[1, -1, 0, 0])
     # wrong architecture: a timm ViT checkpoint
     vit_path = tmp_path / "timm_vit.pth"
@@ -431,7 +435,8 @@ def test_check_state_dict_names_the_first_bad_key():
     own = {"a.weight": torch.zeros(2, 3), "a.bias": torch.zeros(2), "head.weight": torch.zeros(4, 2)}
     good = {"a.weight": torch.randn(2, 3), "a.bias": torch.randn(2)}
     check_state_dict(own, good, "x.pt", optional=lambda k: k.startswith("head."))
-    with pytest.raises(ValueError, match=r"x\.pt does not match the model: missing key 'head\.weight' \(1 missing"):
+    with pytest.raises(ValueError,
+                       match=r"x\.pt does not match the model: missing key 'head\.weight' \(1 missing"):
         check_state_dict(own, good, "x.pt")
     with pytest.raises(ValueError, match=r"unexpected key 'extra' \(1 unexpected.*"):
         check_state_dict(own, {**good, "head.weight": torch.randn(4, 2), "extra": torch.randn(1)}, "x.pt")

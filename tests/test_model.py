@@ -2,8 +2,8 @@
 import pytest
 import timm
 import torch
-from torch import nn
 
+from _helpers import rel_err
 from zeroi2v import PRESETS, create_video_model, merge_adapters
 from zeroi2v.nn import LinearAdapter
 
@@ -13,10 +13,6 @@ MODELS = [
     ("vit_small_patch16_224", dict(img_size=32, depth=2), [1, -1, 2, -2, 0, 0]),
     ("vit_base_patch16_clip_quickgelu_224", dict(img_size=32, depth=2), "vit_b_long"),
 ]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def randomize_trainable(model, gen, std=0.05):

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import zeroi2v.ops.stdha as ops
-from zeroi2v import settings
-from zeroi2v import PRESETS, stdha_attention
+from zeroi2v import PRESETS, settings, stdha_attention
 from zeroi2v.ops.stdha import head_runs, native_shift_op, shift_frames, shift_heads_
 
 OP = native_shift_op()

@@ -5,12 +5,9 @@ import pytest
 import torch
 
 import zeroi2v
+from _helpers import rel_err
 from zeroi2v import PRESETS, source_frames, stdha_attention, stdha_reference
 from zeroi2v.nn import STDHAttention
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def explicit_stdha(q, k, v, T, offsets):

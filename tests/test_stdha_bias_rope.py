@@ -6,18 +6,9 @@ import pytest
 import timm
 import torch
 
+from _helpers import make_qkv, rel_err
 from zeroi2v.nn import STDHBeitAttention, STDHEvaAttention
 from zeroi2v.ops.stdha import explain_backend, stdha_attention, stdha_reference
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _qkv(bt, h, n, d, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(bt, h, n, d, generator=g, dtype=dtype).requires_grad_()
-            for _ in range(3)]
 
 
 def _explicit(q, k, v, t, offsets, scale, bias=None):
@@ -40,29 +31,29 @@ def _explicit(q, k, v, t, offsets, scale, bias=None):
 def test_attn_bias_reference_and_torch_backend(n, bias_shape):
     t, h, d = 4, 3, 16
     offsets = (1, -1, 0)
-    q, k, v = _qkv(2 * t, h, n, d)
+    q, k, v = make_qkv(2 * t, h, n, d, requires_grad=True)
     g = torch.Generator().manual_seed(5)
     shape = (h, n, n) if bias_shape == "heads" else (2 * t, h, n, n)
     bias = torch.randn(shape, generator=g, dtype=torch.float64)
     scale = d ** -0.5
     ref = stdha_reference(q, k, v, t, offsets, scale, attn_bias=bias)
     with torch.no_grad():
-        assert _rel(ref, _explicit(q, k, v, t, offsets, scale, bias)) < 1e-12
+        assert rel_err(ref, _explicit(q, k, v, t, offsets, scale, bias)) < 1e-12
         if n > 1:  # the bias changes the result (a test that could fail)
-            assert _rel(stdha_reference(q, k, v, t, offsets, scale), ref) > 1e-3
+            assert rel_err(stdha_reference(q, k, v, t, offsets, scale), ref) > 1e-3
     grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     want = torch.autograd.grad(ref, (q, k, v), grad)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         qq, kk, vv = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
         out = stdha_attention(qq, kk, vv, t, offsets, attn_bias=bias.to(dtype), backend="torch")
-        assert _rel(out, ref) < tol
+        assert rel_err(out, ref) < tol
         got = torch.autograd.grad(out, (qq, kk, vv), grad.to(dtype))
         for a, b in zip(got, want):  # (dq is zero for N = 1: compare against max(|b|, 1))
             assert (a.double() - b).norm() / max(b.norm(), 1.0) < tol * 10
 
 
 def test_fused_backends_decline_a_bias_and_say_so():
-    q, k, v = (x.detach().float() for x in _qkv(4, 2, 17, 64))
+    q, k, v = (x.float() for x in make_qkv(4, 2, 17, 64))
     bias = torch.randn(2, 17, 17)
     with torch.no_grad():
         chosen, reasons = explain_backend(q, k, v, attn_bias=bias)
@@ -79,7 +70,7 @@ def test_fused_backends_decline_a_bias_and_say_so():
 
 
 def test_attn_bias_shape_is_checked():
-    q, k, v = (x.detach() for x in _qkv(4, 2, 5, 8))
+    q, k, v = make_qkv(4, 2, 5, 8)
     with pytest.raises(ValueError, match=r"attn_bias must be .*\(B\*T, H, N, Nk\)"):
         stdha_attention(q, k, v, 2, (1, 0), attn_bias=torch.zeros(3, 5, 5, dtype=q.dtype))
 
@@ -114,12 +105,12 @@ def test_eva_rope_per_frame_then_gather():
         k = torch.cat([k[:, :, :1], apply_rot_embed_cat(k[:, :, 1:], rope)], 2)
         o = _explicit(q, k, v, t, offsets, attn.scale).transpose(1, 2).flatten(2)
         want = attn.proj(attn.norm(o))
-        assert _rel(got, want) < 1e-12
+        assert rel_err(got, want) < 1e-12
         # spatial heads: exactly timm's own module
         ours.set_temporal(t, "spatial")
-        assert _rel(ours(x, rope=rope), attn(x, rope=rope)) < 1e-12
+        assert rel_err(ours(x, rope=rope), attn(x, rope=rope)) < 1e-12
         # and the offsets matter
-        assert _rel(got, attn(x, rope=rope)) > 1e-3
+        assert rel_err(got, attn(x, rope=rope)) > 1e-3
 
 
 @pytest.mark.parametrize("name,kw", [
@@ -136,7 +127,7 @@ def test_eva_variants_match_timm_with_spatial_heads(name, kw):
     assert rope is not None
     ours = STDHEvaAttention.from_timm(attn, 2, "spatial", backend="torch")
     with torch.no_grad():
-        assert _rel(ours(x, rope=rope), attn(x, rope=rope)) < 1e-12
+        assert rel_err(ours(x, rope=rope), attn(x, rope=rope)) < 1e-12
 
 
 def test_beit_relative_position_bias():
@@ -159,6 +150,6 @@ def test_beit_relative_position_bias():
         q, k, v = qkv.reshape(2 * t, n, 3, h, -1).permute(2, 0, 3, 1, 4)
         bias = attn._get_rel_pos_bias()
         o = _explicit(q, k, v, t, offsets, attn.scale, bias).transpose(1, 2).flatten(2)
-        assert _rel(got, attn.proj(o)) < 1e-12
+        assert rel_err(got, attn.proj(o)) < 1e-12
         ours.set_temporal(t, "spatial")
-        assert _rel(ours(x), attn(x)) < 1e-12
+        assert rel_err(ours(x), attn(x)) < 1e-12

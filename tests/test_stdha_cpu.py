@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import zeroi2v.ops.stdha as ops
+from _helpers import make_qkv, rel_err
 from zeroi2v import PRESETS, create_video_model, stdha_attention, stdha_reference
 from zeroi2v.nn import STDHAttention
 
@@ -31,16 +32,6 @@ def op():
     if cpu_backend is None:
         pytest.fail(f"ZEROI2V_REQUIRE_CUDA_EXT=1 but the 'cpu' backend is missing: {_IMPORT_ERROR}")
     return torch.ops.zeroi2v.stdha_fwd_cpu
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _qkv(bt, n, h, d, seed, dtype=torch.float64):
-    """Views of a fused qkv activation (B*T, N, 3, H, D) in SDPA layout, as inside a ViT block."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(bt, n, 3, h, d, generator=gen, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _random_offsets(h, t, seed):
@@ -66,7 +57,7 @@ CASES = [
 def test_matches_reference(op, case):
     b, t, h, n, d, offsets = case
     offsets = offsets or _random_offsets(h, t, seed=n + h)
-    q, k, v = _qkv(b * t, n, h, d, seed=t * 7 + n)
+    q, k, v = make_qkv(b * t, h, n, d, seed=t * 7 + n, fused=True)
     ref = stdha_reference(q, k, v, t, offsets)
     q32, k32, v32 = (x.float() for x in (q, k, v))
     out = op(q32, k32, v32, list(offsets), t, 1.0 / math.sqrt(d))
@@ -92,7 +83,7 @@ def test_contiguous_inputs_other_scale_and_kv_length(op):
 
 def test_large_logits_stay_finite(op):
     """Softmax subtracts the row max: logits of several hundred give the reference, not inf/nan."""
-    q, k, v = _qkv(4, 40, 2, 8, seed=5)
+    q, k, v = make_qkv(4, 2, 40, 8, seed=5, fused=True)
     q = q * 60.0
     ref = stdha_reference(q, k, v, 2, (1, -1))
     out = op(q.float(), k.float(), v.float(), [1, -1], 2, 1.0 / math.sqrt(8))
@@ -104,7 +95,7 @@ def test_auto_picks_cpu_only_without_grad(op, monkeypatch):
     real = cpu_backend.stdha_cpu
     monkeypatch.setitem(ops._BACKENDS, "cpu", ops.Backend("cpu", lambda *a: calls.append(1) or real(*a),
                                                         cpu_backend.CAPABILITIES, 5))
-    q, k, v = (x.float() for x in _qkv(8, 17, 4, 8, seed=2))
+    q, k, v = (x.float() for x in make_qkv(8, 4, 17, 8, seed=2, fused=True))
     with torch.no_grad():
         out = stdha_attention(q, k, v, 4, (1, 0, -1, 2))
     assert calls == [1]

@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 
+from _helpers import TOL, rel_err
 from zeroi2v import PRESETS, stdha_attention, stdha_reference
 
 try:
@@ -38,11 +39,6 @@ needs_ext = pytest.mark.skipif(
 HAS_CUDA = torch.cuda.is_available()
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-TOL = {torch.float16: 5e-3, torch.bfloat16: 1e-2}
 PRESETS_VIT_B = tuple(PRESETS["vit_b"])
 
 

@@ -11,16 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ks = pytest.importorskip("zeroi2v.kernels.stdha")
 
+from _helpers import rel_err  # noqa: E402
 from zeroi2v.nn import STDHAttention  # noqa: E402
 from zeroi2v.ops import stdha as ops  # noqa: E402
-from zeroi2v.ops.stdha import (stdha_attention, stdha_attention_packed,  # noqa: E402
-                               stdha_reference)
+from zeroi2v.ops.stdha import stdha_attention, stdha_attention_packed, stdha_reference  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def rel(a, r):
-    return ((a.double() - r.double()).norm() / r.double().norm()).item()
 
 
 def _qkv(bt, n, h, d, dtype=torch.float32, seed=0):
@@ -96,7 +92,7 @@ def test_triton_packed_writes_every_element_and_matches_reference():
     rq, rk, rv = r.permute(2, 0, 3, 1, 4).unbind(0)
     ref = stdha_reference(rq, rk, rv, T, offsets, scale).transpose(1, 2)
     ref.backward(dout.double())
-    assert rel(out, ref) < 1e-5 and rel(dqkv, r.grad) < 1e-5
+    assert rel_err(out, ref) < 1e-5 and rel_err(dqkv, r.grad) < 1e-5
     # the packed launcher allocates and fills the same layouts
     out2, lse2 = ks.stdha_triton_packed_forward(qkv, T, offsets, scale)
     assert torch.equal(out2, out) and torch.equal(lse2, lse)
@@ -235,8 +231,8 @@ def test_module_triton_matches_torch_backend(qk_norm):
         out.square().sum().backward()
         outs.append(out)
         grads.append((x.grad.clone(), m.qkv.weight.grad.clone()))
-    assert rel(outs[0], outs[1]) < 1e-5
-    assert rel(grads[0][0], grads[1][0]) < 1e-5 and rel(grads[0][1], grads[1][1]) < 1e-5
+    assert rel_err(outs[0], outs[1]) < 1e-5
+    assert rel_err(grads[0][0], grads[1][0]) < 1e-5 and rel_err(grads[0][1], grads[1][1]) < 1e-5
 
 
 def test_adapted_projections_on_the_packed_path():
@@ -257,5 +253,5 @@ def test_adapted_projections_on_the_packed_path():
         x = torch.randn(4, 17, 64, generator=torch.Generator().manual_seed(4)).to(DEV)
         with torch.no_grad():
             outs.append(m(x))
-    assert rel(outs[0], outs[1]) < 1e-5
+    assert rel_err(outs[0], outs[1]) < 1e-5
     assert outs[0].abs().sum() > 0

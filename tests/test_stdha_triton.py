@@ -4,23 +4,20 @@ Without a GPU the kernels run through the Triton interpreter on CPU tensors (TRI
 set by the root conftest), so the CPU cases are small. ``@pytest.mark.gpu`` tests cover the full
 shape grid, determinism and torch.compile with Inductor.
 """
-import math
 
 import pytest
 import torch
 
 ks = pytest.importorskip("zeroi2v.kernels.stdha")
 
+from _helpers import TOL  # noqa: E402
 from zeroi2v.offsets import source_frames  # noqa: E402
 from zeroi2v.ops import stdha as ops  # noqa: E402
-from zeroi2v.ops.stdha import (stdha_attention, stdha_attention_packed,  # noqa: E402
-                               stdha_reference)
+from zeroi2v.ops.stdha import stdha_attention, stdha_attention_packed, stdha_reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 
-# ‖out − ref‖ / ‖ref‖ bounds (reference: float64 on the same, upcast, inputs).
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 SMALL_BLOCKS = dict(
     fwd=dict(BLOCK_M=16, BLOCK_N=16),
     bwd_pre=dict(BLOCK_M=16),

@@ -15,8 +15,13 @@ from zeroi2v.train.checkpoint import read_training_checkpoint
 from zeroi2v.train.config import apply_overrides, load_config
 from zeroi2v.train.engine import evaluate, predict_probs, train
 from zeroi2v.train.metrics import average_views, classification_metrics
-from zeroi2v.train.optim import (build_optimizer, build_scheduler, param_groups, scaled_lr,
-                                 warmup_cosine_factor)
+from zeroi2v.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    param_groups,
+    scaled_lr,
+    warmup_cosine_factor,
+)
 
 TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 4}
 

@@ -10,12 +10,12 @@ Public API:
     merge_adapters         fold adapters into the frozen linears -> plain ViT + STDHA
     PRESETS                official head-offset layouts
 """
+from .models.artefact import load_model
+from .models.config import ZeroI2VConfig
+from .models.merge import merge_adapters
+from .models.video_vit import ZeroI2VViT, create_video_model
 from .offsets import PRESETS, resolve_offsets, source_frames
 from .ops.stdha import available_backends, register_backend, stdha_attention, stdha_reference
-from .models.config import ZeroI2VConfig
-from .models.video_vit import ZeroI2VViT, create_video_model
-from .models.merge import merge_adapters
-from .models.artefact import load_model
 
 __version__ = "0.1.0"
 

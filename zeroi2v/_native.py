@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import warnings
-from functools import lru_cache
+from functools import cache
 from types import ModuleType
 from typing import Optional
 
@@ -45,9 +45,11 @@ def _check(spec, record: Optional[dict]) -> tuple[Optional[str], bool]:
     if record is not None and not record.get("built", False):
         return f"{NAME} was not built at install ({record.get('reason')}); {_FIX}", True
     if spec is None or spec.origin is None:
-        return f"{NAME} is not installed (installed with ZEROI2V_NO_EXT=1 or without torch at build time); {_FIX}", False
+        return (f"{NAME} is not installed (installed with ZEROI2V_NO_EXT=1 or without torch at build "
+                f"time); {_FIX}"), False
     library = os.path.basename(spec.origin)
-    if record is None or record.get("library") != library or record.get("size") != os.path.getsize(spec.origin):
+    if (record is None or record.get("library") != library
+            or record.get("size") != os.path.getsize(spec.origin)):
         return (f"{spec.origin} has no matching build record {RECORD_NAME}, so the torch it was built "
                 f"for is unknown: not loaded; {_FIX}"), True
     if record.get("torch") != torch.__version__:
@@ -56,7 +58,7 @@ def _check(spec, record: Optional[dict]) -> tuple[Optional[str], bool]:
     return None, False
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load() -> tuple[Optional[ModuleType], Optional[str]]:
     # Look in this package's own directory only, and import exactly the file that was checked: an
     # editable install's finder on sys.meta_path could otherwise answer with another checkout's library.

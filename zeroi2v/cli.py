@@ -30,8 +30,9 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from . import settings
 
@@ -320,8 +321,12 @@ def cmd_merge(args) -> int:
     from rich.table import Table
 
     from .models.merge import merge_adapters
-    from .train.build import (count_params, image_model_params, load_for_inference,
-                              merged_vs_unmerged_error)
+    from .train.build import (
+        count_params,
+        image_model_params,
+        load_for_inference,
+        merged_vs_unmerged_error,
+    )
 
     out = _new_output_folder(args.out)
     model, cfg, art = load_for_inference(args.checkpoint, pretrained=args.pretrained)

@@ -23,8 +23,9 @@ import pickle
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 

@@ -6,12 +6,14 @@ of the official code). ``d_h = 0`` is a plain spatial head; ``+1`` looks at the 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 
-# Offsets in the channel order of the fused qkv projection (docs/method.md §2); zeros fill the remaining heads.
+# Offsets in the channel order of the fused qkv projection (docs/method.md §2); zeros fill the
+# remaining heads.
 PRESETS: dict[str, tuple[int, ...]] = {
     "vit_b": (1, -1) + (0,) * 10,
     "vit_b_long": (1, -1, 2, -2) + (0,) * 8,

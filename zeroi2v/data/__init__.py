@@ -13,20 +13,41 @@ Public interface:
     prepare_videos               re-encode a video tree for training (``zeroi2v prepare``)
 """
 from .annotations import read_annotations, write_annotations
-from .dataset import (SSV2_FLIP_LABEL_MAP, LoadReport, SkippedVideo, VideoDataset, VideoSample, build_dataset,
-                      collate_videos, symmetric_label_map)
-from .decoders import AUTO_ORDER, DECODERS, VideoReader, available_decoders, check_decoder, decoder_status
+from .dataset import (
+                      SSV2_FLIP_LABEL_MAP,
+                      LoadReport,
+                      SkippedVideo,
+                      VideoDataset,
+                      VideoSample,
+                      build_dataset,
+                      collate_videos,
+                      symmetric_label_map,
+)
+from .decoders import (
+                      AUTO_ORDER,
+                      DECODERS,
+                      VideoReader,
+                      available_decoders,
+                      check_decoder,
+                      decoder_status,
+)
 from .prepare import find_videos, prepare_videos
 from .sampling import DenseSampler, UniformSampler
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, render_base_clip, synthetic_orders
 from .transforms import CLIP_MEAN, CLIP_STD, VideoTransform, normalize
-from .video_io import VideoDecodeError, count_video_frames, open_video, read_video_frames, write_video
+from .video_io import (
+                      VideoDecodeError,
+                      count_video_frames,
+                      open_video,
+                      read_video_frames,
+                      write_video,
+)
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "read_annotations", "write_annotations", "DenseSampler", "UniformSampler",
     "VideoTransform", "normalize", "VideoDataset", "build_dataset", "collate_videos",
-    "VideoSample", "SkippedVideo", "LoadReport", "VideoReader", "DECODERS", "AUTO_ORDER", "available_decoders",
-    "check_decoder", "decoder_status",
+    "VideoSample", "SkippedVideo", "LoadReport", "VideoReader", "DECODERS", "AUTO_ORDER",
+    "available_decoders", "check_decoder", "decoder_status",
     "SSV2_FLIP_LABEL_MAP", "symmetric_label_map", "make_synthetic_dataset", "SYNTHETIC_CLASSES",
     "synthetic_orders", "render_base_clip", "write_video", "read_video_frames", "open_video",
     "count_video_frames", "VideoDecodeError", "prepare_videos", "find_videos",

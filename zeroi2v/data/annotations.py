@@ -24,7 +24,8 @@ def read_annotations(path: str | os.PathLike) -> list[tuple[str, int]]:
             fields = line.split()
             if len(fields) != 2:
                 raise ValueError(
-                    f"{path}:{lineno}: expected 'relative/path label' (2 fields), got {len(fields)}: {line!r}")
+                    f"{path}:{lineno}: expected 'relative/path label' (2 fields), "
+                    f"got {len(fields)}: {line!r}")
             rel, lab = fields
             try:
                 label = int(lab)

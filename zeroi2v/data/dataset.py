@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from .annotations import read_annotations
+from .decoders import check_decoder
 from .sampling import DenseSampler, UniformSampler
 from .transforms import VideoTransform
-from .decoders import check_decoder
 from .video_io import VideoDecodeError, open_video, read_video_frames
 
 __all__ = ["VideoDataset", "build_dataset", "VideoSample", "SkippedVideo", "LoadReport", "collate_videos",
@@ -84,7 +84,7 @@ class LoadReport:
         return ([{"path": s.path, "reason": s.reason} for s in self.dropped]
                 + [{"path": p, "reason": r} for p, r in self.replaced])
 
-    def add(self, other: "LoadReport") -> "LoadReport":
+    def add(self, other: LoadReport) -> LoadReport:
         self.dropped += other.dropped
         self.replaced += other.replaced
         self.short += other.short
@@ -207,7 +207,8 @@ class VideoDataset(Dataset):
             return np.random.default_rng([self.seed, 1, self.epoch, index])
         info = get_worker_info()
         if info is not None:
-            salt = (info.seed - info.id) % (2 ** 63)  # DataLoader base seed: new every epoch, same for all workers
+            # DataLoader base seed: new every epoch, same for all workers
+            salt = (info.seed - info.id) % (2 ** 63)
         else:
             self._calls += 1
             salt = self._calls
@@ -261,7 +262,8 @@ class VideoDataset(Dataset):
 
     def __repr__(self) -> str:
         return (f"VideoDataset({self.ann_file!r}, {len(self)} videos, {self.num_classes} classes, "
-                f"{self.sampler!r}, {self.transform!r}, on_error={self.on_error!r}, decoder={self.decoder!r})")
+                f"{self.sampler!r}, {self.transform!r}, on_error={self.on_error!r}, "
+                f"decoder={self.decoder!r})")
 
 
 def build_dataset(ann_file, root, *, num_frames: int, sampling: str = "dense", frame_interval: int = 1,

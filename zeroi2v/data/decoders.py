@@ -15,8 +15,9 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-from functools import lru_cache
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from functools import cache
+from typing import Optional
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class VideoDecodeError(RuntimeError):
         self.reason = reason
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_error(name: str) -> Optional[str]:
     """``None`` when decoder ``name`` imports and loads here, else the error, one line."""
     try:

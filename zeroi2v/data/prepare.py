@@ -78,8 +78,8 @@ def _transcode(src: str, tmp: str, short_side: int, fps: Optional[float], crf: i
                     return
                 # limited range out; the source's range explicitly (MJPEG's yuvj is full range)
                 rng = {"src_color_range": frame.color_range} if frame.color_range in (1, 2) else {}
-                small = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="BICUBIC",
-                                       dst_color_range=1, **rng)
+                small = frame.reformat(width=size[0], height=size[1], format="yuv420p",
+                                       interpolation="BICUBIC", dst_color_range=1, **rng)
                 while written < upto:
                     small.pts, small.time_base = written, 1 / rate
                     for packet in ost.encode(small):
@@ -109,7 +109,8 @@ def _transcode(src: str, tmp: str, short_side: int, fps: Optional[float], crf: i
             if ost is None:
                 raise ValueError("no decodable frames")
             if pending is not None:  # the last source frame lasts one source frame interval
-                emit(pending, max(written + (written == 0), math.ceil((t + 1 / float(in_rate)) * float(rate) - 1e-6)))
+                emit(pending, max(written + (written == 0),
+                                  math.ceil((t + 1 / float(in_rate)) * float(rate) - 1e-6)))
             for packet in ost.encode():
                 out.mux(packet)
     return written
@@ -242,7 +243,8 @@ def add_prepare_parser(sub) -> argparse.ArgumentParser:
                                    "also DST/annotations.txt and DST/classes.txt.")
     p.add_argument("src", help="folder of videos (class folders: SRC/<class>/<video>)")
     p.add_argument("dst", help="output folder")
-    p.add_argument("--short-side", type=int, default=256, help="short side of the outputs (even; default 256)")
+    p.add_argument("--short-side", type=int, default=256,
+                   help="short side of the outputs (even; default 256)")
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: keep every frame)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--crf", type=int, default=23, help="x264 quality, lower is better (default 23)")

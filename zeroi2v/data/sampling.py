@@ -79,7 +79,8 @@ class DenseSampler:
 
     def __call__(self, num_video_frames: int, rng: np.random.Generator | None = None) -> np.ndarray:
         n = _check_video_len(num_video_frames)
-        idx = self.offsets(n, rng)[:, None] + np.arange(self.clip_len, dtype=np.int64)[None] * self.frame_interval
+        steps = np.arange(self.clip_len, dtype=np.int64)[None] * self.frame_interval
+        idx = self.offsets(n, rng)[:, None] + steps
         if self.out_of_bound == "loop":
             idx = idx % n
         else:
@@ -88,7 +89,8 @@ class DenseSampler:
 
     def __repr__(self) -> str:
         return (f"DenseSampler(clip_len={self.clip_len}, frame_interval={self.frame_interval}, "
-                f"num_clips={self.num_clips}, test_mode={self.test_mode}, out_of_bound={self.out_of_bound!r})")
+                f"num_clips={self.num_clips}, test_mode={self.test_mode}, "
+                f"out_of_bound={self.out_of_bound!r})")
 
 
 class UniformSampler:
@@ -137,4 +139,5 @@ class UniformSampler:
         return np.clip(idx, 0, n - 1)
 
     def __repr__(self) -> str:
-        return f"UniformSampler(num_segments={self.num_segments}, test_mode={self.test_mode}, num_clips={self.num_clips})"
+        return (f"UniformSampler(num_segments={self.num_segments}, test_mode={self.test_mode}, "
+                f"num_clips={self.num_clips})")

@@ -35,6 +35,7 @@ here (``flip_label_map`` is ``None``). Train/val are split by group (no base cli
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -123,8 +124,10 @@ def make_synthetic_dataset(out_dir, num_classes: int = 4, videos_per_class: int 
     if int(size) < 16 or int(size) % 2:
         raise ValueError(f"size must be an even number >= 16, got {size}")
     if int(videos_per_class) < 1 or not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"need videos_per_class >= 1 and 0 <= val_fraction < 1, got {videos_per_class}, {val_fraction}")
-    num_classes, videos_per_class, num_frames, size = int(num_classes), int(videos_per_class), int(num_frames), int(size)
+        raise ValueError(f"need videos_per_class >= 1 and 0 <= val_fraction < 1, "
+                         f"got {videos_per_class}, {val_fraction}")
+    num_classes, videos_per_class = int(num_classes), int(videos_per_class)
+    num_frames, size = int(num_frames), int(size)
     out_dir = os.path.abspath(os.fspath(out_dir))
     classes = list(SYNTHETIC_CLASSES[:num_classes])
     orders = synthetic_orders(num_frames)[:num_classes]

@@ -8,7 +8,8 @@ state gives the same output and the global torch RNG is left untouched.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -105,7 +106,8 @@ class VideoTransform:
                 raise ValueError(f"rand_augment must be (magnitude, num_layers), got {rand_augment!r}")
             m, n = int(rand_augment[0]), int(rand_augment[1])
             if not 0 <= m <= 10 or n < 0:
-                raise ValueError(f"rand_augment magnitude must be in [0, 10] and num_layers >= 0, got {rand_augment!r}")
+                raise ValueError(f"rand_augment magnitude must be in [0, 10] and num_layers >= 0, "
+                                 f"got {rand_augment!r}")
             rand_augment = (m, n)
         self.train = bool(train)
         self.size = int(size)
@@ -118,7 +120,8 @@ class VideoTransform:
         self.mean, self.std = tuple(mean), tuple(std)
 
         self._crop = v2.RandomResizedCrop(self.size, scale=scale, ratio=ratio, antialias=True)
-        self._randaug = (v2.RandAugment(num_ops=rand_augment[1], magnitude=rand_augment[0], num_magnitude_bins=11)
+        self._randaug = (v2.RandAugment(num_ops=rand_augment[1], magnitude=rand_augment[0],
+                                        num_magnitude_bins=11)
                          if rand_augment is not None and rand_augment[1] > 0 else None)
         self._erase = v2.RandomErasing(p=self.random_erasing, value=0.0) if self.random_erasing > 0 else None
 

@@ -13,8 +13,13 @@ docs/interop.md.
 from ..files import read_checkpoint, read_state_dict
 from .clip import load_clip_weights, load_image_state_dict
 from .export import export_onnx, export_program
-from .official import (RELEASED_CONFIGS, infer_official_config, load_official_checkpoint,
-                       official_config, official_filter_fn)
+from .official import (
+                       RELEASED_CONFIGS,
+                       infer_official_config,
+                       load_official_checkpoint,
+                       official_config,
+                       official_filter_fn,
+)
 
 __all__ = [
     "load_clip_weights", "load_image_state_dict", "load_official_checkpoint", "official_config",

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from ..files import PathLike, check_state_dict, read_state_dict
+from ..models.families import family_of
+from ..models.video_vit import ZeroI2VViT
 
 _HEAD_PREFIXES = ("head.",)
 _ADAPTER_KEY = re.compile(r"\.adapter\.")
@@ -64,8 +66,6 @@ def load_clip_weights(backbone_or_name: Union[str, nn.Module], path: PathLike, *
     ``ValueError`` naming the key. Returns the model that was loaded (created when a name was
     given).
     """
-    from ..models.video_vit import ZeroI2VViT
-
     if isinstance(backbone_or_name, str):
         import timm
 
@@ -88,8 +88,6 @@ def load_image_state_dict(vit: nn.Module, state_dict: dict, path: PathLike = "<s
                           resample: bool = False) -> None:
     """Convert ``state_dict`` with timm's filter for the model's family and load it into ``vit``
     (checked, see above)."""
-    from ..models.families import family_of
-
     checkpoint_filter_fn = _FILTERS[family_of(vit).name]()
     path = os.fspath(path)
     if not resample:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..files import PathLike
-
+from ..models.merge import merge_adapters
 
 # ----------------------------------------------------------------------------- graph exports
 
@@ -37,8 +37,6 @@ def export_mode(model, example: torch.Tensor):
 
 def export_program(model, example: torch.Tensor, *, merge: bool = True):
     """``torch.export.export`` of the (merged) model for inputs shaped like ``example``."""
-    from ..models.merge import merge_adapters
-
     if merge and not model.merged:
         model = merge_adapters(model)
     with export_mode(model, example):
@@ -51,12 +49,10 @@ def export_onnx(model, example: torch.Tensor, out_path: PathLike, *, merge: bool
     fixed to ``example``'s.
 
     ``dynamo=None`` uses the dynamo-based exporter when ``onnxscript`` is installed and the
-    TorchScript-based one (``dynamo=False``) otherwise; STDHA exports as slices and concatenations of K/V heads
-    followed by standard attention ops either way.
+    TorchScript-based one (``dynamo=False``) otherwise; STDHA exports as slices and concatenations
+    of K/V heads followed by standard attention ops either way.
     """
     import warnings
-
-    from ..models.merge import merge_adapters
 
     if dynamo is None:
         try:

@@ -16,14 +16,16 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
+from ..files import PathLike, check_state_dict, read_state_dict
 from ..models.config import ZeroI2VConfig
 from ..models.families import adapter_owner
+from ..models.video_vit import ZeroI2VViT
 from ..offsets import PRESETS, HeadOffsets
-from ..files import PathLike, check_state_dict, read_state_dict
 
 _BLOCK = "backbone.transformer.resblocks."
 _REQUIRED = (
@@ -101,8 +103,9 @@ def load_official_checkpoint(
     ``head_offsets`` (a list or preset name), else ``width // 64`` (CLIP's head width).
     ``head_offsets`` and ``adapter_scale`` default to the released configuration of the
     checkpoint's (backbone, frames, classes) (:data:`RELEASED_CONFIGS`); for any other
-    combination ``head_offsets`` must be given (the error lists the released layouts). ``num_frames``/``num_classes``, when given, must agree with the
-    checkpoint (use :meth:`ZeroI2VViT.set_num_frames` to re-target a model afterwards).
+    combination ``head_offsets`` must be given (the error lists the released layouts).
+    ``num_frames``/``num_classes``, when given, must agree with the checkpoint (use
+    :meth:`ZeroI2VViT.set_num_frames` to re-target a model afterwards).
     ``model_name`` picks the timm architecture instead of the CLIP ViT built from the shapes.
 
     Errors (``ValueError``, naming ``path``): not a checkpoint; not the official layout (names
@@ -125,8 +128,6 @@ def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_
     """:func:`load_official_checkpoint` on an already-loaded state dict: the configuration the
     shapes imply (:func:`infer_official_config`), the model it describes, and the checkpoint's
     tensors under this library's names (:func:`official_filter_fn`)."""
-    from ..models.video_vit import ZeroI2VViT  # interop builds on models
-
     config = infer_official_config(
         sd, path=path, num_frames=num_frames, head_offsets=head_offsets,
         adapter_scale=adapter_scale, num_classes=num_classes, model_name=model_name,

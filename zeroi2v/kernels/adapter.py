@@ -64,9 +64,9 @@ them, plus fewer kernel launches.
 
 Dropout uses inverted dropout on the bottleneck exactly like ``nn.Dropout`` inside
 :class:`~zeroi2v.nn.LinearAdapter`: ``d = keep * u / (1 - p)``. The keep-mask (``bool``, shape of
-``u``) is drawn with :func:`zeroi2v.ops.adapter.dropout_mask` from the torch RNG (so activation checkpointing, which
-restores the RNG state, recomputes the same mask) or passed in by the caller (tests compare with
-the reference under the same mask).
+``u``) is drawn with :func:`zeroi2v.ops.adapter.dropout_mask` from the torch RNG (so activation
+checkpointing, which restores the RNG state, recomputes the same mask) or passed in by the caller
+(tests compare with the reference under the same mask).
 
 Gradients flow to ``x`` and the adapter's ``A, a, B, b2``; the frozen ``W, b`` get none (the ops
 refuse weights that require grad).
@@ -77,7 +77,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
 import triton
 import triton.language as tl
 

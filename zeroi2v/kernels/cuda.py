@@ -15,12 +15,12 @@ or is absent); ``stdha_attention``'s plugin loader then skips it.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
-from .._native import require
 from .. import settings
+from .._native import require
 from ..ops.stdha import Capabilities, register_backend
 
 _C = require("the 'cuda' STDHA backend")  # importing it registers torch.ops.zeroi2v.*
@@ -40,7 +40,7 @@ MAX_HEADS: int = int(_C.MAX_HEADS)
 DTYPES = (torch.float16, torch.bfloat16)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _capability_ok(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # mma.sync bf16, cp.async
 

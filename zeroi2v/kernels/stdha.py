@@ -46,7 +46,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -312,7 +313,7 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_base, row0,
 
 @triton.jit(do_not_specialize=_SIZES)
 def _fwd_kernel(
-    Q, K, V, OFF, O, LSE,
+    Q, K, V, OFF, O, LSE,  # noqa: E741 - O is the attention output, as in the papers
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -343,7 +344,7 @@ def _fwd_kernel(
 
 @triton.jit(do_not_specialize=("H", "NQ"))
 def _bwd_pre_kernel(
-    O, DO, DELTA,
+    O, DO, DELTA,  # noqa: E741 - O is the attention output, as in the papers
     sob, soh, son,
     sdb, sdh, sdn, sdd,
     H, NQ,

@@ -24,18 +24,27 @@ SHA-256), or from the file passed as ``pretrained=``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-from ..files import PathLike, atomic_path, atomic_write_text, check_state_dict, looks_like_safetensors
+from ..files import (
+    PathLike,
+    atomic_path,
+    atomic_write_text,
+    check_state_dict,
+    looks_like_safetensors,
+    read_checkpoint,
+    unwrap_state_dict,
+)
 from .config import FORMAT, FORMAT_VERSION, ZeroI2VConfig
+from .families import rename_old_adapter_keys
+from .video_vit import ZeroI2VViT, load_image_weights
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -97,8 +106,6 @@ def save_pretrained(model, path: PathLike, *, weights: str = "full",
     """
     from safetensors.torch import save_file
 
-    from .video_vit import ZeroI2VViT
-
     if not isinstance(model, ZeroI2VViT):
         raise TypeError(f"save_pretrained expects a ZeroI2VViT, got {type(model).__name__}")
     if weights not in ("full", "trainable"):
@@ -135,8 +142,6 @@ def save_pretrained(model, path: PathLike, *, weights: str = "full",
 
 def _check_rebuilds(model, config: ZeroI2VConfig) -> None:
     """The saved config must build a model with exactly these tensor names and shapes."""
-    from .video_vit import ZeroI2VViT
-
     if config.timm_kwargs is None:
         raise ValueError(
             f"cannot save: zeroi2v does not know how this {config.model_name!r} backbone was "
@@ -157,6 +162,7 @@ def _check_rebuilds(model, config: ZeroI2VConfig) -> None:
 
 
 def _version() -> str:
+    # cycle: zeroi2v/__init__ imports this module before it defines __version__
     from .. import __version__
 
     return f"zeroi2v {__version__}"
@@ -264,8 +270,6 @@ def _metadata_config(weights: Path) -> Optional[dict]:
 
 def _not_a_model(p: Path) -> str:
     """Say what a file that is not a saved model is, reading it safely."""
-    from ..files import read_checkpoint, unwrap_state_dict
-
     try:
         obj = read_checkpoint(p)
     except ValueError as e:
@@ -304,9 +308,6 @@ def load_from_artefact(art: Artefact, *, pretrained: Optional[PathLike] = None,
                        device: Union[str, torch.device] = "cpu",
                        dtype: Optional[torch.dtype] = None):
     from safetensors.torch import load_file
-
-    from .families import rename_old_adapter_keys
-    from .video_vit import ZeroI2VViT, load_image_weights
 
     try:
         tensors = load_file(str(art.weights_file), device="cpu")

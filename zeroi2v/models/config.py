@@ -16,8 +16,9 @@ import dataclasses
 import difflib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 FORMAT = "zeroi2v"
 #: Version 1 was zeroi2v 0.1's pickled ``.pth`` files and ``export`` folders; 2 is this layout.
@@ -100,10 +101,10 @@ class ZeroI2VConfig:
                     isinstance(d, bool) or not isinstance(d, int) for d in offs):
                 _fail(f"head_offsets must be a preset name or a list of ints, got {offs!r}")
             set_("head_offsets", tuple(int(d) for d in offs))
-        for k, lo, hi, inclusive in (("adapter_ratio", 0.0, math.inf, False),
-                                     ("adapter_scale", -math.inf, math.inf, True),
-                                     ("adapter_dropout", 0.0, 1.0, False),
-                                     ("head_dropout", 0.0, 1.0, False)):
+        for k, lo, hi in (("adapter_ratio", 0.0, math.inf),
+                          ("adapter_scale", -math.inf, math.inf),
+                          ("adapter_dropout", 0.0, 1.0),
+                          ("head_dropout", 0.0, 1.0)):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 _fail(f"{k} must be a number, got {v!r}")
@@ -151,7 +152,7 @@ class ZeroI2VConfig:
     def adapters_of(self, block: int) -> tuple[str, ...]:
         return ADAPTER_NAMES if self.adapters is None else self.adapters[block]
 
-    def replace(self, **changes) -> "ZeroI2VConfig":
+    def replace(self, **changes) -> ZeroI2VConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ JSON
@@ -165,7 +166,7 @@ class ZeroI2VConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "model config") -> "ZeroI2VConfig":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "model config") -> ZeroI2VConfig:
         """Strict inverse of :meth:`to_dict`: unknown keys and wrong types are errors naming the
         key (``source`` names the file)."""
         if not isinstance(d, Mapping):
@@ -197,6 +198,7 @@ class ZeroI2VConfig:
         adapters = "merged (adapters folded in)" if self.merged else (
             "4 adapters per block" if self.adapters is None else
             f"{sum(len(r) for r in self.adapters)} adapters")
+        offsets = (self.head_offsets if isinstance(self.head_offsets, str)
+                   else list(self.head_offsets))
         return (f"{self.model_name}{kw}, {self.num_frames} frames, {self.num_classes} classes, "
-                f"head offsets {list(self.head_offsets) if not isinstance(self.head_offsets, str) else self.head_offsets}, "
-                f"{adapters}")
+                f"head offsets {offsets}, {adapters}")

@@ -28,7 +28,6 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 
-SLOTS = ("t_adapter", "s_adapter", "mlp_adapter", "mlp_adapter_out")
 # slot -> (attribute paths of its sites within a block, position)
 _SITES = {
     "t_adapter": (("attn.qkv", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.gate"), "before"),

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..nn.adapter import AdaptedLinear
 from ..nn.attention import STDHBeitAttention
+from .families import adapter_sites
 from .video_vit import ZeroI2VViT
 
 # timm keyword that gives a linear (by attribute name) of a VisionTransformer block a bias
@@ -60,7 +61,7 @@ def merge_adapters(model: ZeroI2VViT, inplace: bool = False) -> ZeroI2VViT:
         for blk in model.backbone.blocks:
             _move_constant_into_norm(blk)
     gained = set()
-    for name, mod in list(model.backbone.named_modules()):
+    for mod in list(model.backbone.modules()):
         for attr, child in list(mod.named_children()):
             if isinstance(child, AdaptedLinear):
                 if child.bias is None:
@@ -90,8 +91,6 @@ def norm_takes_constant(block: nn.Module) -> bool:
 def _move_constant_into_norm(block: nn.Module) -> None:
     """Eva: fold the attention-input adapter as ``W M`` into every projection and move its
     constant into ``norm1.bias`` (see the module doc); nothing to do without such an adapter."""
-    from .families import adapter_sites
-
     sites, _ = adapter_sites(block)["t_adapter"]
     linears = [(parent, attr, getattr(parent, attr)) for parent, attr in sites]
     if not linears or not isinstance(linears[0][2], AdaptedLinear) \

@@ -10,7 +10,8 @@ does not rebuild the same model is never returned.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 from torch import nn

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import settings
 from ..errors import UnsupportedModelError
 from ..nn.adapter import AdaptedLinear, LinearAdapter
 from ..nn.attention import STDHA_CLASSES, stdha_from_timm
 from ..offsets import HeadOffsets, check_offsets, clamp_offsets, resolve_offsets
+from ..ops.adapter import _kernels
+from ..ops.stdha import get_backend
 from . import timm_spec
 from .config import ADAPTER_NAMES, ZeroI2VConfig
 from .families import adapter_dim, adapter_sites, family_of, input_channels
@@ -81,6 +85,7 @@ class ZeroI2VViT(nn.Module):
         self._spec = config.replace(head_offsets=offsets, merged=False)
         self.freeze()
         if config.merged:  # the structure of a merged model: fold the fresh adapters (identity)
+            # cycle: models.merge imports ZeroI2VViT from this module
             from .merge import merge_adapters
 
             merge_adapters(self, inplace=True)
@@ -88,7 +93,7 @@ class ZeroI2VViT(nn.Module):
 
     @classmethod
     def from_config(cls, config: ZeroI2VConfig, *, device=None, dtype=None,
-                    empty: bool = False) -> "ZeroI2VViT":
+                    empty: bool = False) -> ZeroI2VViT:
         """A model with freshly initialised weights, built exactly as ``config`` says (the
         backbone through ``timm.create_model``). ``empty=True`` leaves the parameters on the meta
         device, to be loaded with ``load_state_dict(..., assign=True)`` (what
@@ -130,6 +135,7 @@ class ZeroI2VViT(nn.Module):
     def save_pretrained(self, path, **kwargs):
         """Write ``config.json`` + ``model.safetensors`` into the folder ``path``; see
         :func:`zeroi2v.models.artefact.save_pretrained`."""
+        # cycle: models.artefact builds on this module (imports ZeroI2VViT)
         from .artefact import save_pretrained
 
         return save_pretrained(self, path, **kwargs)
@@ -152,8 +158,6 @@ class ZeroI2VViT(nn.Module):
 
     def set_attn_backend(self, backend: str) -> None:
         """The STDHA backend of every attention (``"auto"``, ``"torch"``, ``"triton"``, ...)."""
-        from ..ops.stdha import get_backend
-
         if backend != "auto":
             get_backend(backend)  # an unknown name fails here, not at the first forward
         for a in self.attentions():
@@ -263,9 +267,6 @@ def _check_config_fits(backbone: nn.Module, config: ZeroI2VConfig) -> None:
 def fused_adapters_active(model: nn.Module, device, dtype: torch.dtype, training: bool) -> bool:
     """Whether the adapted linears of ``model`` run the fused ops for inputs of this device and
     dtype (``dtype``: the autocast dtype when autocasting)."""
-    from .. import settings
-    from ..ops.adapter import _kernels
-
     lins = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
     if not lins:
         return False
@@ -353,7 +354,7 @@ def load_image_weights(backbone: nn.Module, path: Union[str, os.PathLike]) -> No
     OpenAI CLIP (TorchScript archive or state dict), open_clip and timm files are accepted; see
     :func:`zeroi2v.interop.load_clip_weights` (a mismatching key is a ``ValueError`` naming it).
     """
-    # interop builds on models (it imports ZeroI2VViT), so this direction is imported late
+    # cycle: interop.clip builds on models (imports ZeroI2VViT), so this direction is late
     from ..interop.clip import load_clip_weights
 
     load_clip_weights(backbone, path)

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops.adapter import adapted_linear
+
 
 class LinearAdapter(nn.Module):
     """``x + s * fc2(dropout(fc1(x)))`` with ``fc1: C -> C*r`` and ``fc2: C*r -> C``.
@@ -89,8 +91,6 @@ class AdaptedLinear(nn.Module):
         return self.__dict__["_shared_adapter"] if self.shared else self.adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..ops.adapter import adapted_linear
-
         return adapted_linear(x, self.weight, self.bias, self.get_adapter(), self.position,
                               fused=self.fused)
 

@@ -151,7 +151,7 @@ class STDHAttention(_STDHABase):
 
     @classmethod
     def from_timm(cls, attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = "auto",
-                  backend: str = "auto") -> "STDHAttention":
+                  backend: str = "auto") -> STDHAttention:
         """Wrap a timm ``Attention``: its submodules (and so its weights) are reused, not copied."""
         for name in ("qkv", "proj", "num_heads", "head_dim"):
             if getattr(attn, name, None) is None:
@@ -185,7 +185,7 @@ class STDHEvaAttention(_STDHABase):
 
     @classmethod
     def from_timm(cls, attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = "auto",
-                  backend: str = "auto") -> "STDHEvaAttention":
+                  backend: str = "auto") -> STDHEvaAttention:
         new = cls.__new__(cls)
         new._adopt(attn, num_frames, head_offsets, backend)
         new.num_prefix_tokens = int(getattr(attn, "num_prefix_tokens", 1))
@@ -231,7 +231,7 @@ class STDHBeitAttention(_STDHABase):
 
     @classmethod
     def from_timm(cls, attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = "auto",
-                  backend: str = "auto") -> "STDHBeitAttention":
+                  backend: str = "auto") -> STDHBeitAttention:
         new = cls.__new__(cls)
         new._adopt(attn, num_frames, head_offsets, backend)
         new.window_size = getattr(attn, "window_size", None)

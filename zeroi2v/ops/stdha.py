@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Callable, Optional
 
 import torch
@@ -55,7 +55,7 @@ class Inputs:
 
     @classmethod
     def of(cls, q, k, v, *, needs_grad: bool, dropout_p: float = 0.0,
-           attn_bias: Optional[torch.Tensor] = None) -> "Inputs":
+           attn_bias: Optional[torch.Tensor] = None) -> Inputs:
         dtypes = {q.dtype, k.dtype, v.dtype}
         return cls(q.device, q.dtype if len(dtypes) == 1 else None, q.shape[1], q.shape[-1],
                    bool(needs_grad), dropout_p > 0, attn_bias is not None,
@@ -431,7 +431,7 @@ def shift_frames(x: torch.Tensor, num_frames: int, d: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).flatten(0, 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def native_shift_op() -> Optional[Callable]:
     """``torch.ops.zeroi2v.shift_heads_`` if the extension ``zeroi2v._C`` provides it, else None."""
     if _native.load() is None:  # loading the library registers the op

@@ -1,10 +1,10 @@
 """Build models and datasets from a config; rebuild saved models for evaluation and prediction."""
 from __future__ import annotations
 
-import copy
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -152,6 +152,7 @@ def _ra(x) -> Optional[tuple]:
 
 
 def _flip_map(x) -> Optional[dict]:
+    """The config's ``flip_label_map`` as ints, completed to a symmetric swap (None: no map)."""
     if not x:
         return None
     m = {int(k): int(v) for k, v in dict(x).items()}

@@ -194,7 +194,11 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
     # The plain ViT does the same job as the video model: it gets the same (B, C, T, H, W) clips,
     # makes frames of them (a transposing copy, as ZeroI2VViT does) and averages over the frames.
     t = x.shape[2]
-    tp = clips_per_second({"plain": lambda: plain(x.transpose(1, 2).flatten(0, 1)).unflatten(0, (-1, t)).mean(1),
+
+    def plain_clips():
+        return plain(x.transpose(1, 2).flatten(0, 1)).unflatten(0, (-1, t)).mean(1)
+
+    tp = clips_per_second({"plain": plain_clips,
                            "merged": lambda: merged(x),
                            "unmerged": lambda: model(x)}, x.shape[0], runs=5 if quick else 31)
     tp_plain, tp_merged, tp_unmerged = tp["plain"], tp["merged"], tp["unmerged"]
@@ -246,8 +250,9 @@ def print_demo_table(r: dict) -> None:
     con = Console()
     con.print(t)
     con.print(f"merged vs unmerged max relative output error: {r['merged_vs_unmerged_max_rel_err']:.2e}")
+    trained = "whole backbone" if r["settings"]["train_backbone"] else "frozen backbone"
     con.print(f"merged params = plain ViT without head ({pv['params_no_head']:,}) + temporal "
-              f"embedding + head; training: {'whole backbone' if r['settings']['train_backbone'] else 'frozen backbone'}, "
+              f"embedding + head; training: {trained}, "
               f"{r['settings']['epochs']} epochs, {r['settings']['threads']} threads")
     gap = (st["top1"] or 0) - (io["top1"] or 0)
     if gap < 10:

@@ -11,9 +11,10 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -22,17 +23,32 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import LoadReport, VideoDecodeError, collate_videos
-from . import dist as zdist
 from ..files import check_state_dict
-from .build import (build_model, build_test_dataset, build_train_dataset, count_params,
-                    dataset_num_classes, read_class_names)
-from .checkpoint import (base_weights_digest, read_training_checkpoint, rng_state,
-                         save_checkpoint, seed_everything, set_rng_state)
+from . import dist as zdist
+from .build import (
+    build_model,
+    build_test_dataset,
+    build_train_dataset,
+    count_params,
+    dataset_num_classes,
+    read_class_names,
+)
+from .checkpoint import (
+    base_weights_digest,
+    read_training_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from .config import dump_config
-from .metrics import average_views, classification_metrics, plot_confusion_matrix, \
-    write_per_class_tables
+from .metrics import (
+    average_views,
+    classification_metrics,
+    plot_confusion_matrix,
+    write_per_class_tables,
+)
 from .optim import build_optimizer, build_scheduler, scaled_lr
-
 
 # ----------------------------------------------------------------------------- small helpers
 
@@ -192,10 +208,10 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device,
     all_probs = np.zeros((n, num_classes), dtype=np.float32)
     all_labels = np.full(n, -1, dtype=np.int64)
     skipped = sorted((s for *_, r in parts for s in r.dropped), key=lambda s: s.index)
-    for idx, p, l, _ in parts:
+    for idx, p, lab, _ in parts:
         if len(idx):
             all_probs[idx] = p
-            all_labels[idx] = l
+            all_labels[idx] = lab
     done = all_labels >= 0
     if int(done.sum()) + len(skipped) != n:
         raise RuntimeError("evaluation lost samples while gathering across ranks")
@@ -362,13 +378,48 @@ def train(cfg: dict, resume: Optional[str] = None,
 
 
 def _train(cfg, info, resume, on_epoch_end, datasets, model, overwrite) -> dict:
-    tcfg = cfg["train"]
-    out_dir = Path(tcfg["out_dir"])
+    out_dir = Path(cfg["train"]["out_dir"])
+    resume = _resume_path(resume, out_dir)
+    run, start_epoch = _start_run(cfg, info, out_dir, resume, datasets, model, overwrite)
+    result: dict = {"epoch": start_epoch, "step": run.step, "val": None, "best": run.best}
+    stop_after = cfg["train"]["stop_after_epoch"]
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, run.epochs):
+            rec = train_one_epoch(run, epoch)
+            val = _validate_and_save(run, epoch, rec)
+            result = _epoch_result(run, epoch, rec, val)
+            if epoch + 1 == run.epochs and val is not None and info.is_main:
+                write_eval_report(val, out_dir / "val_results.json", run.class_names,
+                                  extra={"epoch": epoch + 1})
+            stop = on_epoch_end(epoch + 1, rec) if on_epoch_end is not None else False
+            if stop or (stop_after is not None and epoch + 1 >= int(stop_after)):
+                break
+    except (KeyboardInterrupt, RuntimeError) as e:
+        # Ctrl-C also reaches DataLoader workers, whose exit the loader reports as a RuntimeError
+        if isinstance(e, RuntimeError) and not _INTERRUPTS["count"]:
+            raise
+        done = result["epoch"] if result["epoch"] > 0 else None
+        raise TrainingInterrupted(out_dir, epoch + 1, done) from None
+    result["model"] = run.model
+    return result
+
+
+def _resume_path(resume: Optional[str], out_dir: Path) -> Optional[str]:
+    """``resume`` with ``"auto"`` resolved to ``<out_dir>/last`` (which must exist)."""
     if resume == "auto":
         if not (out_dir / "last").exists():
             raise FileNotFoundError(f"nothing to resume: {out_dir} has no checkpoint "
                                     f"({out_dir / 'last'} is missing)")
         resume = str(out_dir / "last")
+    return resume
+
+
+def _start_run(cfg, info, out_dir: Path, resume: Optional[str], datasets, model,
+               overwrite: bool) -> tuple[_Run, int]:
+    """Checks, output folder, seeding, everything :class:`_Run` holds, and the resumed state:
+    returns the run and the epoch to start from. Prints and logs the set-up summary."""
+    tcfg = cfg["train"]
     preflight(cfg, model, datasets)
     if info.is_main:
         prepare_out_dir(out_dir, resume=bool(resume), overwrite=overwrite)
@@ -389,50 +440,44 @@ def _train(cfg, info, resume, on_epoch_end, datasets, model, overwrite) -> dict:
         print(text, flush=True)
     if ckpt_rng is not None:  # after every constructor that draws random numbers
         set_rng_state(ckpt_rng)
+    return run, start_epoch
 
-    result: dict = {"epoch": start_epoch, "step": run.step, "val": None, "best": run.best}
-    stop_after = tcfg["stop_after_epoch"]
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, run.epochs):
-            rec = train_one_epoch(run, epoch)
-            last_epoch = epoch + 1 == run.epochs
-            val = None
-            interval = int(cfg["eval"]["interval"])
-            if run.val_ds is not None and ((interval > 0 and (epoch + 1) % interval == 0)
-                                           or last_epoch):
-                val = validate(run, epoch)
-                rec["val"] = summary(val)
-            run.log.log(rec)
-            if run.show:
-                msg = (f"epoch {epoch + 1}/{run.epochs}: loss {rec['train_loss']:.4f} "
-                       f"acc {rec['train_acc']:.1f}%")
-                if val is not None:
-                    msg += " | val " + _metrics_text(val)
-                    if val.get("num_skipped"):
-                        msg += f" ({val['num_samples']} of {val['num_videos']} videos)"
-                if rec["skipped_videos"] or rec["short_videos"]:
-                    msg += (f" | {rec['skipped_videos']} unreadable videos skipped, "
-                            f"{rec['short_videos']} short videos")
-                print(msg, flush=True)
-            _save_epoch(run, epoch, val)
-            result = {"epoch": epoch + 1, "step": run.step, "train_loss": rec["train_loss"],
-                      "train_acc": rec["train_acc"], "val": val, "best": run.best,
-                      "checkpoint": str(out_dir / "last"), "num_classes": run.num_classes}
-            if last_epoch and val is not None and info.is_main:
-                write_eval_report(val, out_dir / "val_results.json", run.class_names,
-                                  extra={"epoch": epoch + 1})
-            stop = on_epoch_end(epoch + 1, rec) if on_epoch_end is not None else False
-            if stop or (stop_after is not None and epoch + 1 >= int(stop_after)):
-                break
-    except (KeyboardInterrupt, RuntimeError) as e:
-        # Ctrl-C also reaches DataLoader workers, whose exit the loader reports as a RuntimeError
-        if isinstance(e, RuntimeError) and not _INTERRUPTS["count"]:
-            raise
-        done = result["epoch"] if result["epoch"] > 0 else None
-        raise TrainingInterrupted(out_dir, epoch + 1, done) from None
-    result["model"] = run.model
-    return result
+
+def _validate_and_save(run: _Run, epoch: int, rec: dict) -> Optional[dict]:
+    """After an epoch's training: evaluate when ``eval.interval`` (or the last epoch) says so,
+    log and print the epoch's record (``rec["val"]`` gets the summary), save the checkpoint.
+    Returns the validation metrics, or None."""
+    val = None
+    interval = int(run.cfg["eval"]["interval"])
+    if run.val_ds is not None and ((interval > 0 and (epoch + 1) % interval == 0)
+                                   or epoch + 1 == run.epochs):
+        val = validate(run, epoch)
+        rec["val"] = summary(val)
+    run.log.log(rec)
+    if run.show:
+        print(_epoch_line(run, epoch, rec, val), flush=True)
+    _save_epoch(run, epoch, val)
+    return val
+
+
+def _epoch_line(run: _Run, epoch: int, rec: dict, val: Optional[dict]) -> str:
+    msg = (f"epoch {epoch + 1}/{run.epochs}: loss {rec['train_loss']:.4f} "
+           f"acc {rec['train_acc']:.1f}%")
+    if val is not None:
+        msg += " | val " + _metrics_text(val)
+        if val.get("num_skipped"):
+            msg += f" ({val['num_samples']} of {val['num_videos']} videos)"
+    if rec["skipped_videos"] or rec["short_videos"]:
+        msg += (f" | {rec['skipped_videos']} unreadable videos skipped, "
+                f"{rec['short_videos']} short videos")
+    return msg
+
+
+def _epoch_result(run: _Run, epoch: int, rec: dict, val: Optional[dict]) -> dict:
+    """What :func:`train` returns when this is the last epoch it runs."""
+    return {"epoch": epoch + 1, "step": run.step, "train_loss": rec["train_loss"],
+            "train_acc": rec["train_acc"], "val": val, "best": run.best,
+            "checkpoint": str(run.out_dir / "last"), "num_classes": run.num_classes}
 
 
 def preflight(cfg: dict, model: Optional[nn.Module] = None, datasets: Optional[dict] = None) -> None:

@@ -1,8 +1,9 @@
-"""AdamW with the recipe's parameter groups, linear LR scaling, warm-up + cosine schedule (docs/method.md §4)."""
+"""AdamW with the recipe's parameter groups, linear LR scaling, warm-up + cosine schedule
+(docs/method.md §4)."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -134,9 +135,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epo
     total = int(epochs) * int(steps_per_epoch)
     warmup = int(round(float(warmup_epochs) * steps_per_epoch))
     return WarmupCosineLR(optimizer, total, warmup, start_factor, min_lr)
-
-
-def clip_gradients(params, max_norm: Optional[float]) -> Optional[float]:
-    if not max_norm:
-        return None
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
