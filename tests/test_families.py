@@ -29,8 +29,8 @@ CASES = [
     ("vit_base_patch16_siglip_224", dict(img_size=32), "vit", 12),
     ("aimv2_large_patch14_224", dict(img_size=28), "vit", 8),           # SwiGLU, no biases
     ("vit_giant_patch14_dinov2", dict(img_size=28, depth=1), "vit", 24),  # GluMlp (packed)
-    ("eva02_tiny_patch14_224", dict(img_size=28), "eva", 3),            # RoPE, SwiGLU
-    ("eva02_base_patch14_224", dict(img_size=28), "eva", 12),           # separate q/k/v
+    ("eva02_tiny_patch14_224", dict(img_size=28), "eva", 3),            # RoPE, GluMlp
+    ("eva02_base_patch14_224", dict(img_size=28), "eva", 12),           # separate q/k/v, SwiGLU
     ("vit_small_patch16_dinov3", dict(img_size=32), "eva", 6),          # RoPE, registers
     ("beitv2_base_patch16_224", dict(img_size=32), "beit", 12),         # relative position bias
 ]
@@ -186,3 +186,28 @@ def test_pretrained_image_file_of_each_family(name, kw, tmp_path):
     for k, v in image.state_dict().items():
         if not k.startswith("head"):
             assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("name,kw,slot", [
+    ("eva02_base_patch14_224", dict(img_size=28), "t_adapter"),    # q_proj, k_proj, v_proj
+    ("eva02_base_patch14_224", dict(img_size=28), "mlp_adapter"),  # SwiGLU fc1_g, fc1_x
+])
+def test_a_shared_adapter_runs_once_per_input(name, kw, slot):
+    """One adapter before several linears: one dropout draw for all of them in training, as for
+    the paper's single adapter before the attention / MLP; nothing is kept after the call."""
+    model = _randomize(_build(name, kw, adapter_dropout=0.5)).train()
+    adapter = model.adapters(0)[slot]
+    draws = []
+    adapter.drop.register_forward_hook(lambda m, i, o, d=draws: d.append(o))
+    model(_video(model)).sum().backward()
+    assert len(draws) == 1
+    assert adapter.__dict__.get("_once") is None
+    assert adapter.fc1.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():  # and in eval it is still the same function as applying it per linear
+        x = torch.randn(2, 5, adapter.dim, generator=torch.Generator().manual_seed(0))
+        sites = [m for m in model.adapted_linears() if m.get_adapter() is adapter]
+        assert len(sites) > 1
+        for m in sites:
+            want = torch.nn.functional.linear(adapter(x), m.weight, m.bias)
+            assert torch.allclose(m(x), want, atol=1e-6)

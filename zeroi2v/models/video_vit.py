@@ -72,7 +72,7 @@ class ZeroI2VViT(nn.Module):
                 adapter = LinearAdapter(adapter_dim(sites, position), **kw)
                 for k, (parent, attr) in enumerate(sites):
                     setattr(parent, attr, AdaptedLinear(getattr(parent, attr), adapter, position,
-                                                        shared=k > 0))
+                                                        shared=k > 0, sites=len(sites)))
         self.temporal_embedding = nn.Parameter(
             torch.zeros(1, config.num_frames, self.embed_dim, device=p.device, dtype=p.dtype))
         self.head_drop = nn.Dropout(config.head_dropout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.adapter import adapted_linear
@@ -37,6 +38,19 @@ class LinearAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.scale * self.fc2(self.drop(self.fc1(x)))
 
+    def once(self, x: torch.Tensor, uses: int) -> torch.Tensor:
+        """``self(x)``, computed once for ``uses`` consecutive calls with this same tensor (the
+        linears of one block that read one input): one dropout draw and one autograd node for
+        all of them, as for an adapter placed before the whole attention / MLP."""
+        cached = self.__dict__.get("_once")
+        if cached is not None and cached[0] is x:
+            y, left = cached[1], cached[2] - 1
+        else:
+            y, left = self(x), uses - 1
+        # keep the pair only while someone is still to read it (no activation outlives the call)
+        self.__dict__["_once"] = (x, y, left) if left > 0 else None
+        return y
+
     @torch.no_grad()
     def affine(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M, c)`` such that ``adapter(x) == x @ M.T + c`` in eval mode, computed in ``dtype``."""
@@ -63,11 +77,14 @@ class AdaptedLinear(nn.Module):
     One adapter may feed several linears that read the same input (the q, k and v projections of
     an attention with separate projections; the two input projections of a SwiGLU MLP): it is a
     submodule of the first (``shared=False``) and only referenced by the others (``shared=True``),
-    so it is one set of parameters, stored once; each linear applies it to its own input.
+    so it is one set of parameters, stored once. ``sites`` is how many linears share it: the
+    adapter then runs once per input for all of them (:meth:`LinearAdapter.once`: one dropout
+    mask, as for one adapter before the whole attention / MLP) and those linears take the plain
+    path, not the fused op.
     """
 
     def __init__(self, linear: nn.Linear, adapter: LinearAdapter, position: str,
-                 shared: bool = False):
+                 shared: bool = False, sites: int = 1):
         super().__init__()
         if type(linear) is not nn.Linear:
             raise TypeError(f"AdaptedLinear wraps an nn.Linear, got {type(linear).__name__}")
@@ -80,7 +97,9 @@ class AdaptedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.position, self.shared = position, bool(shared)
+        if sites > 1 and position != "before":
+            raise ValueError("only an adapter before its linears can be shared by several")
+        self.position, self.shared, self.sites = position, bool(shared), int(sites)
         if shared:
             self.__dict__["_shared_adapter"] = adapter  # not a submodule: owned by another linear
         else:
@@ -91,6 +110,8 @@ class AdaptedLinear(nn.Module):
         return self.__dict__["_shared_adapter"] if self.shared else self.adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sites > 1:  # the adapter runs once for all its linears (plain path, not fused)
+            return F.linear(self.get_adapter().once(x, self.sites), self.weight, self.bias)
         return adapted_linear(x, self.weight, self.bias, self.get_adapter(), self.position,
                               fused=self.fused)
 
