@@ -211,3 +211,14 @@ def test_a_shared_adapter_runs_once_per_input(name, kw, slot):
         for m in sites:
             want = torch.nn.functional.linear(adapter(x), m.weight, m.bias)
             assert torch.allclose(m(x), want, atol=1e-6)
+
+
+def test_frozen_batch_norms_of_a_hybrid_stem_stay_frozen_in_training():
+    model = create_video_model("vit_small_resnet26d_224", 2, 5, img_size=32, depth=1).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and not any(m.training for m in bns)
+    before = [m.running_mean.clone() for m in bns]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 2, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(bns, before))
+    assert model.training and model.head.training

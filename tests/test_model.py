@@ -142,6 +142,10 @@ def test_wrong_frame_count_and_set_num_frames():
     assert model.head_offsets == (1, -1, 2, -3, 3, 0)  # 7 clamped to 3, signs kept
     assert torch.allclose(model.temporal_embedding[0, :, 0], torch.tensor([0.0, 7 / 3, 14 / 3, 7.0]))
     assert model(x).shape == (1, 3)
+    model.set_num_frames(1)
+    assert model.head_offsets == (0,) * 6
+    model.set_num_frames(8)  # derived from the built offsets: the round trip restores them
+    assert model.head_offsets == (1, -1, 2, -3, 7, 0)
 
 
 def test_unsupported_architectures():

@@ -83,6 +83,7 @@ class ZeroI2VViT(nn.Module):
             nn.init.zeros_(self.head.bias)
         # what the live modules cannot tell: the timm recipe, the adapter settings and slots
         self._spec = config.replace(head_offsets=offsets, merged=False)
+        self._built_offsets = offsets  # what set_num_frames clamps, so a round trip restores it
         self.freeze()
         if config.merged:  # the structure of a merged model: fold the fresh adapters (identity)
             # cycle: models.merge imports ZeroI2VViT from this module
@@ -186,6 +187,17 @@ class ZeroI2VViT(nn.Module):
         for p in trainable:
             p.requires_grad_(True)
 
+    def train(self, mode: bool = True) -> "ZeroI2VViT":
+        """As ``nn.Module.train``, except that batch norms with no trainable parameter (the frozen
+        CNN stem of a hybrid) stay in eval mode: their running statistics are part of the frozen
+        image model and must not drift while the adapters train."""
+        super().train(mode)
+        for m in self.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in m.parameters()):
+                m.eval()
+        return self
+
     @property
     def head_offsets(self) -> tuple[int, ...]:
         return self.backbone.blocks[0].attn.head_offsets
@@ -200,7 +212,11 @@ class ZeroI2VViT(nn.Module):
         The temporal embedding is resampled linearly over time (frames of a shorter clip span the
         same interval), and head offsets are clamped to ``|d| <= num_frames - 1`` keeping their
         sign, so every temporal head still looks at a neighbouring frame rather than falling back
-        to its own (as the boundary rule alone would do for ``|d| >= T``).
+        to its own (as the boundary rule alone would do for ``|d| >= T``). The offsets are always
+        derived from the ones the model was built with, so going back to the original length
+        restores them; the temporal embedding is resampled from the current one (a round trip
+        through fewer frames loses detail). The embedding becomes a new ``nn.Parameter``: build
+        the optimiser after this call.
         """
         num_frames = int(num_frames)
         if num_frames < 1:
@@ -215,7 +231,7 @@ class ZeroI2VViT(nn.Module):
                 te.transpose(1, 2).contiguous().to(self.temporal_embedding.dtype),
                 requires_grad=self.temporal_embedding.requires_grad)
         for attn in self.attentions():
-            attn.set_temporal(num_frames, clamp_offsets(attn.head_offsets, num_frames))
+            attn.set_temporal(num_frames, clamp_offsets(self._built_offsets, num_frames))
         self.num_frames = num_frames
 
     # ------------------------------------------------------------------ forward
