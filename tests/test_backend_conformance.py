@@ -47,8 +47,8 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / max(b.double().norm(), 1e-30)).item()
 
 
-CASES = [(b.name, dev, dt) for b in _backends() for dev in b.caps.devices if dev in _devices()
-         for dt in b.caps.dtypes]
+CASES = [(b.name, dev, dt) for b in _backends() for dev in (b.caps.devices or _devices())
+         if dev in _devices() for dt in b.caps.dtypes]
 
 
 @pytest.mark.parametrize("name,device,dtype", CASES,
@@ -82,7 +82,7 @@ def test_declared_inputs_match_the_definition(name, device, dtype):
 def _undeclared(b):
     """(label, kwargs for _inputs, call kwargs, needs_grad) of inputs the declaration excludes."""
     caps = b.caps
-    dev = next((dv for dv in caps.devices if dv in _devices()), None)
+    dev = next((dv for dv in (caps.devices or _devices()) if dv in _devices()), None)
     if dev is None:
         return []
     d = _head_dim(caps)
@@ -137,3 +137,12 @@ def test_auto_picks_the_highest_priority_backend_that_can_run():
                                        auto=True)
     for other, why in reasons.items():  # a runnable backend passed over has a lower priority
         assert why or ops.get_backend(other).priority < b.priority, other
+
+
+def test_pure_pytorch_backends_take_any_device():
+    """"torch" and "reference" declare no device list: meta tensors (shape tracing) work."""
+    q, k, v = (t.to("meta") for t in _inputs(torch.float32, "cpu", 16))
+    with torch.no_grad():
+        chosen, _ = ops.explain_backend(q, k, v)
+        out = ops.stdha_attention(q, k, v, T, OFFSETS)
+    assert chosen == "torch" and out.shape == q.shape and out.device.type == "meta"

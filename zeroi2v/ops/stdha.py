@@ -67,7 +67,7 @@ class Capabilities:
     """What a backend can run. ``auto_*`` narrow what ``backend="auto"`` picks it for (a kernel
     may run fp32 when asked for by name but is only the fastest choice for fp16/bf16)."""
 
-    devices: tuple[str, ...] = ("cpu", "cuda")
+    devices: Optional[tuple[str, ...]] = None     # None: any device type (cpu, cuda, mps, meta ...)
     dtypes: tuple[torch.dtype, ...] = _ALL_DTYPES
     head_dims: Optional[tuple[int, ...]] = None   # None: any up to max_head_dim
     max_head_dim: Optional[int] = None
@@ -85,7 +85,7 @@ class Capabilities:
     def reasons(self, x: Inputs, *, auto: bool) -> list[str]:
         out = []
         devices = (self.auto_devices or self.devices) if auto else self.devices
-        if x.device.type not in devices:
+        if devices is not None and x.device.type not in devices:
             out.append(f"runs on {'/'.join(devices)}, not {x.device.type}")
         dtypes = (self.auto_dtypes or self.dtypes) if auto else self.dtypes
         if x.dtype is None:
