@@ -222,3 +222,21 @@ def test_frozen_batch_norms_of_a_hybrid_stem_stay_frozen_in_training():
         model(torch.randn(2, 3, 2, 32, 32, generator=torch.Generator().manual_seed(0)))
     assert all(torch.equal(m.running_mean, b) for m, b in zip(bns, before))
     assert model.training and model.head.training
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("beitv2_base_patch16_224", dict(img_size=32, qkv_bias=False)),  # gains BEiT's q/v biases
+    ("eva02_tiny_patch14_224", dict(img_size=28, qkv_bias=False)),   # constant into norm1
+])
+def test_bias_free_attention_merges_into_plain_timm(name, kw, tmp_path):
+    model = _randomize(_build(name, kw).double()).eval()
+    x = _video(model, dtype=torch.float64)
+    merged = merge_adapters(model)
+    with torch.no_grad():
+        assert rel_err(merged.forward_frames(x), model.forward_frames(x)) < 1e-12
+    cfg = merged.config
+    vanilla = timm.create_model(cfg.model_name, num_classes=0, **cfg.timm_kwargs)
+    vanilla.load_state_dict(merged.backbone.state_dict(), strict=True)
+    merged.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "m").double()(x), merged(x))

@@ -10,7 +10,7 @@ variable                       values (default first)     what it does
                                                           a model's ``set_fused_adapters`` wins
 ``ZEROI2V_ADAPTER_STRATEGY``   ``auto`` / ``residual`` /  how the fused adapter ops split their work
                                ``dual``                   (see :mod:`zeroi2v.ops.adapter`)
-``ZEROI2V_STDHA_BLOCK_M``      ``64`` / ``128`` / unset   query rows per tile of the CUDA STDHA kernel
+``ZEROI2V_STDHA_BLOCK_M``      unset / ``64`` / ``128``   query rows per tile of the CUDA STDHA kernel
                                                           (unset: chosen by size)
 ``ZEROI2V_DEBUG``              ``0`` / ``1``              the command line shows tracebacks
 ``ZEROI2V_NO_EXT``             ``0`` / ``1``              install without the native extension (build time)

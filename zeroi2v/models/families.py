@@ -15,7 +15,7 @@ What a family adds is how frames go through the model (:attr:`Family.forward_tok
 embedding, where the temporal embedding is added, what the blocks are called with) and which
 timm classes it accepts. Families: ``vit`` (``VisionTransformer`` and subclasses: ViT, DeiT incl.
 distilled, CLIP, DINOv2, SigLIP, AIMv2, hybrids), ``eva`` (``Eva``: EVA-02, EVA-CLIP, DINOv3,
-RoPE ViTs), ``beit`` (BEiT, BEiTv2).
+``*_rope_reg1_gap_256``), ``beit`` (BEiT, BEiTv2).
 """
 from __future__ import annotations
 
@@ -242,7 +242,7 @@ def family_of(model: nn.Module) -> Family:
                 "clips of equal frames; use the fixed-size SigLIP/ViT model of the same weights)")
     raise UnsupportedModelError(
         f"{name} is not a model family zeroi2v supports{hint}: timm VisionTransformer (ViT, DeiT, "
-        "CLIP, DINOv2, SigLIP, AIMv2, hybrids), Eva (EVA-02, EVA-CLIP, DINOv3, RoPE ViTs) or "
+        "CLIP, DINOv2, SigLIP, AIMv2, hybrids), Eva (EVA-02, EVA-CLIP, DINOv3, *_rope_reg1_gap_256) or "
         "Beit (BEiT, BEiTv2)")
 
 

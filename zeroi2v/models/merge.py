@@ -67,11 +67,16 @@ def merge_adapters(model: ZeroI2VViT, inplace: bool = False) -> ZeroI2VViT:
                 if child.bias is None:
                     gained.add(attr)
                 setattr(mod, attr, child.to_linear())
+    beit_gained = False
     for attn in model.attentions():
         if isinstance(attn, STDHBeitAttention):
+            beit_gained |= attn.q_bias is None and attn.qkv.bias is not None
             attn.absorb_qkv_bias()
     if model.family == "vit":
         _conform_vit_biases(model, gained)
+    if beit_gained and model._spec.timm_kwargs is not None:  # a BEiT built with qkv_bias=False
+        model._spec = model._spec.replace(
+            timm_kwargs=dict(model._spec.timm_kwargs, qkv_bias=True))
     model._spec = model._spec.replace(merged=True)
     model.freeze()
     return model

@@ -187,7 +187,7 @@ class ZeroI2VViT(nn.Module):
         for p in trainable:
             p.requires_grad_(True)
 
-    def train(self, mode: bool = True) -> "ZeroI2VViT":
+    def train(self, mode: bool = True) -> ZeroI2VViT:
         """As ``nn.Module.train``, except that batch norms with no trainable parameter (the frozen
         CNN stem of a hybrid) stay in eval mode: their running statistics are part of the frozen
         image model and must not drift while the adapters train."""

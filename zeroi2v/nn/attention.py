@@ -1,7 +1,7 @@
 """STDHA attention modules (docs/method.md §2): drop-in replacements for timm's attention classes.
 
 * :class:`STDHAttention` — timm's ``Attention`` (ViT, DeiT, CLIP, DINOv2, SigLIP, AIMv2 ...);
-* :class:`STDHEvaAttention` — timm's ``EvaAttention`` (EVA-02, EVA-CLIP, DINOv3, the RoPE ViTs):
+* :class:`STDHEvaAttention` — timm's ``EvaAttention`` (EVA-02, EVA-CLIP, DINOv3, RoPE reg ViTs):
   fused qkv with separate q/v biases, or separate q/k/v projections; q/k norms; rotary position
   embeddings, applied per frame to q and k *before* the temporal gather, so a temporal head
   compares its frame's queries with the source frame's keys at the same positions;
@@ -266,8 +266,14 @@ class STDHBeitAttention(_STDHABase):
         and drop the k part, so the module has BEiT's own parameters again. Exact: a bias on the
         keys adds ``q_i . b`` to every logit of query ``i``, which softmax ignores (no rotary
         embedding or key norm here changes that)."""
-        if self.qkv.bias is None or self.q_bias is None:
+        if self.qkv.bias is None:
             return
+        if self.q_bias is None:  # a qkv_bias=False model: give it BEiT's own (zero) biases
+            w = self.qkv.weight
+            self.q_bias = nn.Parameter(torch.zeros(self.attn_dim, dtype=w.dtype, device=w.device),
+                                       requires_grad=False)
+            self.v_bias = nn.Parameter(torch.zeros_like(self.q_bias), requires_grad=False)
+            self.register_buffer("k_bias", torch.zeros_like(self.q_bias), persistent=False)
         b = self.qkv.bias.to(self.q_bias.dtype)
         c = self.attn_dim
         self.q_bias.add_(b[:c])
@@ -288,7 +294,7 @@ def stdha_from_timm(attn: nn.Module, num_frames: int, head_offsets: HeadOffsets 
             return ours.from_timm(attn, num_frames, head_offsets, backend)
     raise UnsupportedModelError(
         f"unsupported attention {type(attn).__module__}.{type(attn).__name__}: zeroi2v has STDHA "
-        "for timm's Attention (ViT family), EvaAttention (EVA, DINOv3, RoPE ViTs) and BEiT's "
+        "for timm's Attention (ViT family), EvaAttention (EVA, DINOv3, *_rope_reg1_gap_256) and BEiT's "
         "Attention")
 
 
