@@ -220,7 +220,7 @@ def explain_backend(q, k, v, *, needs_grad: Optional[bool] = None, dropout_p: fl
     """``(backend "auto" picks, {backend: reasons it was not picked})`` for these inputs
     (``needs_grad`` defaults to whether they require a gradient)."""
     if needs_grad is None:
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        needs_grad = _needs_grad(q, k, v, attn_bias)
     x = Inputs.of(q, k, v, needs_grad=needs_grad, dropout_p=dropout_p, attn_bias=attn_bias)
     chosen = _pick_backend("auto", q, k, v, x).name
     return chosen, {n: r for n, r in _reasons_all(q, k, v, x).items() if n != chosen}
@@ -363,12 +363,15 @@ def stdha_attention_packed(
     return out.transpose(1, 2).reshape(bt, n, h * d)
 
 
+def _needs_grad(q, k, v, attn_bias) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, attn_bias))
+
+
 def _choose(q, k, v, backend: str, scale: Optional[float], dropout_p: float, attn_bias):
     """The backend for validated inputs, the scale, and whether a gradient is needed."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    needs_grad = torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad
-        or (attn_bias is not None and attn_bias.requires_grad))
+    needs_grad = _needs_grad(q, k, v, attn_bias)
     x = Inputs.of(q, k, v, needs_grad=needs_grad, dropout_p=dropout_p, attn_bias=attn_bias)
     return _pick_backend(backend, q, k, v, x), scale, needs_grad
 
