@@ -49,20 +49,12 @@ class _Switch:
         if raw is None or raw.strip() == "":
             return self.default
         v = raw.strip().lower()
-        if self.kind == "bool":
-            if v in _TRUE:
-                return True
-            if v in _FALSE:
-                return False
-            want = "1 or 0"
-        elif self.kind == "auto_bool":
-            if v == "auto":
+        if self.kind in ("bool", "auto_bool"):
+            if v == "auto" and self.kind == "auto_bool":
                 return None
-            if v in _TRUE:
-                return True
-            if v in _FALSE:
-                return False
-            want = "auto, 1 or 0"
+            if v in _TRUE or v in _FALSE:
+                return v in _TRUE
+            want = "auto, 1 or 0" if self.kind == "auto_bool" else "1 or 0"
         elif self.kind == "choice":
             if v in self.choices:
                 return v

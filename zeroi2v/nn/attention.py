@@ -39,6 +39,18 @@ class _STDHABase(nn.Module):
         check_offsets(offsets, num_frames)
         self.num_frames, self.head_offsets = int(num_frames), offsets
 
+    @classmethod
+    def _adopted(cls, attn: nn.Module, num_frames: int, head_offsets: HeadOffsets, backend: str,
+                 optional: tuple[str, ...] = ()):
+        """A new module that has taken over ``attn``'s parts; ``optional`` names attributes set
+        to None where ``attn`` has none of them."""
+        new = cls.__new__(cls)
+        new._adopt(attn, num_frames, head_offsets, backend)
+        for name in optional:
+            if not hasattr(new, name):
+                setattr(new, name, None)
+        return new
+
     def _adopt(self, attn: nn.Module, num_frames: int, head_offsets: HeadOffsets,
                backend: str) -> None:
         """Take over ``attn``'s submodules, parameters and buffers (shared, not copied)."""
@@ -158,9 +170,7 @@ class STDHAttention(_STDHABase):
                 raise UnsupportedModelError(
                     f"{type(attn).__name__} is not a timm Attention (no '{name}'); "
                     "STDHAttention.from_timm needs the standard fused-qkv attention")
-        new = cls.__new__(cls)
-        new._adopt(attn, num_frames, head_offsets, backend)
-        return new
+        return cls._adopted(attn, num_frames, head_offsets, backend)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False, num_frames: Optional[int] = None) -> torch.Tensor:
@@ -186,14 +196,11 @@ class STDHEvaAttention(_STDHABase):
     @classmethod
     def from_timm(cls, attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = "auto",
                   backend: str = "auto") -> STDHEvaAttention:
-        new = cls.__new__(cls)
-        new._adopt(attn, num_frames, head_offsets, backend)
+        new = cls._adopted(attn, num_frames, head_offsets, backend,
+                           optional=("qkv", "q_proj", "k_proj", "v_proj", "q_bias", "v_bias"))
         new.num_prefix_tokens = int(getattr(attn, "num_prefix_tokens", 1))
         new.rotate_half = bool(getattr(attn, "rotate_half", False))
         new.qkv_bias_separate = bool(getattr(attn, "qkv_bias_separate", False))
-        for name in ("qkv", "q_proj", "k_proj", "v_proj", "q_bias", "v_bias"):
-            if not hasattr(new, name):
-                setattr(new, name, None)
         if new.qkv is None and new.q_proj is None:
             raise UnsupportedModelError(f"{type(attn).__name__} has neither qkv nor q/k/v "
                                         "projections")
@@ -232,12 +239,9 @@ class STDHBeitAttention(_STDHABase):
     @classmethod
     def from_timm(cls, attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = "auto",
                   backend: str = "auto") -> STDHBeitAttention:
-        new = cls.__new__(cls)
-        new._adopt(attn, num_frames, head_offsets, backend)
+        new = cls._adopted(attn, num_frames, head_offsets, backend,
+                           optional=("q_bias", "v_bias", "relative_position_bias_table"))
         new.window_size = getattr(attn, "window_size", None)
-        for name in ("q_bias", "v_bias", "relative_position_bias_table"):
-            if not hasattr(new, name):
-                setattr(new, name, None)
         return new
 
     def rel_pos_bias(self) -> Optional[torch.Tensor]:
