@@ -131,6 +131,11 @@ def test_hybrid_resnet_stem():
         model(x[:, :1].expand(-1, 1024, -1, -1, -1))
 
 
+def test_attention_rope_vits_are_refused_by_class():
+    with pytest.raises(UnsupportedModelError, match="unsupported attention .*AttentionRope"):
+        create_video_model("vit_small_patch16_rope_224", T, 5, img_size=32, depth=1)
+
+
 def test_naflex_is_refused_by_name():
     with pytest.raises(UnsupportedModelError, match="NaFlexVit.*NaFlexViT packs images"):
         create_video_model("naflexvit_base_patch16_siglip", T, 5, depth=1)

@@ -19,6 +19,7 @@ distilled, CLIP, DINOv2, SigLIP, AIMv2, hybrids), ``eva`` (``Eva``: EVA-02, EVA-
 """
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..nn.attention import stdha_class_for
 
 # slot -> (attribute paths of its sites within a block, position)
 _SITES = {
@@ -88,27 +90,39 @@ def adapter_dim(sites: list[tuple[nn.Module, str]], position: str) -> int:
 # ----------------------------------------------------------------------------- families
 
 
+def _classes(*paths: str) -> tuple[type, ...]:
+    """Classes by dotted path, imported when first asked for (``import zeroi2v`` loads no timm)."""
+    return tuple(getattr(importlib.import_module(p.rsplit(".", 1)[0]), p.rsplit(".", 1)[1])
+                 for p in paths)
+
+
+_MLPS = ("timm.layers.Mlp", "timm.layers.GluMlp", "timm.layers.SwiGLU")
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
-    model_cls: Callable[[], type]                 # the timm class (lazily imported)
-    block_classes: Callable[[], tuple[type, ...]]
-    mlp_classes: Callable[[], tuple[type, ...]]
-    forward_tokens: Callable                      # (vit, images, add_temporal) -> tokens after the norm
+    model_path: str                   # the timm class, by dotted path
+    block_paths: tuple[str, ...]      # the block classes it may hold
+    forward_tokens: Callable          # (vit, images, add_temporal) -> tokens after the norm
+
+    @property
+    def model_cls(self) -> type:
+        return _classes(self.model_path)[0]
 
     def check(self, model: nn.Module) -> None:
         """Refuse, naming the class, anything of this family zeroi2v cannot convert."""
         blocks = getattr(model, "blocks", None)
         if not isinstance(blocks, nn.Sequential) and not isinstance(blocks, nn.ModuleList):
             raise UnsupportedModelError(f"{type(model).__name__} has no list of blocks")
-        ok_blocks, ok_mlps = self.block_classes(), self.mlp_classes()
+        ok_blocks, ok_mlps = _classes(*self.block_paths), _classes(*_MLPS)
         for i, blk in enumerate(blocks):
             if type(blk) not in ok_blocks:
                 raise UnsupportedModelError(
                     f"block {i} is a {type(blk).__module__}.{type(blk).__name__}; zeroi2v supports "
-                    f"{', '.join(c.__name__ for c in ok_blocks)} in {self.model_cls().__name__} "
+                    f"{', '.join(c.__name__ for c in ok_blocks)} in {self.model_cls.__name__} "
                     "models")
-            _check_attention(blk.attn)
+            stdha_class_for(blk.attn)
             if type(blk.mlp) not in ok_mlps:
                 raise UnsupportedModelError(
                     f"unsupported MLP {type(blk.mlp).__name__} in block {i}: zeroi2v supports "
@@ -126,35 +140,6 @@ class Family:
                                         "supported")
 
 
-def _check_attention(attn: nn.Module) -> None:
-    from timm.layers import Attention
-    from timm.models.beit import Attention as BeitAttention
-    from timm.models.eva import EvaAttention
-
-    if type(attn) not in (Attention, EvaAttention, BeitAttention):
-        raise UnsupportedModelError(
-            f"unsupported attention {type(attn).__module__}.{type(attn).__name__}: zeroi2v has "
-            "STDHA for timm's Attention, EvaAttention and BEiT's Attention")
-
-
-def _mlps():
-    from timm.layers import GluMlp, Mlp, SwiGLU
-
-    return (Mlp, GluMlp, SwiGLU)
-
-
-def _vit_cls():
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer
-
-
-def _vit_blocks():
-    from timm.models.vision_transformer import Block
-
-    return (Block,)
-
-
 def _vit_tokens(vit, x, add_temporal):
     x = vit.patch_embed(x)
     x = vit._pos_embed(x)
@@ -170,36 +155,12 @@ def _vit_tokens(vit, x, add_temporal):
     return vit.norm(x)
 
 
-def _eva_cls():
-    from timm.models.eva import Eva
-
-    return Eva
-
-
-def _eva_blocks():
-    from timm.models.eva import EvaBlock, EvaBlockPostNorm
-
-    return (EvaBlock, EvaBlockPostNorm)
-
-
 def _eva_tokens(vit, x, add_temporal):
     x = vit.patch_embed(x)
     x, rope = vit._pos_embed(x)
     x = add_temporal(x)
     x = vit.norm_pre(x)
     return vit.norm(_run_blocks(vit, x, rope=rope))
-
-
-def _beit_cls():
-    from timm.models.beit import Beit
-
-    return Beit
-
-
-def _beit_blocks():
-    from timm.models.beit import Block
-
-    return (Block,)
 
 
 def _beit_tokens(vit, x, add_temporal):
@@ -224,16 +185,18 @@ def _run_blocks(vit, x, **kwargs):
 
 
 FAMILIES = (
-    Family("vit", _vit_cls, _vit_blocks, _mlps, _vit_tokens),
-    Family("eva", _eva_cls, _eva_blocks, _mlps, _eva_tokens),
-    Family("beit", _beit_cls, _beit_blocks, _mlps, _beit_tokens),
+    Family("vit", "timm.models.vision_transformer.VisionTransformer",
+           ("timm.models.vision_transformer.Block",), _vit_tokens),
+    Family("eva", "timm.models.eva.Eva",
+           ("timm.models.eva.EvaBlock", "timm.models.eva.EvaBlockPostNorm"), _eva_tokens),
+    Family("beit", "timm.models.beit.Beit", ("timm.models.beit.Block",), _beit_tokens),
 )
 
 
 def family_of(model: nn.Module) -> Family:
     """The family of a timm model, or an :class:`UnsupportedModelError` that names its class."""
     for fam in FAMILIES:
-        if isinstance(model, fam.model_cls()):
+        if isinstance(model, fam.model_cls):
             return fam
     name = f"{type(model).__module__}.{type(model).__name__}"
     hint = ""

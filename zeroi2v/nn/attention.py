@@ -285,9 +285,9 @@ class STDHBeitAttention(_STDHABase):
         self.qkv.bias = None
 
 
-def stdha_from_timm(attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = "auto",
-                    backend: str = "auto") -> _STDHABase:
-    """The STDHA version of a timm attention module (shares its weights)."""
+def stdha_class_for(attn: nn.Module) -> type[_STDHABase]:
+    """The STDHA class for a timm attention module, or an :class:`UnsupportedModelError` that
+    names its class."""
     from timm.layers import Attention
     from timm.models.beit import Attention as BeitAttention
     from timm.models.eva import EvaAttention
@@ -295,11 +295,17 @@ def stdha_from_timm(attn: nn.Module, num_frames: int, head_offsets: HeadOffsets 
     for cls, ours in ((Attention, STDHAttention), (EvaAttention, STDHEvaAttention),
                       (BeitAttention, STDHBeitAttention)):
         if type(attn) is cls:
-            return ours.from_timm(attn, num_frames, head_offsets, backend)
+            return ours
     raise UnsupportedModelError(
         f"unsupported attention {type(attn).__module__}.{type(attn).__name__}: zeroi2v has STDHA "
-        "for timm's Attention (ViT family), EvaAttention (EVA, DINOv3, *_rope_reg1_gap_256) and BEiT's "
-        "Attention")
+        "for timm's Attention (ViT family), EvaAttention (EVA, DINOv3, *_rope_reg1_gap_256) and "
+        "BEiT's Attention")
+
+
+def stdha_from_timm(attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = "auto",
+                    backend: str = "auto") -> _STDHABase:
+    """The STDHA version of a timm attention module (shares its weights)."""
+    return stdha_class_for(attn).from_timm(attn, num_frames, head_offsets, backend)
 
 
 STDHA_CLASSES = (STDHAttention, STDHEvaAttention, STDHBeitAttention)
