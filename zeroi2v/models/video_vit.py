@@ -20,7 +20,7 @@ from ..errors import UnsupportedModelError
 from ..nn.adapter import AdaptedLinear, LinearAdapter
 from ..nn.attention import STDHA_CLASSES, stdha_from_timm
 from ..offsets import HeadOffsets, check_offsets, clamp_offsets, resolve_offsets
-from ..ops.adapter import _kernels
+from ..ops.adapter import fused_not_supported_reasons
 from ..ops.stdha import get_backend
 from . import timm_spec
 from .config import ADAPTER_NAMES, ZeroI2VConfig
@@ -282,17 +282,25 @@ def _check_config_fits(backbone: nn.Module, config: ZeroI2VConfig) -> None:
 
 def fused_adapters_active(model: nn.Module, device, dtype: torch.dtype, training: bool) -> bool:
     """Whether the adapted linears of ``model`` run the fused ops for inputs of this device and
-    dtype (``dtype``: the autocast dtype when autocasting)."""
-    lins = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
-    if not lins:
+    dtype (``dtype``: the autocast dtype when autocasting), by the op's own rule
+    (:func:`zeroi2v.ops.adapter.fused_not_supported_reasons`) on an empty probe input."""
+    lin = next((m for m in model.modules() if isinstance(m, AdaptedLinear) and m.sites == 1),
+               None)
+    if lin is None:
         return False
-    mode = lins[0].fused if lins[0].fused is not None else settings.fused_adapters()
-    if mode is False or _kernels() is None:
+    mode = lin.fused if lin.fused is not None else settings.fused_adapters()
+    if mode is False:
         return False
-    if mode is None:
-        return training and torch.device(device).type == "cuda" and \
-            dtype in (torch.float16, torch.bfloat16)
-    return True
+    adapter = lin.get_adapter()
+    was = adapter.training
+    adapter.train(training)
+    try:
+        with torch.set_grad_enabled(training):
+            probe = torch.empty(0, lin.in_features, device=device, dtype=dtype)
+            return not fused_not_supported_reasons(probe, lin.weight, lin.bias, adapter,
+                                                   automatic=mode is None)
+    finally:
+        adapter.train(was)
 
 
 def create_video_model(
