@@ -51,16 +51,13 @@ class ZeroI2VViT(nn.Module):
             raise TypeError(f"config must be a ZeroI2VConfig, got {type(config).__name__}")
         family = family_of(backbone)
         family.check(backbone)
-        _check_config_fits(backbone, config)
+        offsets = _offsets_that_fit(backbone, config)
         if getattr(backbone, "num_classes", 0):
             backbone.reset_classifier(0)
-        self.family = family.name
         self._family = family
         self.backbone = backbone
         self.num_frames = config.num_frames
         self.embed_dim = backbone.embed_dim
-        offsets = resolve_offsets(config.head_offsets, backbone.blocks[0].attn.num_heads,
-                                  config.num_frames)
         p = next(backbone.parameters())
         kw = dict(ratio=config.adapter_ratio, scale=config.adapter_scale,
                   dropout=config.adapter_dropout, device=p.device, dtype=p.dtype)
@@ -199,6 +196,11 @@ class ZeroI2VViT(nn.Module):
         return self
 
     @property
+    def family(self) -> str:
+        """``"vit"``, ``"eva"`` or ``"beit"`` (:mod:`zeroi2v.models.families`)."""
+        return self._family.name
+
+    @property
     def head_offsets(self) -> tuple[int, ...]:
         return self.backbone.blocks[0].attn.head_offsets
 
@@ -270,14 +272,16 @@ class ZeroI2VViT(nn.Module):
         return self.head(self.head_drop(self.forward_features(x).mean(dim=1)))
 
 
-def _check_config_fits(backbone: nn.Module, config: ZeroI2VConfig) -> None:
-    """Refuse before any module is replaced: the adapter list and the head offsets fit."""
+def _offsets_that_fit(backbone: nn.Module, config: ZeroI2VConfig) -> tuple[int, ...]:
+    """The config's head offsets as ints, checked with the adapter list before any module is
+    replaced (both must fit the backbone)."""
     if config.adapters is not None and len(config.adapters) != len(backbone.blocks):
         raise ValueError(f"model config: adapters lists {len(config.adapters)} blocks, the "
                          f"backbone has {len(backbone.blocks)}")
     offsets = resolve_offsets(config.head_offsets, backbone.blocks[0].attn.num_heads,
                               config.num_frames)
     check_offsets(offsets, config.num_frames)
+    return offsets
 
 
 def fused_adapters_active(model: nn.Module, device, dtype: torch.dtype, training: bool) -> bool:
