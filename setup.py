@@ -30,21 +30,26 @@ def _find_cuda_home():
     return None
 
 
-def _make_extension():
+def _csrc_build():
+    """csrc/csrc_build.py, the build description kept beside the sources (None if absent)."""
     try:
-        from csrc_build import make_extension  # csrc/ build description, kept beside the sources
+        import csrc_build
     except ImportError:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
         try:
-            from csrc_build import make_extension
+            import csrc_build
         except ImportError:
             return None
-    return make_extension
+    return csrc_build
 
 
 def native_extensions():
     """Return (ext_modules, cmdclass) for zeroi2v._C, or ([], {}), with one line saying which."""
-    if os.environ.get("ZEROI2V_NO_EXT", "0") == "1":
+    build = _csrc_build()
+    if build is None:
+        _say("csrc/csrc_build.py not present: skipping the native extension")
+        return [], {}
+    if build.build_switch("no_ext"):
         _say("ZEROI2V_NO_EXT=1: skipping the native extension")
         return [], {}
     try:
@@ -52,12 +57,9 @@ def native_extensions():
     except ImportError:
         _say("torch is not importable here: skipping the native extension (pip install -e . provides torch)")
         return [], {}
-    make_extension = _make_extension()
-    if make_extension is None:
-        _say("csrc/csrc_build.py not present: skipping the native extension")
-        return [], {}
+    make_extension = build.make_extension
     why_not = None
-    if os.environ.get("ZEROI2V_NO_CUDA_EXT", "0") == "1":
+    if build.build_switch("no_cuda_ext"):
         why_not = "ZEROI2V_NO_CUDA_EXT=1"
     elif torch.version.cuda is None:
         why_not = f"torch {torch.__version__} is not a CUDA build"

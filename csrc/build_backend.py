@@ -22,6 +22,7 @@ import os
 import sys
 import sysconfig
 
+from csrc_build import build_switch  # beside this file (pyproject's backend-path)
 from setuptools import build_meta as _setuptools
 from setuptools.build_meta import build_sdist, get_requires_for_build_sdist  # noqa: F401
 
@@ -44,7 +45,7 @@ def _torch_visible() -> bool:
 def _use_target_torch() -> None:
     """Make the target's torch importable for setup.py. Appended, not prepended: the build
     environment's setuptools and wheel keep precedence over the target's."""
-    if os.environ.get("ZEROI2V_NO_EXT", "0") == "1" or _torch_visible():
+    if build_switch("no_ext") or _torch_visible():
         return
     for path in _target_site_dirs():
         if path not in sys.path:
@@ -52,7 +53,7 @@ def _use_target_torch() -> None:
 
 
 def _extra_requires() -> list[str]:
-    if os.environ.get("ZEROI2V_NO_EXT", "0") == "1" or _torch_visible() or _target_site_dirs():
+    if build_switch("no_ext") or _torch_visible() or _target_site_dirs():
         return []
     return ["torch"]
 

@@ -26,6 +26,24 @@ import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+def build_switch(name: str) -> bool:
+    """A build-time switch (``"no_ext"``, ``"no_cuda_ext"``) parsed by ``zeroi2v/settings.py``, the
+    package's one parser (a bad value is an error naming the variable). The module is loaded by
+    path: the package itself cannot be imported before its extension is built."""
+    import importlib.util
+
+    key = "_zeroi2v_build_settings"
+    mod = sys.modules.get(key)
+    if mod is None:
+        path = os.path.join(os.path.dirname(_HERE), "zeroi2v", "settings.py")
+        spec = importlib.util.spec_from_file_location(key, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod  # dataclasses look their module up while the class is made
+        spec.loader.exec_module(mod)
+    sw = mod.SWITCHES[name]
+    return bool(sw.parse(os.environ.get(sw.env)))
+
 CPU_SOURCES = (
     "module.cpp",        # pybind11 module zeroi2v._C
     "shift_cpu.cpp",     # torch.ops.zeroi2v.shift_heads_ (CPU + Meta kernels)

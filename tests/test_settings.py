@@ -61,3 +61,21 @@ def test_the_extension_rejects_a_bad_block_size():
     with pytest.raises((ValueError, RuntimeError), match="64|128"):
         lib.set_block_m(96)
     lib.set_block_m(0)  # back to the size-based choice
+
+
+def test_build_time_switches_use_the_same_parser(monkeypatch):
+    """setup.py and the build backend read ZEROI2V_NO_EXT / ZEROI2V_NO_CUDA_EXT through
+    csrc_build.build_switch, which runs this module's parser (loaded by path)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "csrc_build.py"
+    spec = importlib.util.spec_from_file_location("_csrc_build_under_test", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    monkeypatch.setenv("ZEROI2V_NO_EXT", "true")
+    monkeypatch.delenv("ZEROI2V_NO_CUDA_EXT", raising=False)
+    assert build.build_switch("no_ext") is True and build.build_switch("no_cuda_ext") is False
+    monkeypatch.setenv("ZEROI2V_NO_CUDA_EXT", "maybe")
+    with pytest.raises(ValueError, match="ZEROI2V_NO_CUDA_EXT='maybe' is not valid"):
+        build.build_switch("no_cuda_ext")
