@@ -283,24 +283,52 @@ def check_state_dict(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Ten
 # ----------------------------------------------------------------------------- writing
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only be
+    read by setting it, which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def honour_umask(path: PathLike, is_dir: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have given it: ``mkstemp`` and
+    ``mkdtemp`` create private (0600/0700) files, which a serving container or a colleague
+    could not read."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds it is renamed onto
     ``path`` in one step (``os.replace``), so readers see the old file or the new one, never a
-    half-written one. A failed block leaves ``path`` untouched and removes the temporary."""
+    half-written one. A failed block leaves ``path`` untouched and removes the temporary. The
+    file gets the mode the user's umask gives new files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+#: What every temporary of :func:`atomic_path` / :func:`atomic_dir` ends in (hidden names).
+TMP_SUFFIX = ".tmp"
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
@@ -324,23 +352,110 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     if path.exists():
         raise FileExistsError(f"{path} exists already")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
     try:
         yield tmp
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        honour_umask(tmp, is_dir=True)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def remove_stale_temporaries(folder: PathLike) -> list[Path]:
+    """Remove the hidden temporaries (``.NAME.XXXX.tmp``, files or folders) that an interrupted
+    :func:`atomic_path` / :func:`atomic_dir` left directly in ``folder``. Only call this while
+    holding the folder's :func:`folder_lock`: a live writer's temporaries look the same."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.name != LOCK_FILE:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            removed.append(p)
+    return removed
+
+
 def replace_symlink(link: PathLike, target: PathLike) -> None:
     """Point ``link`` at ``target`` (relative to the link's folder) in one atomic step."""
     link = Path(link)
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp = link.with_name(f".{link.name}.{os.getpid()}{TMP_SUFFIX}")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     os.symlink(os.path.relpath(target, link.parent), tmp)
     os.replace(tmp, link)
+
+
+# ----------------------------------------------------------------------------- one writer
+
+
+LOCK_FILE = ".zeroi2v.lock"
+
+
+class FolderLockedError(ValueError):
+    """Another live process holds the folder's lock (the message says which and what to do)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: PathLike, command: str) -> Iterator[Optional[dict]]:
+    """Hold an exclusive lock on ``folder`` (created if needed) for the block: one writer per
+    output folder.
+
+    The lock is ``folder/.zeroi2v.lock``, locked with ``flock`` (released by the kernel when
+    the process dies, however it dies) and holding the owner's pid, host, command and start time
+    as JSON. A second process is refused at once with a :class:`FolderLockedError` naming the
+    owner. A lock file left by a process that died without releasing it is taken over; the block
+    receives that process's record (``None`` otherwise) so the caller can report it. The file
+    is kept (emptied) on release: deleting it would let two processes lock two different files
+    of the same name.
+    """
+    import fcntl
+    import json
+    import socket
+    import time
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read_lock(fd)
+            who = (f"pid {owner.get('pid')} on {owner.get('host')}, `{owner.get('command')}`, "
+                   f"since {owner.get('started')}") if owner else "another process"
+            raise FolderLockedError(
+                f"{folder} is in use by another zeroi2v run ({who}): wait for it to finish, stop "
+                "it, or choose another output folder") from None
+        stale = _read_lock(fd) or None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        try:
+            yield stale
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _read_lock(fd: int) -> dict:
+    import json
+
+    try:
+        raw = os.pread(fd, 4096, 0)
+        rec = json.loads(raw.decode()) if raw.strip() else {}
+        return rec if isinstance(rec, dict) else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}

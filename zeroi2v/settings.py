@@ -13,6 +13,10 @@ variable                       values (default first)     what it does
 ``ZEROI2V_STDHA_BLOCK_M``      unset / ``64`` / ``128``   query rows per tile of the CUDA STDHA kernel
                                                           (unset: chosen by size)
 ``ZEROI2V_DEBUG``              ``0`` / ``1``              the command line shows tracebacks
+``ZEROI2V_MEMORY_LIMIT``       ``auto`` / a size          the most memory one file, config or video may
+                               (``16GB``, ``64GiB``)      ask for (auto: half of this machine's memory,
+                                                          see :mod:`zeroi2v.limits`)
+``ZEROI2V_MAX_VIDEO_PIXELS``   ``8.9M`` / a count         the largest video frame (width x height) read
 ``ZEROI2V_NO_EXT``             ``0`` / ``1``              install without the native extension (build time)
 ``ZEROI2V_NO_CUDA_EXT``        ``0`` / ``1``              build only its CPU ops (build time)
 ``ZEROI2V_REQUIRE_CUDA_EXT``   ``0`` / ``1``              tests fail instead of skipping when the CUDA
@@ -41,7 +45,7 @@ _FALSE = ("0", "false", "off", "no")
 @dataclass(frozen=True)
 class _Switch:
     env: str
-    kind: str                    # "bool", "auto_bool", "choice", "int_choice"
+    kind: str                    # "bool", "auto_bool", "choice", "int_choice", "size", "count"
     default: Any
     choices: tuple = ()
 
@@ -59,11 +63,34 @@ class _Switch:
             if v in self.choices:
                 return v
             want = ", ".join(self.choices)
+        elif self.kind in ("size", "count"):
+            if v == "auto" and self.kind == "size":
+                return None
+            n = parse_amount(v, binary_i=self.kind == "size")
+            if n is not None and n >= 1:
+                return n
+            want = ("auto or a size such as 16GB, 64GiB, 500MB" if self.kind == "size"
+                    else "a positive count such as 8.9M or 33177600")
         else:  # int_choice
             if v.isdigit() and int(v) in self.choices:
                 return int(v)
             want = ", ".join(str(c) for c in self.choices) + " (or unset)"
         raise ValueError(f"{self.env}={raw!r} is not valid: expected {want}")
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_amount(text: str, binary_i: bool = True) -> Optional[int]:
+    """``"16GB"`` -> 16e9, ``"64GiB"`` -> 64 * 2**30, ``"8.9M"`` -> 8.9e6, ``"1024"`` -> 1024; None
+    for anything else. A trailing ``b`` (bytes) is optional; ``binary_i`` allows ``Ki``/``Mi``..."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text.strip().lower())
+    if not m or (m.group(2) or "").endswith("i") and not binary_i:
+        return None
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
 
 
 SWITCHES: dict[str, _Switch] = {
@@ -73,6 +100,8 @@ SWITCHES: dict[str, _Switch] = {
                                 ("auto", "residual", "dual")),
     "stdha_block_m": _Switch("ZEROI2V_STDHA_BLOCK_M", "int_choice", None, (64, 128)),
     "debug": _Switch("ZEROI2V_DEBUG", "bool", False),
+    "memory_limit": _Switch("ZEROI2V_MEMORY_LIMIT", "size", None),
+    "max_video_pixels": _Switch("ZEROI2V_MAX_VIDEO_PIXELS", "count", 4096 * 2160),
     "no_ext": _Switch("ZEROI2V_NO_EXT", "bool", False),
     "no_cuda_ext": _Switch("ZEROI2V_NO_CUDA_EXT", "bool", False),
     "require_cuda_ext": _Switch("ZEROI2V_REQUIRE_CUDA_EXT", "bool", False),
@@ -129,6 +158,15 @@ def stdha_block_m() -> Optional[int]:
 
 def debug() -> bool:
     return get("debug")
+
+
+def memory_limit() -> Optional[int]:
+    """``ZEROI2V_MEMORY_LIMIT`` in bytes, or None for automatic (see :mod:`zeroi2v.limits`)."""
+    return get("memory_limit")
+
+
+def max_video_pixels() -> int:
+    return get("max_video_pixels")
 
 
 def triton_interpret() -> bool:
