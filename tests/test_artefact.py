@@ -190,55 +190,21 @@ def test_bad_files_are_one_clear_error(saved, tmp_path):
         assert main(["predict", str(tmp_path / name), "nothing.mp4"]) == 2
 
 
-def test_old_pickles_say_how_to_convert_and_convert_safely(tmp_path, capsys):
-    m = _randomize(create_video_model("vit_base_patch16_224", 4, 3, head_offsets=[1, -1, 0, 0],
-                                      img_size=16, patch_size=8, embed_dim=32, depth=1,
-                                      num_heads=4)).eval()
-    cfg = {"model": {"name": "vit_base_patch16_224", "pretrained": None, "num_frames": 4,
-                     "timm_kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1,
-                                     "num_heads": 4},
-                     "head_offsets": [1, -1, 0, 0], "adapter_ratio": 0.25, "adapter_scale": 0.5,
-                     "adapter_dropout": 0.1, "head_dropout": 0.5, "train_backbone": False,
-                     "num_classes": None, "absent_adapters": []},
-           "data": {"size": 16, "sampling": "uniform"}, "train": {}, "eval": {}}
+def test_pre_release_files_are_refused_in_one_line(saved, tmp_path, capsys):
+    """zeroi2v 0.1's pickles and format-2 folders were never released: no converter, one line."""
     old = tmp_path / "last.pth"
-    torch.save({"format": "zeroi2v-train", "version": 1, "config": cfg, "num_classes": 3,
-                "class_names": None, "model": m.state_dict(), "model_full": True,
-                "rng": [{"numpy": np.random.get_state()}], "epoch": 1}, old)
-    with pytest.raises(ValueError, match=r"zeroi2v 0\.1 pickle.*zeroi2v convert"):
+    torch.save({"format": "zeroi2v-train", "version": 1, "model": {"w": torch.zeros(2)}}, old)
+    with pytest.raises(ValueError, match="is not a zeroi2v model"):
         load_model(old)
-    assert main(["convert", str(old), "--out", str(tmp_path / "new")]) == 0
-    back = load_model(tmp_path / "new")
-    x = _video(m)
-    with torch.no_grad():
-        assert torch.equal(back(x), m(x))
-    # 0.1's merge output (biases only where folded) converts too
-    merged = merge_adapters(m)
-    torch.save({"format": "zeroi2v-merged", "version": 1, "config": cfg, "num_classes": 3,
-                "class_names": ["a", "b", "c"], "model": merged.state_dict()}, tmp_path / "m.pth")
-    assert main(["convert", str(tmp_path / "m.pth"), "--out", str(tmp_path / "new_m")]) == 0
-    back = load_model(tmp_path / "new_m")
-    assert back.merged and back.class_names == ("a", "b", "c")
-    with torch.no_grad():
-        torch.testing.assert_close(back(x), m(x), rtol=1e-5, atol=1e-5)
-
-
-def test_torchscript_archives_are_read_without_running_them(tmp_path):
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, 2)
-            self.proj = torch.nn.Parameter(torch.randn(4, 2))
-
-        def forward(self, x):
-            return self.conv(x).mean() + self.proj.sum()
-
-    net = Net()
-    path = tmp_path / "ts.pt"
-    torch.jit.trace(net, torch.randn(1, 3, 4, 4)).save(str(path))
-    got = read_checkpoint(path)
-    want = net.state_dict()
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    import shutil
+    shutil.copytree(saved / "a", tmp_path / "v2")
+    doc = json.loads((tmp_path / "v2" / "config.json").read_text())
+    (tmp_path / "v2" / "config.json").write_text(json.dumps({**doc, "format_version": 2}))
+    with pytest.raises(ValueError, match="format version 2, written by a pre-release zeroi2v"):
+        load_model(tmp_path / "v2")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "v2"), "v.mp4"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- nothing runs
@@ -258,8 +224,8 @@ def _evil_files(tmp_path, sentinel):
     files = {}
     files["bare.pth"] = _Evil(sentinel)
     files["wrapped.pth"] = {"state_dict": {"w": torch.zeros(2)}, "meta": _Evil(sentinel)}
-    files["old_format.pth"] = {"format": "zeroi2v-train", "config": {"model": {}},
-                               "num_classes": 2, "model": {"x": _Evil(sentinel)}}
+    files["framework.pth"] = {"format": "mmengine", "meta": {"cfg": _Evil(sentinel)},
+                              "state_dict": {"x": torch.zeros(2)}}
     paths = {}
     for name, obj in files.items():
         torch.save(obj, tmp_path / name)
@@ -280,7 +246,6 @@ def test_malicious_pickles_run_nothing_anywhere(tmp_path, saved):
     from zeroi2v.files import read_state_dict
     from zeroi2v.interop import load_clip_weights, load_official_checkpoint
     from zeroi2v.train.checkpoint import read_training_checkpoint
-    from zeroi2v.train.legacy import convert_v1
 
     sentinel = tmp_path / "PWNED"
     paths = _evil_files(tmp_path, sentinel)
@@ -305,7 +270,7 @@ def test_malicious_pickles_run_nothing_anywhere(tmp_path, saved):
                 fn(p)
             except ValueError:
                 pass
-        for fn in (load_model, convert_v1,
+        for fn in (load_model,
                    load_official_checkpoint,
                    lambda q: load_clip_weights("vit_small_patch16_224", q, img_size=32, depth=1),
                    lambda q: create_video_model("vit_small_patch16_224", 2, 3, img_size=32,
@@ -317,7 +282,6 @@ def test_malicious_pickles_run_nothing_anywhere(tmp_path, saved):
                      ["merge", str(p), "--out", str(tmp_path / "o1")],
                      ["export", str(p), "--out", str(tmp_path / "o.onnx")],
                      ["import-official", str(p), "--out", str(tmp_path / "o2")],
-                     ["convert", str(p), "--out", str(tmp_path / "o3")],
                      ["train", str(cfg), "--pretrained", str(p), "--out", str(tmp_path / "r")]):
             assert main(argv) == 2, (name, argv)
         assert not sentinel.exists(), name
@@ -326,31 +290,5 @@ def test_malicious_pickles_run_nothing_anywhere(tmp_path, saved):
     assert main(["train", str(cfg), "--resume", str(tmp_path / "ckpt"), "--out",
                  str(tmp_path / "r2")]) == 2
     assert not sentinel.exists()
-    for d in ("o1", "o2", "o3"):
+    for d in ("o1", "o2"):
         assert not (tmp_path / d).exists()
-
-
-def test_format_2_folders_with_adapters_beside_the_linears_still_load(tmp_path):
-    """Format 2 stored adapters as blocks.i.t_adapter.*; format 3 inside the linear they adapt."""
-    from safetensors.torch import load_file, save_file
-
-    model = _randomize(create_video_model("vit_small_patch16_224", 4, 3, img_size=32, depth=2))
-    model.save_pretrained(tmp_path / "m")
-    owner = {"attn.qkv": "t_adapter", "attn.proj": "s_adapter", "mlp.fc1": "mlp_adapter",
-             "mlp.fc2": "mlp_adapter_out"}
-    old = {}
-    for k, v in load_file(str(tmp_path / "m" / "model.safetensors")).items():
-        for path, slot in owner.items():
-            k = k.replace(f".{path}.adapter.", f".{slot}.")
-        old[k] = v
-    assert any(".t_adapter.fc1." in k for k in old)
-    save_file(old, str(tmp_path / "m" / "model.safetensors"),
-              metadata={"format": "pt"})
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg["format_version"] = 2
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    back = load_model(tmp_path / "m")
-    assert back.config.format_version == 3
-    x = _video(model)
-    with torch.no_grad():
-        assert torch.equal(back(x), model.eval()(x))

@@ -6,7 +6,6 @@
     zeroi2v predict MODEL VIDEO [--topk 5] [--class-names FILE]
     zeroi2v export  MODEL --out FILE [--format onnx|pt2]
     zeroi2v import-official CKPT --out DIR [--head-offsets ...]
-    zeroi2v convert OLD.pth --out DIR                  zeroi2v 0.1 pickles -> saved model folder
     zeroi2v demo    [--out demo_out] [--epochs N] [--seed S] [--quick]
     zeroi2v config  [CONFIG.yaml] [--set ...]          print the resolved config
 
@@ -132,14 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (TorchScript exporter)")
     p.add_argument("--pretrained", default=None,
                    help="image weights of a checkpoint that holds only its trainable tensors")
-
-    p = sub.add_parser("convert", help="rewrite a zeroi2v 0.1 .pth pickle as a saved model "
-                                       "folder (read without running code)")
-    p.add_argument("checkpoint", metavar="OLD.pth")
-    p.add_argument("--out", required=True, help="folder for the saved model (new or empty)")
-    p.add_argument("--pretrained", default=None,
-                   help="image weights, for a training checkpoint that holds only its trainable "
-                        "tensors (default: the file its config names)")
 
     from .data.prepare import add_prepare_parser
 
@@ -481,16 +472,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_convert(args) -> int:
-    from .train.legacy import convert_v1
-
-    out = _new_output_folder(args.out)
-    model, run_cfg = convert_v1(args.checkpoint, pretrained=args.pretrained)
-    _save_new(model, out, run_config=run_cfg, extra={"converted_from": str(args.checkpoint)})
-    print(f"converted {args.checkpoint} -> {out} ({model.config.summary()})")
-    return 0
-
-
 def cmd_prepare(args) -> int:
     from .data.prepare import run_prepare
 
@@ -499,7 +480,7 @@ def cmd_prepare(args) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "predict": cmd_predict,
             "demo": cmd_demo, "config": cmd_config, "import-official": cmd_import_official,
-            "export": cmd_export, "convert": cmd_convert, "prepare": cmd_prepare}
+            "export": cmd_export, "prepare": cmd_prepare}
 
 
 def _user_errors() -> tuple:

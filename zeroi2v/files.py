@@ -3,20 +3,24 @@
 Everything zeroi2v reads from disk goes through :func:`read_checkpoint`:
 
 * safetensors files are parsed by ``safetensors`` (no code, by design);
-* pickled ``torch.save`` files are read with ``torch.load(weights_only=True)``; training
-  frameworks' checkpoints (mmengine/mmaction2) often carry metadata the weights-only loader
-  refuses (numpy scalars, ``HistoryBuffer`` ...), and for those a restricted unpickler takes over:
-  it resolves only the globals of PyTorch's weights-only allowlist and turns every other global
-  into an inert placeholder, so nothing from the file runs and the tensors still load;
+* pickled ``torch.save`` files are read by a restricted unpickler: it resolves only what
+  rebuilding tensors needs (a narrower list than PyTorch's weights-only loader, which also calls
+  ``bytearray`` with the file's argument), turns every other global into an inert placeholder
+  (training frameworks' metadata: numpy scalars, ``HistoryBuffer`` ...), and changes no object
+  it did not create, so nothing from the file runs or alters the process, and the tensors load;
 * TorchScript archives (OpenAI's ``ViT-B-16.pt``) are never handed to ``torch.jit.load``, which
   would compile and run the archive's code: their ``data.pkl`` is read with the same restricted
   unpickler and the tensors are collected by attribute path.
 
-There is no switch to unpickle freely. Every failure is a ``ValueError`` (``FileNotFoundError``
-for a missing path) whose message names the file.
+Before anything is allocated, what a file asks for is checked: the safetensors header by hand,
+zip records by their declared sizes, every tensor against the bytes it really holds (a stride-0
+view is refused), all against the memory limit (:mod:`zeroi2v.limits`). There is no switch to
+unpickle freely. Every failure is a ``ValueError`` (``FileNotFoundError`` for a missing path)
+whose message names the file.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import pickle
@@ -25,9 +29,12 @@ import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any, Callable, Optional, Union
 
 import torch
+
+from .limits import LimitError, check_bytes, fmt_bytes
 
 PathLike = Union[str, os.PathLike]
 
@@ -39,27 +46,26 @@ _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state", "model_state_di
 
 
 def read_checkpoint(path: PathLike) -> Any:
-    """The object stored in ``path`` (a dict of tensors for ordinary checkpoints), read safely."""
+    """The object stored in ``path`` (a dict of tensors for ordinary checkpoints), read safely.
+
+    Before anything is allocated, the bytes the file asks for (safetensors header, zip record
+    sizes) are checked against the memory limit (:mod:`zeroi2v.limits`)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not os.path.isfile(path):
         raise ValueError(f"{path} is not a file")
     if looks_like_safetensors(path):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except Exception as e:  # noqa: BLE001 - any parse failure means "not a checkpoint"
-            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+        return read_safetensors(path)
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except (zipfile.BadZipFile, OSError) as e:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
             raise ValueError(f"{path} is a damaged zip/checkpoint file: {e}") from e
-        if any(n.endswith("constants.pkl") for n in names):
+        if any(i.filename.endswith("constants.pkl") for i in infos):
             return _read_torchscript(path)
+        _check_zip_records(path, infos)
     return _torch_load(path)
 
 
@@ -89,7 +95,28 @@ def unwrap_state_dict(obj: Any, path: PathLike = "<state dict>") -> dict[str, to
         raise ValueError(f"{os.fspath(path)} holds no tensors (keys: {list(obj)[:8]})")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
+    check_tensor_memory(sd, path)
     return sd
+
+
+def check_tensor_memory(sd: Mapping[str, torch.Tensor], path: PathLike) -> None:
+    """Every tensor must own the bytes its shape claims (a stride-0 or overlapping view of a
+    small storage is a few bytes on disk and gigabytes once copied), and all of them together
+    must fit the memory limit."""
+    total = 0
+    for k, t in sd.items():
+        if t.layout != torch.strided or t.device.type == "meta":
+            raise ValueError(f"{os.fspath(path)}: tensor {k!r} is not a plain tensor "
+                             f"({t.layout}, {t.device.type})")
+        need = t.numel() * t.element_size()
+        if need and (t.untyped_storage().nbytes() < need or 0 in t.stride()
+                     and t.numel() > 1):
+            raise ValueError(
+                f"{os.fspath(path)}: tensor {k!r} of shape {tuple(t.shape)} claims "
+                f"{fmt_bytes(need)} but its data is {fmt_bytes(t.untyped_storage().nbytes())} "
+                "(a stride-0 or overlapping view): not a checkpoint zeroi2v loads")
+        total += need
+    check_bytes(total, f"{os.fspath(path)} ({len(sd)} tensors)")
 
 
 def looks_like_safetensors(path: str) -> bool:
@@ -102,36 +129,119 @@ def looks_like_safetensors(path: str) -> bool:
     if len(head) < 9 or head[8:9] != b"{":
         return path.endswith(".safetensors")
     n = int.from_bytes(head[:8], "little")
-    return 0 < n <= os.path.getsize(path) - 8
+    return 0 < n <= os.path.getsize(path) - 8 or path.endswith(".safetensors")
+
+
+# safetensors dtype names -> bytes per element
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+              "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_MAX_HEADER = 100 * 2**20  # the format's own limit
+
+
+def safetensors_header(path: PathLike) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict]:
+    """``({name: (dtype, shape)}, metadata)`` of a safetensors file, read and checked by hand
+    before the library sees the file: the header length fits the file, every entry's dtype is
+    known, its byte range lies inside the data and matches its shape, ranges do not overlap, and
+    the total fits the memory limit. Any other file is a ``ValueError`` naming it."""
+    import json
+
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path} is not a readable safetensors file: {why}")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("shorter than its 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n < 2 or n > min(size - 8, _ST_MAX_HEADER):
+            raise bad(f"its header claims {n:,} bytes, the file has {size - 8:,} after the length")
+        try:
+            doc = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"damaged header ({e})") from None
+    if not isinstance(doc, dict):
+        raise bad("the header is not a JSON object")
+    meta = doc.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("its metadata is not a map of strings")
+    data_len = size - 8 - n
+    entries, ranges, total = {}, [], 0
+    for name, e in doc.items():
+        ok = isinstance(e, dict) and e.get("dtype") in _ST_DTYPES and \
+            isinstance(e.get("shape"), list) and isinstance(e.get("data_offsets"), list) and \
+            len(e["data_offsets"]) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                for x in e["shape"] + e["data_offsets"])
+        if not ok:
+            raise bad(f"entry {name!r} is malformed")
+        lo, hi = e["data_offsets"]
+        numel = 1
+        for d in e["shape"]:
+            numel *= d
+        if not lo <= hi <= data_len or hi - lo != numel * _ST_DTYPES[e["dtype"]]:
+            raise bad(f"tensor {name!r} ({e['dtype']} {e['shape']}) does not fit bytes "
+                      f"{lo}..{hi} of {data_len}")
+        entries[name] = (e["dtype"], tuple(e["shape"]))
+        ranges.append((lo, hi))
+        total += hi - lo
+    ranges.sort()
+    if any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
+        raise bad("tensors overlap")
+    check_bytes(total, f"{path} ({len(entries)} tensors)")
+    return entries, meta
+
+
+def read_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, after :func:`safetensors_header` checked it."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    safetensors_header(path)
+    try:
+        return load_file(path, device="cpu")
+    except BaseException as e:  # noqa: BLE001 - the Rust side may panic (a BaseException)
+        if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
+            raise
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def _check_zip_records(path: str, infos: list) -> None:
+    """A torch zip checkpoint's records, by their declared sizes, must fit the memory limit
+    (a compressed record can claim far more than the file holds)."""
+    total = sum(i.file_size for i in infos if "/data/" in i.filename)
+    check_bytes(total, f"{path} (tensor data of the checkpoint)")
 
 
 def _torch_load(path: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise ValueError(f"{path} is not a PyTorch checkpoint: {e}") from e
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError,
-            IndexError, TypeError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or another "
-                         f"format?): {type(e).__name__}: {e}") from e
-    # Globals the weights-only loader refuses: read again with every such global made inert.
+    """A pickled checkpoint through the restricted unpickler only: torch's weights-only loader
+    also calls allow-listed functions with the file's arguments (``bytearray(10**11)`` fills
+    memory), and training frameworks' metadata needs placeholders anyway."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False,
                           pickle_module=_restricted_pickle)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path} could not be read as a checkpoint: {type(e).__name__}: {e}") from e
+    except _PickleRefused as e:
+        raise ValueError(f"{path}: {e}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError,
+            KeyError, IndexError, TypeError, struct_error) as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or another "
+                         f"format?): {type(e).__name__}: {e}") from e
 
 
 def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a TorchScript archive, by attribute path (``visual.conv1.weight`` ...),
-    without compiling or running any of the archive's code."""
+    without compiling or running any of the archive's code. Each storage record is read once,
+    and only after the records it names are known to fit the memory limit."""
     try:
         with zipfile.ZipFile(path) as zf:
             data = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
             if not data:
                 raise ValueError("no data.pkl in the archive")
             prefix = data[0][: -len("data.pkl")]
+            storages: dict[str, Any] = {}
+            claimed = [0]
 
             def load_storage(saved_id):
                 kind, storage_type, key, _location, numel = saved_id
@@ -140,16 +250,23 @@ def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
                 dtype = getattr(storage_type, "dtype", None)
                 if not isinstance(dtype, torch.dtype):
                     raise ValueError(f"unsupported storage type {storage_type!r}")
-                raw = bytearray(zf.read(f"{prefix}data/{key}"))
-                storage = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw \
-                    else torch.UntypedStorage(0)
-                return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype,
+                key = str(key)
+                if key not in storages:
+                    info = zf.getinfo(f"{prefix}data/{key}")
+                    claimed[0] += info.file_size
+                    check_bytes(claimed[0], f"{path} (tensor data of the archive)")
+                    raw = bytearray(zf.read(info))
+                    storages[key] = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) \
+                        if raw else torch.UntypedStorage(0)
+                return torch.storage.TypedStorage(wrap_storage=storages[key], dtype=dtype,
                                                   _internal=True)
 
             unpickler = _RestrictedUnpickler(_BytesReader(zf.read(data[0])))
             unpickler.persistent_load = load_storage
             root = unpickler.load()
-    except ValueError as e:
+    except LimitError:
+        raise
+    except (ValueError, _PickleRefused) as e:
         raise ValueError(f"{path} looks like a TorchScript archive but cannot be read: {e}") from e
     except Exception as e:  # noqa: BLE001 - malformed archives fail in many ways
         raise ValueError(f"{path} looks like a TorchScript archive but cannot be read: "
@@ -158,6 +275,7 @@ def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
     _collect_tensors(root, "", out, set())
     if not out:
         raise ValueError(f"{path}: the TorchScript archive holds no tensors")
+    check_tensor_memory(out, path)
     return out
 
 
@@ -168,7 +286,7 @@ def _collect_tensors(obj: Any, prefix: str, out: dict, seen: set) -> None:
     if id(obj) in seen:
         return
     seen.add(id(obj))
-    state = getattr(obj, "state", None) if isinstance(obj, _Placeholder) else None
+    state = getattr(obj, "state", None) if isinstance(obj, _Placeholder) else obj
     if isinstance(state, Mapping):
         for k, v in state.items():
             if isinstance(k, str):
@@ -183,6 +301,8 @@ class _BytesReader:
 
         self._f = io.BytesIO(data)
         self.read, self.readline = self._f.read, self._f.readline
+        self.readinto = self._f.readinto
+        self.peek = getattr(self._f, "peek", None)
 
 
 class _Placeholder:
@@ -210,25 +330,39 @@ class _Placeholder:
 
 
 def _allowed_globals() -> dict:
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
+    """What checkpoints need to rebuild tensors, and nothing that allocates from an argument
+    (``bytearray``) or builds device tensors. Everything else becomes a :class:`_Placeholder`."""
+    import _codecs
+    import collections
 
-        return dict(_get_allowed_globals())
-    except Exception:  # noqa: BLE001 - private API; fall back to the essentials
-        import collections
+    import torch._utils as tu
 
-        import torch._utils as tu
-        out = {"collections.OrderedDict": collections.OrderedDict,
-               "torch._utils._rebuild_tensor_v2": tu._rebuild_tensor_v2,
-               "torch._utils._rebuild_parameter": tu._rebuild_parameter,
-               "torch.Size": torch.Size, "torch.device": torch.device}
-        for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool"):
-            out[f"torch.{name}"] = getattr(torch, name)
-        return out
+    out = {"collections.OrderedDict": collections.OrderedDict, "torch.Size": torch.Size,
+           "torch.device": torch.device, "torch.nn.parameter.Parameter": torch.nn.Parameter,
+           "_codecs.encode": _codecs.encode}
+    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter",
+                 "_rebuild_parameter_with_state"):
+        if hasattr(tu, name):
+            out[f"torch._utils.{name}"] = getattr(tu, name)
+    for name in dir(torch):  # dtypes and the legacy typed-storage classes named by records
+        obj = getattr(torch, name, None)
+        if isinstance(obj, torch.dtype) or (name.endswith("Storage") and isinstance(obj, type)):
+            out[f"torch.{name}"] = obj
+    return out
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _PickleRefused(ValueError):
+    """The pickle tried to change an object it did not create (the message says which)."""
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # the Python unpickler: its opcodes can be limited
+    """Resolves only :data:`_ALLOWED_FUNCTIONS`, dtypes and storage types; every other global is
+    an inert :class:`_Placeholder`. BUILD (set an object's state), SETITEM(S) and APPEND(S)
+    apply only to objects of the file's own making (placeholders, tensors, dicts, lists):
+    never to a class or function, whose change would outlive the load."""
+
     _allowed: dict = {}
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module, name):
         if not self._allowed:
@@ -237,6 +371,68 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if obj is not None:
             return obj
         return type(name, (_Placeholder,), {"_qualname": f"{module}.{name}"})
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, _Placeholder):
+            inst.__setstate__(state)
+        elif type(inst) is torch.nn.Parameter and isinstance(state, tuple):
+            inst.__setstate__(state)
+        elif type(inst) is torch.Tensor and isinstance(state, tuple):
+            inst.set_(*state)
+        elif type(inst) is collections.OrderedDict and isinstance(state, dict):
+            for k, v in state.items():  # e.g. a state dict's _metadata
+                if not isinstance(k, str) or k.startswith("__"):
+                    raise _PickleRefused(f"the pickle sets {k!r} on an OrderedDict; refused")
+                inst.__dict__[k] = v
+        else:
+            raise _PickleRefused(f"the pickle tries to change {_what(inst)}, which it did not "
+                                 "create; refused (nothing was changed)")
+
+    def _container(self, obj, kinds):
+        if not isinstance(obj, kinds) or isinstance(obj, type):
+            raise _PickleRefused(f"the pickle tries to add items to {_what(obj)}; refused")
+        return obj
+
+    def load_setitem(self):
+        value, key = self.stack.pop(), self.stack.pop()
+        self._container(self.stack[-1], (dict, _Placeholder))[key] = value
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        target = self._container(self.stack[-1], (dict, _Placeholder))
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    def load_append(self):
+        value = self.stack.pop()
+        self._container(self.stack[-1], (list, _Placeholder)).append(value)
+
+    def load_appends(self):
+        items = self.pop_mark()
+        self._container(self.stack[-1], (list, _Placeholder)).extend(items)
+
+    def load_additems(self):
+        items = self.pop_mark()
+        target = self._container(self.stack[-1], (set, _Placeholder))
+        for item in items:
+            if isinstance(target, set):
+                target.add(item)
+
+    for _op, _fn in ((pickle.BUILD, load_build), (pickle.SETITEM, load_setitem),
+                     (pickle.SETITEMS, load_setitems), (pickle.APPEND, load_append),
+                     (pickle.APPENDS, load_appends), (pickle.ADDITEMS, load_additems)):
+        dispatch[_op[0]] = _fn
+    del _op, _fn
+
+
+def _what(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"the class {obj.__module__}.{obj.__qualname__}"
+    if callable(obj):
+        return f"the function {getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"
+    return f"an object of type {type(obj).__name__}"
 
 
 class _RestrictedPickleModule:

@@ -69,8 +69,13 @@ def load_clip_weights(backbone_or_name: Union[str, nn.Module], path: PathLike, *
     if isinstance(backbone_or_name, str):
         import timm
 
-        timm_kwargs.setdefault("num_classes", 0)
-        model = timm.create_model(backbone_or_name, pretrained=False, **timm_kwargs)
+        from ..models.timm_args import check_model_name, check_timm_kwargs
+
+        num_classes = timm_kwargs.pop("num_classes", 0)
+        check_model_name(backbone_or_name, "load_clip_weights")
+        check_timm_kwargs(timm_kwargs, "load_clip_weights", allow_classes=True)
+        model = timm.create_model(backbone_or_name, pretrained=False, num_classes=num_classes,
+                                  **timm_kwargs)
         target = model
     elif isinstance(backbone_or_name, ZeroI2VViT):
         model, target = backbone_or_name, backbone_or_name.backbone

@@ -24,7 +24,6 @@ SHA-256), or from the file passed as ``pretrained=``.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -40,10 +39,11 @@ from ..files import (
     check_state_dict,
     looks_like_safetensors,
     read_checkpoint,
+    read_safetensors,
+    safetensors_header,
     unwrap_state_dict,
 )
 from .config import FORMAT, FORMAT_VERSION, ZeroI2VConfig
-from .families import rename_old_adapter_keys
 from .video_vit import ZeroI2VViT, load_image_weights
 
 CONFIG_FILE = "config.json"
@@ -51,7 +51,7 @@ WEIGHTS_FILE = "model.safetensors"
 RUN_CONFIG_FILE = "run_config.yaml"
 TRAINING_STATE_FILE = "training_state.pt"
 _META_KEY = "zeroi2v_config"
-_OLD_FORMATS = ("zeroi2v-train", "zeroi2v-merged")
+SHA_KEY = "weights_sha256"
 
 
 @dataclass(frozen=True)
@@ -127,12 +127,14 @@ def save_pretrained(model, path: PathLike, *, weights: str = "full",
         state = {k: v for k, v in state.items() if k in trainable}
     info.update(extra or {})
     doc = dict(config.to_dict(), artefact=info)
-    text = json.dumps(doc, indent=2)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", _META_KEY: json.dumps(doc)})
-    atomic_write_text(folder / CONFIG_FILE, text + "\n")
+        digest = file_digest(tmp)["sha256"]
+    # config.json alone records the weights' hash: the metadata copy cannot hold its own
+    doc["artefact"] = dict(info, **{SHA_KEY: digest})
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
     if run_config is not None:
         import yaml
 
@@ -217,9 +219,13 @@ def read_artefact(path: PathLike) -> Artefact:
         if isinstance(v, int) and v > FORMAT_VERSION:
             raise ValueError(f"{src} has format version {v}, newer than this zeroi2v reads "
                              f"({FORMAT_VERSION}): upgrade zeroi2v")
+        if isinstance(v, int) and v < FORMAT_VERSION:
+            raise ValueError(f"{src} has format version {v}, written by a pre-release zeroi2v "
+                             "that this version does not read: save the model again with the "
+                             "version that wrote it, or retrain")
     if doc is None:
         doc = meta_doc
-    elif meta_doc is not None and meta_doc != doc:
+    elif meta_doc is not None and meta_doc != _without_hash(doc):
         raise ValueError(f"{cfg_path} and {weights} belong to different saves (an interrupted "
                          "save, or files from two models): save the model again")
     if not weights.is_file():
@@ -227,14 +233,16 @@ def read_artefact(path: PathLike) -> Artefact:
     return _artefact_from_doc(doc, folder, str(cfg_path if cfg_path.is_file() else weights))
 
 
+def _without_hash(doc: Any) -> Any:
+    if not isinstance(doc, dict) or not isinstance(doc.get("artefact"), dict):
+        return doc
+    return dict(doc, artefact={k: v for k, v in doc["artefact"].items() if k != SHA_KEY})
+
+
 def _artefact_from_doc(doc: Any, folder: Path, source: str) -> Artefact:
     if not isinstance(doc, dict):
         raise ValueError(f"{source}: expected a JSON object")
     fmt = doc.get("format")
-    if fmt == "zeroi2v-merged":
-        raise ValueError(f"{source} was written by `zeroi2v export` of zeroi2v 0.1, a layout "
-                         "this version no longer reads: convert the original .pth with "
-                         "`zeroi2v convert FILE.pth --out DIR` and merge it again")
     if fmt != FORMAT:
         raise ValueError(f"{source} is not a zeroi2v model config (format {fmt!r})")
     doc = dict(doc)
@@ -252,13 +260,7 @@ def _artefact_from_doc(doc: Any, folder: Path, source: str) -> Artefact:
 
 
 def _metadata_config(weights: Path) -> Optional[dict]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - any parse failure means "not our file"
-        raise ValueError(f"{weights} is not a readable safetensors file: {e}") from None
+    _, meta = safetensors_header(weights)
     text = meta.get(_META_KEY)
     if text is None:
         return None
@@ -274,9 +276,6 @@ def _not_a_model(p: Path) -> str:
         obj = read_checkpoint(p)
     except ValueError as e:
         return f"{p} is not a zeroi2v model ({e})"
-    if isinstance(obj, dict) and obj.get("format") in _OLD_FORMATS:
-        return (f"{p} is a zeroi2v 0.1 pickle ({obj['format']}); this version reads only "
-                f"safetensors models: convert it once with `zeroi2v convert {p} --out DIR`")
     try:
         keys = list(unwrap_state_dict(obj, p))
     except ValueError:
@@ -298,7 +297,8 @@ def load_model(path: PathLike, *, pretrained: Optional[PathLike] = None,
     ``path`` is the folder written by :meth:`~zeroi2v.ZeroI2VViT.save_pretrained` (or a training
     checkpoint folder), its ``config.json`` or its ``model.safetensors``. ``pretrained`` is the
     image file of a checkpoint that holds only its trainable tensors (default: the file it
-    names). Errors name the file and the problem; nothing from the files is executed.
+    names). Errors name the file and the problem; nothing from the files is executed, and the
+    weights are checked before use (:func:`read_weights`).
     """
     art = read_artefact(path)
     return load_from_artefact(art, pretrained=pretrained, device=device, dtype=dtype)
@@ -307,43 +307,97 @@ def load_model(path: PathLike, *, pretrained: Optional[PathLike] = None,
 def load_from_artefact(art: Artefact, *, pretrained: Optional[PathLike] = None,
                        device: Union[str, torch.device] = "cpu",
                        dtype: Optional[torch.dtype] = None):
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(art.weights_file), device="cpu")
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{art.weights_file} is not a readable safetensors file: {e}") from None
-    # Fresh allocations: CPU GEMMs on the loader's buffers round differently in the last bit,
-    # and a loaded model should compute exactly what the saved one did.
-    tensors = {k: tensors.pop(k).clone() for k in list(tensors)}
-    source = str(art.weights_file)
-    old_layout = art.config.format_version < 3
-    if old_layout:  # format 2 kept the adapters beside the linears: rename after building
-        art = dataclasses.replace(art, config=art.config.replace(format_version=FORMAT_VERSION))
+    """The model an :class:`Artefact` describes, its weights loaded (see :func:`load_model`)."""
     if art.weights == "full" and pretrained is not None:
         raise ValueError(f"{art.folder} holds all its weights: a pretrained file (--pretrained) "
                          "applies only to checkpoints that store just their trainable tensors")
     if art.weights == "full":
         model = ZeroI2VViT.from_config(art.config, empty=True)
-        if old_layout:
-            tensors = rename_old_adapter_keys(tensors, model.backbone.blocks)
-        check_state_dict(model.state_dict(), tensors, source, what=f"its config ({CONFIG_FILE})")
-        model.load_state_dict(tensors, strict=True, assign=True)
+        load_weights_into(model, art)
     else:
         base = _base_weights(art, pretrained)
         model = ZeroI2VViT.from_config(art.config)
-        if old_layout:
-            tensors = rename_old_adapter_keys(tensors, model.backbone.blocks)
         load_image_weights(model.backbone, base)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        own = {k: v for k, v in model.state_dict().items() if k in trainable}
-        check_state_dict(own, tensors, source, what="the trainable tensors of its config")
-        model.load_state_dict(tensors, strict=False)
+        load_weights_into(model, art)
     model.freeze()
     model.to(device=device)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def load_weights_into(model, art: Artefact, *, what: Optional[str] = None) -> None:
+    """Load ``art``'s weights into ``model`` (built from the same config): all of them, or for
+    a trainable-only artefact its trainable tensors (the rest must already be in place). The
+    one place a saved model's tensors enter a model: loading, resuming and importing use it."""
+    own = model.state_dict()
+    if art.weights == "trainable":
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        own = {k: v for k, v in own.items() if k in trainable}
+    tensors = read_weights(art, own, what=what or (f"its config ({CONFIG_FILE})"
+                                                   if art.weights == "full" else
+                                                   "the trainable tensors of its config"))
+    meta = any(t.device.type == "meta" for t in own.values())
+    with torch.no_grad():
+        model.load_state_dict(tensors, strict=art.weights == "full", assign=meta)
+
+
+_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+             "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+             "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def read_weights(art: Artefact, own: dict, what: str = "its config") -> dict:
+    """The tensors of ``art``'s weights file for a model whose state is ``own``, checked in
+    this order, each failure one ``ValueError`` naming the file and the tensor:
+
+    1. the header (before anything is allocated): the same names and shapes as ``own``, and
+       dtypes that fit it: one floating dtype for all floating tensors (float32, float16,
+       bfloat16 or float64: a model saved in bf16 loads in bf16), the model's own dtype for
+       integer buffers;
+    2. the file's SHA-256 against the one ``config.json`` records (a flipped byte);
+    3. every floating value finite (NaN or inf weights give NaN predictions).
+    """
+    source = str(art.weights_file)
+    header, _ = safetensors_header(art.weights_file)
+    shapes = {k: torch.empty(shape, device="meta") for k, (_, shape) in header.items()}
+    check_state_dict(own, shapes, source, what=what)
+    _check_dtypes(own, {k: _ST_TORCH.get(dt) for k, (dt, _) in header.items()}, source)
+    want = art.info.get(SHA_KEY)
+    if want is not None and file_digest(art.weights_file)["sha256"] != want:
+        raise ValueError(f"{source} is damaged: its SHA-256 differs from the one "
+                         f"{art.folder / CONFIG_FILE} records (a changed or corrupted file); "
+                         "use an intact copy")
+    tensors = read_safetensors(art.weights_file)
+    # Fresh allocations: CPU GEMMs on the loader's buffers round differently in the last bit,
+    # and a loaded model should compute exactly what the saved one did.
+    tensors = {k: tensors.pop(k).clone() for k in list(tensors)}
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{source}: tensor {k!r} holds {bad:,} NaN or infinite values of "
+                             f"{t.numel():,}: the model diverged or the file is damaged; use an "
+                             "earlier checkpoint")
+    return tensors
+
+
+def _check_dtypes(own: dict, got: dict, source: str) -> None:
+    """Floating tensors share the file's most common floating dtype; others are the model's."""
+    import collections
+
+    counts = collections.Counter(d for k, d in got.items() if own[k].dtype.is_floating_point)
+    common = counts.most_common(1)[0][0] if counts else None
+    for k, d in got.items():
+        mine = own[k].dtype
+        expect = (common if common in _FLOATS else torch.float32) if mine.is_floating_point \
+            else mine
+        if d != expect:
+            found = str(d).replace("torch.", "") if d is not None else "an unsupported dtype"
+            raise ValueError(f"{source}: tensor {k!r} is {found}, expected "
+                             f"{str(expect).replace('torch.', '')} like the model's other "
+                             "weights (the file was not written by save_pretrained, or was "
+                             "changed): save the model again")
 
 
 def _base_weights(art: Artefact, pretrained: Optional[PathLike]) -> str:

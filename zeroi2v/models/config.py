@@ -13,12 +13,14 @@ files themselves, see :mod:`zeroi2v.models.artefact`).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+from ..errors import closest
+from .timm_args import check_model_name, check_timm_kwargs
 
 FORMAT = "zeroi2v"
 #: Version 1 was zeroi2v 0.1's pickled ``.pth`` files and ``export`` folders; 2 is this layout.
@@ -29,12 +31,6 @@ ADAPTER_NAMES = ("t_adapter", "s_adapter", "mlp_adapter", "mlp_adapter_out")
 
 def _fail(msg: str) -> None:
     raise ValueError(f"model config: {msg}")
-
-
-def closest(key: str, valid: Sequence[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest valid name, or ``""``."""
-    m = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean {m[0]!r}?)" if m else ""
 
 
 @dataclass(frozen=True)
@@ -79,8 +75,7 @@ class ZeroI2VConfig:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
-        if not isinstance(self.model_name, str) or not self.model_name:
-            _fail(f"model_name must be a timm model name, got {self.model_name!r}")
+        check_model_name(self.model_name, "model config")
         for k in ("num_frames", "num_classes", "format_version"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -116,17 +111,7 @@ class ZeroI2VConfig:
         if self.timm_kwargs is not None:
             if not isinstance(self.timm_kwargs, Mapping):
                 _fail(f"timm_kwargs must be a mapping, got {type(self.timm_kwargs).__name__}")
-            kw = dict(self.timm_kwargs)
-            for bad in ("num_classes", "pretrained"):
-                if bad in kw:
-                    _fail(f"timm_kwargs may not set {bad!r} (the video head has its own "
-                          "num_classes; pretrained weights come from a local file)")
-            try:
-                kw = json.loads(json.dumps(kw))
-            except TypeError as e:
-                _fail(f"timm_kwargs must hold JSON values only (numbers, strings, lists): {e}; "
-                      "name layers by string, e.g. act_layer='gelu'")
-            set_("timm_kwargs", kw)
+            set_("timm_kwargs", check_timm_kwargs(self.timm_kwargs, "model config"))
         if not isinstance(self.merged, bool):
             _fail(f"merged must be true or false, got {self.merged!r}")
         if self.adapters is not None:

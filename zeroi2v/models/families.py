@@ -20,7 +20,6 @@ distilled, CLIP, DINOv2, SigLIP, AIMv2, hybrids), ``eva`` (``Eva``: EVA-02, EVA-
 from __future__ import annotations
 
 import importlib
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -61,24 +60,6 @@ def adapter_owner(block: nn.Module, slot: str) -> str:
         if isinstance(getattr(getattr(block, parent_name), attr, None), nn.Module):
             return path
     raise ValueError(f"the block has no linear for the {slot}")
-
-
-_OLD_ADAPTER_KEY = re.compile(r"^(.*?)blocks\.(\d+)\.(t_adapter|s_adapter|mlp_adapter|"
-                              r"mlp_adapter_out)\.(.*)$")
-
-
-def rename_old_adapter_keys(state: dict, blocks) -> dict:
-    """Adapter keys of files written before adapters moved into the linears they adapt
-    (zeroi2v 0.1 and model format 2: ``blocks.3.t_adapter.fc1.weight``) under today's names
-    (``blocks.3.attn.qkv.adapter.fc1.weight``), for the model whose ``blocks`` are given."""
-    out = {}
-    for k, v in state.items():
-        m = _OLD_ADAPTER_KEY.match(k)
-        if m:
-            prefix, i, slot, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
-            k = f"{prefix}blocks.{i}.{adapter_owner(blocks[i], slot)}.adapter.{rest}"
-        out[k] = v
-    return out
 
 
 def adapter_dim(sites: list[tuple[nn.Module, str]], position: str) -> int:

@@ -16,12 +16,17 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .timm_args import check_model_name, check_timm_kwargs
+
 
 def create(name: str, kwargs: Optional[dict] = None, *, device=None) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, num_classes=0, **kwargs)``; an unknown name or
-    a keyword the architecture does not take is a ``ValueError`` that says so."""
+    """``timm.create_model(name, pretrained=False, num_classes=0, **kwargs)``; an unknown name, a
+    keyword outside :mod:`zeroi2v.models.timm_args`' allow-list or one the architecture does not
+    take is a ``ValueError`` that says so. Every timm model zeroi2v builds is built here."""
     import timm
 
+    check_model_name(name, "timm model")
+    kwargs = check_timm_kwargs(kwargs or {}, "timm model", allow_classes=True)
     if not timm.is_model(name):
         near = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
         raise ValueError(f"unknown timm model {name!r}" + (f"; similar names: {near}" if near else ""))

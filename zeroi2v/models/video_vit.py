@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import settings
 from ..errors import UnsupportedModelError
+from ..limits import check_bytes
 from ..nn.adapter import AdaptedLinear, LinearAdapter
 from ..nn.attention import STDHA_CLASSES, stdha_from_timm
 from ..offsets import HeadOffsets, check_offsets, clamp_offsets, resolve_offsets
@@ -25,6 +26,7 @@ from ..ops.stdha import get_backend
 from . import timm_spec
 from .config import ADAPTER_NAMES, ZeroI2VConfig
 from .families import adapter_dim, adapter_sites, family_of, input_channels
+from .timm_args import check_timm_kwargs
 
 
 class ZeroI2VViT(nn.Module):
@@ -101,6 +103,8 @@ class ZeroI2VViT(nn.Module):
                 f"the config does not say how to build its {config.model_name!r} backbone "
                 "(timm_kwargs unknown): the model was made from an instance zeroi2v could not "
                 "describe; build it with create_video_model(name, ..., **timm_kwargs)")
+        if device is None or torch.device(device).type != "meta":
+            check_model_size(config)
         ctx = timm_spec.parameters_on_meta() if empty else contextlib.nullcontext()
         with ctx:
             backbone = timm_spec.create(config.model_name, dict(config.timm_kwargs), device=device)
@@ -337,9 +341,14 @@ def create_video_model(
 
     if isinstance(model, str):
         # kwargs that are classes or functions build a model but cannot be saved as JSON
+        check_timm_kwargs(timm_kwargs, "create_video_model", allow_classes=True)
         kwargs = dict(timm_kwargs) if _jsonable(timm_kwargs) else None
         ZeroI2VConfig(model_name=model, timm_kwargs=kwargs, num_frames=num_frames,
                       num_classes=num_classes, head_offsets=head_offsets)  # fail before building
+        if kwargs is not None:
+            check_model_size(ZeroI2VConfig(model_name=model, timm_kwargs=kwargs,
+                                           num_frames=num_frames, num_classes=num_classes,
+                                           head_offsets=head_offsets, adapter_ratio=adapter_ratio))
         backbone = timm_spec.create(model, timm_kwargs)
         name = model
     elif isinstance(model, nn.Module):
@@ -364,6 +373,37 @@ def create_video_model(
     if fused_adapters is not None:
         video.set_fused_adapters(fused_adapters)
     return video
+
+
+def parameter_count(config: ZeroI2VConfig) -> int:
+    """Parameters of the (unmerged) model ``config`` describes, from meta-device builds of at
+    most two blocks: no memory, and fast for any depth (blocks are identical in size)."""
+    kwargs = dict(config.timm_kwargs or {})
+    cfg = config.replace(merged=False, adapters=None)
+    depth = kwargs.get("depth")
+
+    def count(c: ZeroI2VConfig) -> int:
+        return sum(p.numel() for p in ZeroI2VViT.from_config(c, device="meta").parameters())
+
+    if not isinstance(depth, int) or depth <= 2:
+        return count(cfg)
+    one = count(cfg.replace(timm_kwargs=dict(kwargs, depth=1)))
+    two = count(cfg.replace(timm_kwargs=dict(kwargs, depth=2)))
+    return one + (depth - 1) * (two - one)
+
+
+def check_model_size(config: ZeroI2VConfig, bytes_per_param: int = 4) -> int:
+    """Refuse a config whose model would not fit the memory limit (:mod:`zeroi2v.limits`),
+    before anything is allocated; returns the parameter count."""
+    n = parameter_count(config)
+    kw = config.timm_kwargs or {}
+    shape = ", ".join(f"{k} {kw[k]}" for k in ("depth", "embed_dim") if k in kw)
+    check_bytes(n * bytes_per_param,
+                f"the model {config.model_name} ({n:,} parameters: {shape + ', ' if shape else ''}"
+                f"{config.num_classes:,} classes, {config.num_frames} frames)",
+                fix="check the timm kwargs (depth, embed_dim), the class count (the largest label "
+                    "in the annotations) and the frame count")
+    return n
 
 
 def _jsonable(kwargs: dict) -> bool:

@@ -12,7 +12,9 @@
 
 The folder is written under a temporary name and renamed when complete; ``OUT/last`` and
 ``OUT/best`` are symbolic links replaced in one step, so an interrupted run always leaves a
-complete previous checkpoint. Older epoch folders are removed once nothing points at them.
+complete previous checkpoint. ``config.json`` records the SHA-256 of the weights and of the
+training state; resuming checks both. Older epoch folders are removed once nothing points at
+them, except the one before ``last``, kept to fall back to.
 """
 from __future__ import annotations
 
@@ -27,9 +29,17 @@ import torch
 from torch import nn
 
 from ..files import PathLike, atomic_dir, atomic_torch_save, replace_symlink
-from ..models.artefact import TRAINING_STATE_FILE, Artefact, read_artefact, save_pretrained
+from ..models.artefact import (
+    TRAINING_STATE_FILE,
+    WEIGHTS_FILE,
+    Artefact,
+    file_digest,
+    read_artefact,
+    save_pretrained,
+)
 
 STATE_FORMAT = "zeroi2v-training-state"
+STATE_SHA_KEY = "training_state_sha256"
 STATE_VERSION = 1
 CHECKPOINTS = "checkpoints"
 
@@ -38,7 +48,10 @@ def save_checkpoint(out_dir: PathLike, model: nn.Module, *, epoch: int, run_conf
                     state: dict, weights: str = "full", base_weights: Optional[dict] = None,
                     best: bool = False) -> Path:
     """Write ``OUT/checkpoints/epoch_NNNN`` (model + run config + training state) and point
-    ``OUT/last`` (and ``OUT/best`` if ``best``) at it. Returns the folder."""
+    ``OUT/last`` (and ``OUT/best`` if ``best``) at it. Returns the folder.
+
+    ``config.json`` records the SHA-256 of both the weights and the training state, so a
+    damaged checkpoint is found before it is resumed (:func:`verify_checkpoint`)."""
     out_dir = Path(out_dir)
     folder = out_dir / CHECKPOINTS / f"epoch_{int(epoch):04d}"
     n = 1
@@ -46,10 +59,12 @@ def save_checkpoint(out_dir: PathLike, model: nn.Module, *, epoch: int, run_conf
         n += 1
         folder = out_dir / CHECKPOINTS / f"epoch_{int(epoch):04d}_{n}"
     with atomic_dir(folder) as tmp:
-        save_pretrained(unwrap(model), tmp, weights=weights, base_weights=base_weights,
-                        run_config=run_config, extra={"epoch": int(epoch)})
         atomic_torch_save(dict(state, format=STATE_FORMAT, version=STATE_VERSION),
                           tmp / TRAINING_STATE_FILE)
+        digest = file_digest(tmp / TRAINING_STATE_FILE)["sha256"]
+        save_pretrained(unwrap(model), tmp, weights=weights, base_weights=base_weights,
+                        run_config=run_config,
+                        extra={"epoch": int(epoch), STATE_SHA_KEY: digest})
     replace_symlink(out_dir / "last", folder)
     if best:
         replace_symlink(out_dir / "best", folder)
@@ -58,10 +73,25 @@ def save_checkpoint(out_dir: PathLike, model: nn.Module, *, epoch: int, run_conf
 
 
 def _prune(out_dir: Path) -> None:
+    """Keep ``last``, the checkpoint before it (the one to fall back to should ``last`` ever be
+    damaged) and ``best``."""
     keep = {(out_dir / n).resolve() for n in ("last", "best") if (out_dir / n).exists()}
-    for d in (out_dir / CHECKPOINTS).glob("epoch_*"):
+    folders = sorted((out_dir / CHECKPOINTS).glob("epoch_*"), key=_epoch_of)
+    last = (out_dir / "last").resolve()
+    older = [d for d in folders if d.resolve() != last and _epoch_of(d) <= _epoch_of(last)]
+    if older:
+        keep.add(older[-1].resolve())
+    for d in folders:
         if d.resolve() not in keep:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _epoch_of(folder: Path) -> tuple:
+    parts = folder.name.split("_")  # epoch_0003 or epoch_0003_2 (a re-run epoch)
+    try:
+        return (int(parts[1]), int(parts[2]) if len(parts) > 2 else 1)
+    except (IndexError, ValueError):
+        return (-1, 0)
 
 
 def find_checkpoint(path: PathLike) -> Path:
@@ -74,6 +104,33 @@ def find_checkpoint(path: PathLike) -> Path:
     return p.resolve()
 
 
+def verify_checkpoint(folder: PathLike) -> Optional[str]:
+    """``None`` if the checkpoint folder is complete and its files match the SHA-256 its
+    ``config.json`` records, else what is wrong (reads the files, loads nothing)."""
+    from ..models.artefact import SHA_KEY
+
+    try:
+        art = read_artefact(folder)
+    except (ValueError, FileNotFoundError) as e:
+        return str(e)
+    for name, key in ((WEIGHTS_FILE, SHA_KEY), (TRAINING_STATE_FILE, STATE_SHA_KEY)):
+        path, want = art.folder / name, art.info.get(key)
+        if not path.is_file():
+            return f"{path} is missing"
+        if want is not None and file_digest(path)["sha256"] != want:
+            return f"{path} is damaged (its SHA-256 differs from the one config.json records)"
+    return None
+
+
+def newest_intact_checkpoint(out_dir: PathLike, skip: Optional[Path] = None) -> Optional[Path]:
+    """The newest checkpoint of a run's output folder that :func:`verify_checkpoint` passes."""
+    folders = sorted((Path(out_dir) / CHECKPOINTS).glob("epoch_*"), key=_epoch_of, reverse=True)
+    for d in folders:
+        if (skip is None or d.resolve() != Path(skip).resolve()) and verify_checkpoint(d) is None:
+            return d
+    return None
+
+
 def read_training_checkpoint(path: PathLike) -> tuple[Artefact, dict]:
     """``(artefact, training state)`` of a checkpoint folder written by :func:`save_checkpoint`."""
     art = read_artefact(find_checkpoint(path))
@@ -81,6 +138,10 @@ def read_training_checkpoint(path: PathLike) -> tuple[Artefact, dict]:
     if state_file is None:
         raise ValueError(f"{art.folder} is a saved model, not a training checkpoint (no "
                          f"{TRAINING_STATE_FILE}): it can be evaluated, not resumed")
+    want = art.info.get(STATE_SHA_KEY)
+    if want is not None and file_digest(state_file)["sha256"] != want:
+        raise ValueError(f"{state_file} is damaged (its SHA-256 differs from the one "
+                         f"{art.folder / 'config.json'} records): resume from an intact checkpoint")
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, foreign or code-carrying files
@@ -139,6 +200,4 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def base_weights_digest(path: Optional[Union[str, os.PathLike]]) -> Optional[dict]:
-    from ..models.artefact import file_digest
-
     return None if path is None else file_digest(path)

@@ -35,9 +35,20 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
+from ..errors import closest
 from ..models.config import ZeroI2VConfig as _M
-from ..models.config import closest
+from ..models.timm_args import check_model_name, check_timm_kwargs
+
+
+def _as_key_error(check, value, source: str):
+    """Run a check whose ValueError names the key itself; pydantic passes its message on whole
+    (see _first_error) instead of prefixing the section and repeating the value."""
+    try:
+        return check(value, source)
+    except ValueError as e:
+        raise PydanticCustomError("zeroi2v", str(e)) from None
 
 
 class _Section(BaseModel):
@@ -58,6 +69,16 @@ class ModelSection(_Section):
     head_dropout: float = Field(_M.head_dropout, ge=0.0, lt=1.0)
     train_backbone: bool = False                # fine-tune the whole ViT (no pretrained weights)
     num_classes: Optional[PositiveInt] = None   # inferred from the annotations when null
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return _as_key_error(check_model_name, v, "model.name")
+
+    @field_validator("timm_kwargs")
+    @classmethod
+    def _timm_kwargs(cls, v):
+        return _as_key_error(check_timm_kwargs, v, "model")
 
 
 class DataSection(_Section):
@@ -150,6 +171,8 @@ def validate(cfg: Mapping, source: str = "config") -> dict:
 def _first_error(e: ValidationError) -> str:
     errs = e.errors(include_url=False)
     err = errs[0]
+    if err["type"] == "zeroi2v":  # a check that names its key (_as_key_error)
+        return err["msg"] + (f" (and {len(errs) - 1} more)" if len(errs) > 1 else "")
     loc = [str(x) for x in err["loc"]]
     key = ".".join(loc)
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import LoadReport, VideoDecodeError, collate_videos
-from ..files import check_state_dict
+from ..files import folder_lock, remove_stale_temporaries
+from ..models.artefact import load_weights_into
 from . import dist as zdist
 from .build import (
     build_model,
@@ -34,12 +35,16 @@ from .build import (
     read_class_names,
 )
 from .checkpoint import (
+    CHECKPOINTS,
     base_weights_digest,
+    find_checkpoint,
+    newest_intact_checkpoint,
     read_training_checkpoint,
     rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    verify_checkpoint,
 )
 from .config import dump_config
 from .metrics import (
@@ -371,7 +376,8 @@ def train(cfg: dict, resume: Optional[str] = None,
     """
     info = zdist.init_distributed()
     try:
-        with interrupt_guard():
+        preflight(cfg, model, datasets)  # before the output folder is made or locked
+        with interrupt_guard(), _sole_writer(Path(cfg["train"]["out_dir"]), info):
             return _train(cfg, info, resume, on_epoch_end, datasets, model, overwrite)
     finally:
         zdist.cleanup(info)
@@ -405,13 +411,49 @@ def _train(cfg, info, resume, on_epoch_end, datasets, model, overwrite) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def _sole_writer(out_dir: Path, info):
+    """Rank 0 holds the output folder's lock for the whole run (one writer per folder: a second
+    run into it is refused, see :func:`zeroi2v.files.folder_lock`) and clears the temporaries a
+    killed run left behind."""
+    if not info.is_main:
+        yield
+        return
+    import sys
+
+    command = " ".join(["zeroi2v", *sys.argv[1:]]) if sys.argv and sys.argv[0] else "zeroi2v train"
+    with folder_lock(out_dir, command) as stale:
+        if stale:
+            print(f"note: {out_dir} was locked by pid {stale.get('pid')} (`{stale.get('command')}`,"
+                  f" since {stale.get('started')}), which ended without releasing it; taken over",
+                  flush=True)
+        removed = remove_stale_temporaries(out_dir) + \
+            remove_stale_temporaries(out_dir / CHECKPOINTS)
+        if removed:
+            print(f"note: removed {len(removed)} half-written file(s) of an interrupted run: "
+                  f"{', '.join(p.name for p in removed[:3])}", flush=True)
+        yield
+
+
 def _resume_path(resume: Optional[str], out_dir: Path) -> Optional[str]:
-    """``resume`` with ``"auto"`` resolved to ``<out_dir>/last`` (which must exist)."""
+    """``resume`` with ``"auto"`` resolved to ``<out_dir>/last`` (which must exist), checked to
+    be intact; a damaged one is refused with the newest intact checkpoint to use instead."""
+    if resume is None:
+        return None
     if resume == "auto":
         if not (out_dir / "last").exists():
             raise FileNotFoundError(f"nothing to resume: {out_dir} has no checkpoint "
                                     f"({out_dir / 'last'} is missing)")
         resume = str(out_dir / "last")
+    folder = find_checkpoint(resume)
+    problem = verify_checkpoint(folder)
+    if problem is not None:
+        run_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS else out_dir
+        other = newest_intact_checkpoint(run_dir, skip=folder)
+        instead = (f"the newest intact checkpoint is {other}: continue from it with --resume "
+                   f"{other}" if other is not None else
+                   "no intact checkpoint is left: start again with --overwrite")
+        raise ValueError(f"cannot resume from {resume}: {problem}; {instead}")
     return resume
 
 
@@ -420,7 +462,6 @@ def _start_run(cfg, info, out_dir: Path, resume: Optional[str], datasets, model,
     """Checks, output folder, seeding, everything :class:`_Run` holds, and the resumed state:
     returns the run and the epoch to start from. Prints and logs the set-up summary."""
     tcfg = cfg["train"]
-    preflight(cfg, model, datasets)
     if info.is_main:
         prepare_out_dir(out_dir, resume=bool(resume), overwrite=overwrite)
     zdist.barrier()
@@ -829,8 +870,6 @@ def _unique_batch_check(n_batches: int, batch_size: int, accum: int) -> int:
 def _resume_into(path, model: nn.Module, base: Optional[dict]) -> dict:
     """Load a training checkpoint's weights into ``model`` (built from the run config, which must
     describe the same model) and return its training state."""
-    from safetensors.torch import load_file
-
     art, state = read_training_checkpoint(path)
     have, want = art.config, model.config
     for f in ("model_name", "timm_kwargs", "num_frames", "num_classes", "head_offsets",
@@ -838,17 +877,11 @@ def _resume_into(path, model: nn.Module, base: Optional[dict]) -> dict:
         if getattr(have, f) != getattr(want, f):
             raise ValueError(f"cannot resume from {art.folder}: its model has {f}="
                              f"{getattr(have, f)!r}, the config {getattr(want, f)!r}")
-    tensors = load_file(str(art.weights_file), device="cpu")
-    own = model.state_dict()
-    if art.weights == "trainable":
-        if base is None or (art.base_weights or {}).get("sha256") != base["sha256"]:
-            raise ValueError(f"cannot resume from {art.folder}: it holds only the trainable "
-                             f"tensors of a model whose frozen weights came from "
-                             f"{(art.base_weights or {}).get('path')}, not from this run's "
-                             "model.pretrained")
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        own = {k: v for k, v in own.items() if k in trainable}
-    check_state_dict(own, tensors, str(art.weights_file), what="the run's model")
-    with torch.no_grad():
-        model.load_state_dict(tensors, strict=art.weights == "full")
+    if art.weights == "trainable" and (
+            base is None or (art.base_weights or {}).get("sha256") != base["sha256"]):
+        raise ValueError(f"cannot resume from {art.folder}: it holds only the trainable "
+                         f"tensors of a model whose frozen weights came from "
+                         f"{(art.base_weights or {}).get('path')}, not from this run's "
+                         "model.pretrained")
+    load_weights_into(model, art, what="the run's model")
     return state
