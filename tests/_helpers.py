@@ -27,3 +27,33 @@ def make_qkv(bt: int, h: int, n: int, d: int, dtype: torch.dtype = torch.float64
         return qkv.requires_grad_(requires_grad).permute(2, 0, 3, 1, 4).unbind(0)
     return [torch.randn(bt, h, n, d, generator=gen, dtype=dtype).to(device)
             .requires_grad_(requires_grad) for _ in range(3)]
+
+
+#: A one-block ViT small enough for training tests (16 px frames, 4 heads).
+TINY_VIT = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 4}
+
+
+def cfg_dict(ds, **sections):
+    """A training config over the synthetic dataset ``ds`` (tiny ViT, uniform sampling, no
+    workers, no progress bars), with ``sections`` updating its sections."""
+    cfg = {
+        "model": {"name": "vit_base_patch16_224", "timm_kwargs": dict(TINY_VIT), "num_frames": 4,
+                  "head_offsets": [1, -1, 0, 0], "head_dropout": 0.5, "adapter_dropout": 0.1},
+        "data": {"root": ds["root"], "train_ann": ds["train"], "val_ann": ds["val"],
+                 "sampling": "uniform", "size": 16, "short_side": 16, "rand_augment": [5, 2],
+                 "flip": True, "num_workers": 0},
+        "eval": {"num_clips": 1, "num_crops": 1, "interval": 1, "batch_size": 4},
+        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "scale_lr": False,
+                  "warmup_epochs": 0.5, "progress": False, "log_interval": 1},
+    }
+    for sec, kv in sections.items():
+        cfg[sec].update(kv)
+    return cfg
+
+
+def write(path, cfg):
+    """``cfg`` as a YAML file at ``path``; returns the path as a string."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)

@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from _helpers import cfg_dict, write
 from zeroi2v.cli import main
 from zeroi2v.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 4}
 
 
 @pytest.fixture(scope="module")
@@ -27,27 +26,6 @@ def data(tmp_path_factory):
     return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_classes=2,
                                   videos_per_class=6, num_frames=8, size=16, seed=0,
                                   val_fraction=0.34)
-
-
-def cfg_dict(ds, **sections):
-    cfg = {
-        "model": {"name": "vit_base_patch16_224", "timm_kwargs": dict(TINY), "num_frames": 4,
-                  "head_offsets": [1, -1, 0, 0], "head_dropout": 0.5, "adapter_dropout": 0.1},
-        "data": {"root": ds["root"], "train_ann": ds["train"], "val_ann": ds["val"],
-                 "sampling": "uniform", "size": 16, "short_side": 16, "rand_augment": [5, 2],
-                 "flip": True, "num_workers": 0},
-        "eval": {"num_clips": 1, "num_crops": 1, "interval": 1, "batch_size": 4},
-        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "scale_lr": False,
-                  "warmup_epochs": 0.5, "progress": False, "log_interval": 1},
-    }
-    for sec, kv in sections.items():
-        cfg[sec].update(kv)
-    return cfg
-
-
-def write(path, cfg):
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
 
 
 def err_line(capsys):

@@ -132,10 +132,12 @@ def build_from_official_state_dict(sd: dict, *, path: str = "<state dict>", num_
         sd, path=path, num_frames=num_frames, head_offsets=head_offsets,
         adapter_scale=adapter_scale, num_classes=num_classes, model_name=model_name,
         num_heads=num_heads, adapter_dropout=adapter_dropout, head_dropout=head_dropout)
+    # every key and shape is checked on a meta-device model before anything is allocated
+    converted, source = official_filter_fn(sd, ZeroI2VViT.from_config(config, device="meta"))
+    check_state_dict(ZeroI2VViT.from_config(config, device="meta").state_dict(), converted, path,
+                     what="the ZeroI2V architecture", source=source)
     model = ZeroI2VViT.from_config(config)
     converted, source = official_filter_fn(sd, model)
-    check_state_dict(model.state_dict(), converted, path, what="the ZeroI2V architecture",
-                     source=source)
     with torch.no_grad():
         model.load_state_dict(converted, strict=True)
     return model
@@ -161,7 +163,7 @@ def infer_official_config(sd: dict, *, path: str = "<state dict>", num_frames=No
         raise ValueError(f"{path}: backbone.conv1.weight should be a 4-D conv kernel, got shape "
                          f"{tuple(conv.shape)}")
     width, in_chans, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(_BLOCK) + r"(\d+)\.", k)))
+    layers = _count_blocks(sd, path)
     tokens = sd["backbone.positional_embedding"].shape[0]
     grid = math.isqrt(max(tokens - 1, 0))
     if grid * grid != tokens - 1:
@@ -218,6 +220,30 @@ def infer_official_config(sd: dict, *, path: str = "<state dict>", num_frames=No
         head_offsets=head_offsets, adapter_ratio=adapter_ratio, adapter_scale=adapter_scale,
         adapter_dropout=adapter_dropout, head_dropout=head_dropout, merged=merged,
         adapters=None if merged or all(len(a) == len(_ADAPTERS) for a in adapters) else adapters)
+
+
+def _count_blocks(sd: dict, path: str) -> int:
+    """The number of transformer blocks, once every block 0..L-1 is known to hold the keys of
+    block 0 (a stray ``resblocks.99999.*`` key would otherwise ask for 100,000 blocks)."""
+    blocks: dict[int, set] = {}
+    for k in sd:
+        m = re.match(re.escape(_BLOCK) + r"(\d+)\.(.+)$", k)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(m.group(2))
+    layers = max(blocks) + 1
+    absent = [i for i in range(layers) if i not in blocks]
+    if absent:
+        stray = next(k for k in sorted(sd) if k.startswith(f"{_BLOCK}{layers - 1}."))
+        raise ValueError(f"{path}: block keys run up to {stray!r}, but {len(absent):,} blocks "
+                         f"between are missing (first: {_BLOCK}{absent[0]}.*): not a complete "
+                         "official checkpoint")
+    core = {k for k in blocks[0] if not _ADAPTER_RE.match(f"blocks.0.{k}")}
+    for i in range(1, layers):
+        lacking = sorted(core - blocks[i])
+        if lacking:
+            raise ValueError(f"{path}: block {i} lacks {_BLOCK}{i}.{lacking[0]} (block 0 has it):"
+                             " not a complete official checkpoint")
+    return layers
 
 
 def official_filter_fn(sd: dict, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

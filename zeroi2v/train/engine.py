@@ -566,16 +566,23 @@ _RUN_FILES = ("log.jsonl", "config.yaml", "checkpoints", "last", "best", "val_re
 
 
 def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """A new run needs a folder without a previous run in it (nothing is overwritten by
-    accident); ``overwrite`` removes the previous run's files, ``resume`` continues it."""
+    """A new run needs a folder without a previous run's checkpoints in it (nothing is
+    overwritten by accident); ``overwrite`` removes the previous run's files, ``resume``
+    continues it. The files of a run that ended before its first checkpoint (its log and
+    config) hold nothing worth keeping: they are replaced, and that is said."""
     import shutil
 
     found = [n for n in _RUN_FILES if (out_dir / n).exists() or (out_dir / n).is_symlink()]
+    has_checkpoint = any(n in found for n in ("last", "best")) or \
+        any((out_dir / CHECKPOINTS).glob("epoch_*"))
     if found and not resume:
-        if not overwrite:
+        if has_checkpoint and not overwrite:
             raise FileExistsError(
                 f"{out_dir} holds a previous run ({', '.join(found)}): continue it with "
                 "--resume, replace it with --overwrite, or choose another --out")
+        if not has_checkpoint:
+            print(f"note: {out_dir} holds the files of a run that ended before its first "
+                  f"checkpoint ({', '.join(found)}); they are replaced", flush=True)
         for n in found:
             p = out_dir / n
             if p.is_dir() and not p.is_symlink():
