@@ -176,3 +176,89 @@ def test_an_official_checkpoint_with_a_stray_block_key_is_refused_at_once(tmp_pa
     err = capsys.readouterr().err
     assert "resblocks.99999.ln_1.weight" in err and "99,997 blocks between are missing" in err
     assert time.perf_counter() - t0 < 10 and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- full disks
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    """A small tmpfs at ``path`` where this machine allows mounting (root in a VM); else False
+    and the caller simulates the full disk."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        return False
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+def _unmount(path: Path) -> None:
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def _simulate_full_disk(monkeypatch):
+    """What a full disk looks like to zeroi2v: torch.save's RuntimeError and no free blocks."""
+    import zeroi2v.files as files
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(files.torch, "save", full)
+    real = os.statvfs
+    monkeypatch.setattr(files.os, "statvfs", lambda p: os.statvfs_result(
+        tuple(0 if i in (3, 4) else v for i, v in enumerate(real(p)))))
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "simulated"])
+def test_a_full_disk_while_saving_a_model_is_one_line(tmp_path, capsys, monkeypatch, disk):
+    from zeroi2v import create_video_model
+
+    small = tmp_path / "small"
+    mounted = _tmpfs(small, "1m") if disk == "tmpfs" else (small.mkdir() or False)
+    if disk == "tmpfs" and not mounted:
+        pytest.skip("mounting a 1 MB tmpfs needs root on a machine that allows mounts; the "
+                    "simulated case covers the same path")
+    try:
+        m = create_video_model("vit_small_patch16_224", 2, 3, img_size=32, depth=2,
+                               head_offsets="spatial")
+        m.save_pretrained(tmp_path / "m")
+        if not mounted:
+            _simulate_full_disk(monkeypatch)
+            import zeroi2v.models.artefact as artefact
+
+            def full_st(*a, **k):
+                raise RuntimeError("Error while serializing: I/O error: No space left on "
+                                   "device (os error 28)")
+            monkeypatch.setattr("safetensors.torch.save_file", full_st)
+            assert artefact  # the module that calls save_file
+        capsys.readouterr()
+        assert main(["merge", str(tmp_path / "m"), "--out", str(small / "merged")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "No space left on device" in err[0] and "intact" in err[0]
+        assert not (small / "merged").exists() and not list(small.glob(".*"))
+    finally:
+        if mounted:
+            _unmount(small)
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tmp_path, data, capsys, monkeypatch):
+    import zeroi2v.train.checkpoint as ckpt
+    from zeroi2v.train.checkpoint import verify_checkpoint
+
+    out = tmp_path / "run"
+    cfg = write(tmp_path / "c.yaml", cfg_dict(data, train={"epochs": 2}))
+    real = ckpt.save_checkpoint
+
+    def second_fails(out_dir, model, *, epoch, **kw):
+        if epoch == 2:
+            _simulate_full_disk(monkeypatch)
+        return real(out_dir, model, epoch=epoch, **kw)
+
+    monkeypatch.setattr("zeroi2v.train.engine.save_checkpoint", second_fails)
+    assert main(["train", cfg, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device while saving the checkpoint of epoch 2" \
+        in err[0] and "epoch_0001 is intact" in err[0], err
+    assert (out / "last").resolve().name == "epoch_0001"
+    assert verify_checkpoint(out / "last") is None
+    assert not list(out.rglob("*.tmp"))

@@ -490,7 +490,7 @@ def _user_errors() -> tuple:
     from .errors import UnsupportedModelError
 
     return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, PermissionError, UnsupportedModelError, VideoDecodeError)
+            IsADirectoryError, UnsupportedModelError, VideoDecodeError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -514,6 +514,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"zeroi2v {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if debug or e.errno not in _DISK_ERRNOS:
+            raise
+        print(f"zeroi2v {args.command}: error: {_disk_message(e)}", file=sys.stderr)
+        return 2
+
+
+def _disk_errnos() -> frozenset:
+    import errno
+
+    return frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM",
+                                                 "EFBIG") if hasattr(errno, n))
+
+
+_DISK_ERRNOS = _disk_errnos()
+
+
+def _disk_message(e: OSError) -> str:
+    """A full disk, a read-only file system or a permission error, as one line: what, where,
+    and that what was there is intact (every write is atomic)."""
+    import errno
+
+    where = f" writing {e.filename}" if e.filename else ""
+    fix = {errno.ENOSPC: "free some space or write elsewhere",
+           errno.EROFS: "write to a writable folder",
+           errno.EACCES: "write where you have permission, or fix the folder's permissions",
+           errno.EPERM: "write where you have permission, or fix the folder's permissions"
+           }.get(e.errno, "free some space or write elsewhere")
+    return (f"{e.strerror or os.strerror(e.errno)}{where}: {fix}; files written earlier are "
+            "intact (zeroi2v replaces files only once they are complete)")
 
 
 def _resume_hint(args, e: BaseException) -> str:

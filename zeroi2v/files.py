@@ -517,10 +517,31 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         honour_umask(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        disk = disk_error(e, path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if disk is not None:
+            raise disk from e
         raise
+
+
+def disk_error(e: BaseException, path: PathLike) -> Optional[OSError]:
+    """``e`` as an ``OSError(ENOSPC)`` naming ``path`` when it is a full disk in disguise:
+    torch.save reports one as ``RuntimeError: ... unexpected pos``, safetensors as its own
+    error type with "os error 28". ``None`` for anything else (an ``OSError`` already says)."""
+    import errno
+
+    if isinstance(e, OSError) or not isinstance(e, Exception):
+        return None
+    full = "No space left" in str(e) or "os error 28" in str(e)
+    if not full:
+        try:
+            st = os.statvfs(Path(path).parent)
+            full = st.f_bavail * st.f_frsize < 1 << 20
+        except OSError:
+            pass
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path)) if full else None
 
 
 #: What every temporary of :func:`atomic_path` / :func:`atomic_dir` ends in (hidden names).

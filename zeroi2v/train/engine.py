@@ -857,10 +857,18 @@ def _save_epoch(run: _Run, epoch: int, val: Optional[dict]) -> None:
                  "scaler": run.scaler.state_dict(), "rng": rngs, "epoch": epoch + 1,
                  "step": run.step, "best": run.best, "world_size": run.info.world_size,
                  "num_classes": run.num_classes, "val": summary(val) if val else None}
-        save_checkpoint(run.out_dir, run.model, epoch=epoch + 1, run_config=run.cfg, state=state,
-                        weights="full" if run.full_save else "trainable", base_weights=run.base,
-                        best=val is not None and run.best is not None
-                        and run.best["epoch"] == epoch + 1)
+        try:
+            save_checkpoint(run.out_dir, run.model, epoch=epoch + 1, run_config=run.cfg,
+                            state=state, weights="full" if run.full_save else "trainable",
+                            base_weights=run.base, best=val is not None and
+                            run.best is not None and run.best["epoch"] == epoch + 1)
+        except OSError as e:  # a full disk: say what is still there to continue from
+            last = run.out_dir / "last"
+            kept = (f"the last complete checkpoint {last.resolve().name} is intact: continue "
+                    "with --resume once there is space" if last.exists() else
+                    "no checkpoint of this run was written")
+            raise OSError(e.errno, f"{e.strerror} while saving the checkpoint of epoch "
+                          f"{epoch + 1} ({kept})", e.filename) from e
     zdist.barrier()
 
 
