@@ -376,3 +376,43 @@ def test_a_flipped_byte_is_caught_by_the_recorded_hash(saved, tmp_path):
     w.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="is damaged: its SHA-256 differs"):
         load_model(tmp_path / "flipped")
+
+
+# ----------------------------------------------------------------------------- training requests
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    from zeroi2v.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_classes=2,
+                                  videos_per_class=2, num_frames=8, size=16, seed=0,
+                                  val_fraction=0.5)
+
+
+def test_a_label_typo_is_refused_with_its_line_before_anything_is_built(videos, tmp_path, capsys):
+    from _helpers import cfg_dict, write
+
+    ann = tmp_path / "train.txt"
+    lines = open(videos["train"]).read().splitlines()
+    lines[1] = lines[1].rsplit(" ", 1)[0] + " 100000000"
+    ann.write_text("\n".join(lines) + "\n")
+    cfg = write(tmp_path / "c.yaml", cfg_dict(videos, data={"train_ann": str(ann)}))
+    assert main(["train", cfg, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "100,000,001 classes (the largest label, 100000000, is on line 2 " \
+        f"of {ann})" in err[0] and "over the memory limit" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_huge_frame_count_is_refused_before_anything_is_built(videos, tmp_path, capsys):
+    from _helpers import cfg_dict, write
+
+    cfg = write(tmp_path / "c.yaml", cfg_dict(videos, model={"head_offsets": "spatial"}))
+    with _limited(256 << 20):  # the tiny test ViT's 100,000-frame batch is ~0.9 GB
+        assert main(["train", cfg, "--out", str(tmp_path / "r"),
+                     "--set", "model.num_frames=100000"]) == 2
+    err = capsys.readouterr().err
+    assert "training (" in err and "100000 frames of 16x16, at least) needs" in err
+    assert "lower train.batch_size, model.num_frames or data.size" in err
+    assert not (tmp_path / "r").exists()

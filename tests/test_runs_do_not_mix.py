@@ -262,3 +262,33 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tmp_path, data, caps
     assert (out / "last").resolve().name == "epoch_0001"
     assert verify_checkpoint(out / "last") is None
     assert not list(out.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- --out
+
+
+def test_out_never_replaces_a_model_file_nor_an_existing_file(tmp_path, capsys):
+    from zeroi2v import create_video_model
+
+    create_video_model("vit_small_patch16_224", 2, 3, img_size=32, depth=1,
+                       head_offsets="spatial").save_pretrained(tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    for argv in (["eval", str(tmp_path / "m"), "--ann", "a.txt", "--out",
+                  str(tmp_path / "m" / "config.json"), "--overwrite"],
+                 ["export", str(tmp_path / "m"), "--out", str(tmp_path / "m" / "model.safetensors"),
+                  "--format", "pt2", "--overwrite"]):
+        assert main(argv) == 2
+        assert "is a file of the saved model" in capsys.readouterr().err
+    (tmp_path / "old.json").write_text("{}")
+    (tmp_path / "old_confusion.png").write_text("keep")
+    assert main(["eval", str(tmp_path / "m"), "--ann", "a.txt", "--out",
+                 str(tmp_path / "old.json")]) == 2
+    assert "old.json exists: choose another name or pass --overwrite" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "m"), "--ann", "a.txt", "--out",
+                 str(tmp_path / "old_x.json")]) == 2  # its annotation file is missing
+    assert "a.txt" in capsys.readouterr().err
+    (tmp_path / "x.pt2").write_text("keep")
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "x.pt2")]) == 2
+    assert "x.pt2 exists" in capsys.readouterr().err
+    assert (tmp_path / "x.pt2").read_text() == "keep"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before

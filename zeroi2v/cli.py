@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", default=None, help="annotation file (default data.test_ann, then data.val_ann)")
     p.add_argument("--root", default=None, help="video folder (default data.val_root/data.root)")
     _add_common(p)
-    p.add_argument("--out", default=None, help="results JSON (default: beside the model)")
+    p.add_argument("--out", default=None, help="results JSON (default: eval.json beside the "
+                                                  "model); with _confusion.png, _per_class.csv/md")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of --out")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--class-names", default=None, help="text file, one class name per line")
     p.add_argument("--merge", action="store_true", help="merge the adapters before evaluating")
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "torch.export")
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--format", choices=("onnx", "pt2"), default=None,
                    help="default: from the --out suffix")
     p.add_argument("--batch-size", type=int, default=1, help="videos per call (fixed shape)")
@@ -213,6 +216,22 @@ def _new_output_folder(path: str) -> Path:
     return out
 
 
+def _new_output_files(paths: Sequence[Path], overwrite: bool) -> None:
+    """``--out`` files: never a file of a saved model (whatever ``--overwrite`` says), and never
+    an existing file unless ``--overwrite``."""
+    from .models.artefact import MODEL_FILES
+
+    for p in paths:
+        if p.name in MODEL_FILES and (p.parent / "config.json").is_file():
+            raise ValueError(f"--out {p} is a file of the saved model in {p.parent}: choose a "
+                             "path outside the model folder (nothing was written)")
+        if p.is_dir():
+            raise ValueError(f"--out {p} is a folder: name a file (nothing was written)")
+        if p.exists() and not overwrite:
+            raise ValueError(f"--out {p} exists: choose another name or pass --overwrite "
+                             "(nothing was written)")
+
+
 def _save_new(model, out: Path, **kwargs) -> Path:
     from .files import atomic_dir
 
@@ -250,6 +269,7 @@ def cmd_eval(args) -> int:
     from .train.build import build_test_dataset
     from .train.engine import amp_dtype, evaluate, write_eval_report
 
+    _eval_out(args)  # a bad --out is refused before any work
     info = zdist.init_distributed()
     try:
         model, cfg = _load_model_for(args, merge=args.merge)
@@ -272,8 +292,7 @@ def cmd_eval(args) -> int:
                      int(cfg["data"].get("num_workers", 0)), progress=not args.no_progress)
         dt = time.perf_counter() - t0
         if info.is_main:
-            src = Path(args.checkpoint)
-            out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "eval.json"
+            out = _eval_out(args)
             res = write_eval_report(m, out, names, extra={
                 "checkpoint": str(args.checkpoint), "ann_file": str(ann), "merged": model.merged,
                 "views": int(cfg["eval"]["num_clips"]) * int(cfg["eval"]["num_crops"]),
@@ -282,6 +301,20 @@ def cmd_eval(args) -> int:
     finally:
         zdist.cleanup(info)
     return 0
+
+
+def _eval_out(args) -> Path:
+    """The results JSON of ``eval`` (its siblings share the stem), checked like every --out;
+    the default, ``eval.json`` beside the model, is the evaluation's own and is replaced."""
+    if args.out is None:
+        src = Path(args.checkpoint)
+        return (src if src.is_dir() else src.parent) / "eval.json"
+    out = Path(args.out)
+    stem = out.with_suffix("")
+    _new_output_files([out] + [stem.with_name(stem.name + s) for s in
+                               ("_confusion.png", "_per_class.csv", "_per_class.md")],
+                      args.overwrite)
+    return out
 
 
 def _print_metrics(res: dict, out: Path) -> None:
@@ -456,6 +489,7 @@ def cmd_export(args) -> int:
                          "/ .pt2)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _new_output_files([Path(args.out)], args.overwrite)
     model, cfg = _load_model_for(argparse.Namespace(model=args.model, pretrained=args.pretrained),
                                  merge=True)
     size = model.backbone.patch_embed.img_size

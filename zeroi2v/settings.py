@@ -16,7 +16,7 @@ variable                       values (default first)     what it does
 ``ZEROI2V_MEMORY_LIMIT``       ``auto`` / a size          the most memory one file, config or video may
                                (``16GB``, ``64GiB``)      ask for (auto: half of this machine's memory,
                                                           see :mod:`zeroi2v.limits`)
-``ZEROI2V_MAX_VIDEO_PIXELS``   ``8.9M`` / a count         the largest video frame (width x height) read
+``ZEROI2V_MAX_VIDEO_PIXELS``   ``8.8M`` / a count         the largest video frame (width x height) read
 ``ZEROI2V_NO_EXT``             ``0`` / ``1``              install without the native extension (build time)
 ``ZEROI2V_NO_CUDA_EXT``        ``0`` / ``1``              build only its CPU ops (build time)
 ``ZEROI2V_REQUIRE_CUDA_EXT``   ``0`` / ``1``              tests fail instead of skipping when the CUDA

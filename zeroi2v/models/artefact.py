@@ -50,6 +50,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 RUN_CONFIG_FILE = "run_config.yaml"
 TRAINING_STATE_FILE = "training_state.pt"
+#: The files a saved model (or training checkpoint) folder is made of; nothing else writes them.
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, RUN_CONFIG_FILE, TRAINING_STATE_FILE)
 _META_KEY = "zeroi2v_config"
 SHA_KEY = "weights_sha256"
 

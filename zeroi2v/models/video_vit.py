@@ -375,27 +375,29 @@ def create_video_model(
     return video
 
 
-def parameter_count(config: ZeroI2VConfig) -> int:
-    """Parameters of the (unmerged) model ``config`` describes, from meta-device builds of at
-    most two blocks: no memory, and fast for any depth (blocks are identical in size)."""
+def parameter_count(config: ZeroI2VConfig) -> tuple[int, int]:
+    """``(all, trainable)`` parameters of the (unmerged) model ``config`` describes, from
+    meta-device builds of at most two blocks: no memory, and fast for any depth (blocks are
+    identical in size)."""
     kwargs = dict(config.timm_kwargs or {})
     cfg = config.replace(merged=False, adapters=None)
     depth = kwargs.get("depth")
 
-    def count(c: ZeroI2VConfig) -> int:
-        return sum(p.numel() for p in ZeroI2VViT.from_config(c, device="meta").parameters())
+    def count(c: ZeroI2VConfig) -> tuple[int, int]:
+        ps = list(ZeroI2VViT.from_config(c, device="meta").parameters())
+        return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
 
     if not isinstance(depth, int) or depth <= 2:
         return count(cfg)
     one = count(cfg.replace(timm_kwargs=dict(kwargs, depth=1)))
     two = count(cfg.replace(timm_kwargs=dict(kwargs, depth=2)))
-    return one + (depth - 1) * (two - one)
+    return tuple(a + (depth - 1) * (b - a) for a, b in zip(one, two))
 
 
 def check_model_size(config: ZeroI2VConfig, bytes_per_param: int = 4) -> int:
     """Refuse a config whose model would not fit the memory limit (:mod:`zeroi2v.limits`),
     before anything is allocated; returns the parameter count."""
-    n = parameter_count(config)
+    n = parameter_count(config)[0]
     kw = config.timm_kwargs or {}
     shape = ", ".join(f"{k} {kw[k]}" for k in ("depth", "embed_dim") if k in kw)
     check_bytes(n * bytes_per_param,

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import LoadReport, VideoDecodeError, collate_videos
-from ..files import folder_lock, remove_stale_temporaries
+from ..files import atomic_write_text, folder_lock, remove_stale_temporaries
 from ..models.artefact import load_weights_into
 from . import dist as zdist
 from .build import (
@@ -54,6 +54,7 @@ from .metrics import (
     write_per_class_tables,
 )
 from .optim import build_optimizer, build_scheduler, scaled_lr
+from .preflight import preflight
 
 # ----------------------------------------------------------------------------- small helpers
 
@@ -247,7 +248,7 @@ def write_eval_report(metrics: dict, out_json: os.PathLike,
     res["files"] = {"confusion_png": str(png), "per_class_csv": str(tables[0]),
                     "per_class_md": str(tables[1])}
     res = _rounded(res)
-    out_json.write_text(json.dumps(res, indent=2, default=_json_default))
+    atomic_write_text(out_json, json.dumps(res, indent=2, default=_json_default))
     return res
 
 
@@ -519,47 +520,6 @@ def _epoch_result(run: _Run, epoch: int, rec: dict, val: Optional[dict]) -> dict
     return {"epoch": epoch + 1, "step": run.step, "train_loss": rec["train_loss"],
             "train_acc": rec["train_acc"], "val": val, "best": run.best,
             "checkpoint": str(run.out_dir / "last"), "num_classes": run.num_classes}
-
-
-def preflight(cfg: dict, model: Optional[nn.Module] = None, datasets: Optional[dict] = None) -> None:
-    """Cross-field checks that need no data loading and no weights, before any work starts:
-    the model exists in timm and takes the kwargs, the head offsets fit the heads and the frame
-    count, the image size matches the data, the annotation files exist."""
-    from ..models import timm_spec
-    from ..offsets import check_offsets, resolve_offsets
-
-    mcfg, dcfg = cfg["model"], cfg["data"]
-    if model is None:
-        vit = timm_spec.create(mcfg["name"], dict(mcfg["timm_kwargs"]), device="meta")
-        blocks = getattr(vit, "blocks", None)
-        attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
-        if attn is not None and hasattr(attn, "num_heads"):
-            try:
-                offsets = resolve_offsets(mcfg["head_offsets"], attn.num_heads,
-                                          int(mcfg["num_frames"]))
-                check_offsets(offsets, int(mcfg["num_frames"]))
-            except ValueError as e:
-                raise ValueError(f"model.head_offsets / model.num_frames: {e}") from None
-        pe = getattr(vit, "patch_embed", None)
-        img = getattr(pe, "img_size", None)
-        if img is not None and not (datasets or {}).get("train") and \
-                not getattr(vit, "dynamic_img_size", False) and \
-                tuple(img) != (dcfg["size"], dcfg["size"]):
-            raise ValueError(
-                f"data.size is {dcfg['size']} but {mcfg['name']} takes {img[0]}x{img[1]} images: "
-                f"set data.size: {img[0]}, or model.timm_kwargs.img_size: {dcfg['size']} (with a "
-                "pretrained file, its position embedding must match)")
-    if not (datasets or {}).get("train"):
-        if not dcfg.get("train_ann"):
-            raise ValueError("data.train_ann is not set (the training annotation file)")
-        for key in ("train_ann", "val_ann"):
-            if dcfg.get(key) and not Path(dcfg[key]).is_file():
-                raise FileNotFoundError(f"data.{key}: annotation file not found: {dcfg[key]}")
-    if mcfg.get("pretrained") and not Path(mcfg["pretrained"]).is_file():
-        raise FileNotFoundError(f"model.pretrained: image-model file not found: "
-                                f"{mcfg['pretrained']}")
-    if dcfg.get("class_names") and not Path(dcfg["class_names"]).is_file():
-        raise FileNotFoundError(f"data.class_names: file not found: {dcfg['class_names']}")
 
 
 _RUN_FILES = ("log.jsonl", "config.yaml", "checkpoints", "last", "best", "val_results.json")

@@ -10,6 +10,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..files import atomic_path, atomic_write_text
+
 
 def average_views(logits: torch.Tensor, num_views: int) -> torch.Tensor:
     """``(B*V, K)`` logits of ``V`` views per video (rows ``b*V + v``) → ``(B, K)`` mean softmax."""
@@ -80,14 +82,13 @@ def write_per_class_tables(metrics: dict, out_prefix: os.PathLike,
     prefix = Path(out_prefix)
     csv_path, md_path = prefix.with_name(prefix.name + "_per_class.csv"), \
         prefix.with_name(prefix.name + "_per_class.md")
-    with open(csv_path, "w", newline="") as f:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class_id", "class_name", "support", "correct", "accuracy"])
         w.writerows(rows)
-    with open(md_path, "w") as f:
-        f.write("| class id | class | support | correct | accuracy (%) |\n|---|---|---|---|---|\n")
-        for r in rows:
-            f.write("| " + " | ".join(str(x) for x in r) + " |\n")
+    atomic_write_text(md_path, "| class id | class | support | correct | accuracy (%) |\n"
+                      "|---|---|---|---|---|\n" +
+                      "".join("| " + " | ".join(str(x) for x in r) + " |\n" for r in rows))
     return [csv_path, md_path]
 
 
@@ -122,5 +123,6 @@ def plot_confusion_matrix(cm, path: os.PathLike, class_names: Optional[Sequence[
                         color="white" if shown[i, j] > 0.5 * (shown.max() or 1) else "black")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     return path
