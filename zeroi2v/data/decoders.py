@@ -259,9 +259,9 @@ def check_decoder(decoder: str) -> str:
 _NO_DECODE = [{"skip_frame": "all"}] * 1000
 
 
-def _frame_size(path: str) -> tuple[int, int]:
-    """``(width, height)`` of the first video stream, from its headers, checked against
-    ``ZEROI2V_MAX_VIDEO_PIXELS`` before any decoder opens the file."""
+def stream_frame_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of the first video stream of ``path``, from its headers (nothing is
+    decoded); ``VideoDecodeError`` when the file has none."""
     try:
         import av
     except ImportError:
@@ -278,6 +278,12 @@ def _frame_size(path: str) -> tuple[int, int]:
         raise VideoDecodeError(path, f"not a readable video ({_one_line(e)})") from None
     if w <= 0 or h <= 0:
         raise VideoDecodeError(path, "its stream header gives no frame size")
+    return w, h
+
+
+def _frame_size(path: str) -> tuple[int, int]:
+    """:func:`stream_frame_size`, checked against ``ZEROI2V_MAX_VIDEO_PIXELS``."""
+    w, h = stream_frame_size(path)
     try:
         limits.check_video_pixels(path, w, h)
     except LimitError as e:
