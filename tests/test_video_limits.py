@@ -141,3 +141,21 @@ def test_predict_refuses_8k_in_one_line_with_bounded_memory(videos, tmp_path):
     assert "Traceback" not in err
     assert refused["peak_mb"] < ok["peak_mb"] + 64, (refused, ok)
     assert refused["s"] < 60
+
+
+def test_prepare_shrinks_the_8k_clip_the_limit_refuses(videos, tmp_path):
+    """The fix the refusal names: prepare reads past ZEROI2V_MAX_VIDEO_PIXELS (it exists to shrink
+    such videos) and still checks what decoding asks of memory before the first frame."""
+    from zeroi2v.data import prepare_videos
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "8k.mp4").write_bytes((videos / "8k.mp4").read_bytes())
+    with settings.override(memory_limit=W8K * H8K * 3):  # less than the frames decoding keeps in flight
+        res = prepare_videos(src, tmp_path / "low", short_side=16, progress=False)
+    assert res["converted"] == 0 and res["failed"][0][0] == "8k.mp4"
+    assert res["failed"][0][1].startswith("LimitError: decoding frames of 7680x4320 (")
+    res = prepare_videos(src, tmp_path / "dst", short_side=16, progress=False)
+    assert res["converted"] == 1
+    r = VideoReader(tmp_path / "dst/8k.mp4")
+    assert (r.width, r.height, len(r)) == (28, 16, 3)
