@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from test_decoders import needs
 from zeroi2v.data import (
     CLIP_MEAN,
     CLIP_STD,
@@ -151,6 +152,7 @@ def test_write_and_decode(video_dir):
 
 
 def test_decoders_agree_and_errors_name_the_file(video_dir):
+    needs("decord")
     d, _ = video_dir
     a = read_video_frames(d / "v0.mp4", [[3, 0], [7, 3]], decoder="decord").astype(int)
     b = read_video_frames(d / "v0.mp4", [[3, 0], [7, 3]], decoder="pyav").astype(int)

@@ -1,5 +1,12 @@
-"""``zeroi2v prepare``: a generated tree with class folders, a corrupt file, interrupted and resumed."""
+"""``zeroi2v prepare``: a generated tree with class folders, a corrupt file, interrupted and resumed;
+one run per destination; entries that are not files; unsafe names; a full disk; the umask."""
+import errno
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +15,16 @@ import pytest
 from test_decoders import level_frames
 from zeroi2v.cli import main
 from zeroi2v.data import VideoReader, build_dataset, prepare_videos, read_annotations, write_video
+from zeroi2v.data import annotations as ann_mod
 from zeroi2v.data import prepare as prep
+from zeroi2v.files import LOCK_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _hidden(dst):
+    """Hidden files left in ``dst`` (temporaries), the lock file aside."""
+    return [p for p in dst.rglob(".*") if p.name != LOCK_FILE]
 
 
 def _brightness(frames):
@@ -50,18 +66,18 @@ def test_prepare_interrupted_then_resumed(tree, tmp_path, monkeypatch):
         prepare_videos(src, dst, short_side=32, progress=False)
     done = dst / "jump/a.mp4"
     assert done.is_file() and not (dst / "jump/deep/b.mp4").exists()
-    assert not list(dst.rglob(".*"))  # the interrupted temporary was removed
+    assert not _hidden(dst)  # the interrupted temporary was removed
     stamp = done.stat().st_mtime_ns
-    stale = dst / "run" / ".c.mp4.999.zeroi2v-part.mp4"  # what a killed run leaves behind
+    stale = dst / "run" / ".c.mp4.999-0badc0de.zeroi2v-part.mp4"  # what a killed run leaves behind
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"partial")
     monkeypatch.setattr(prep, "_transcode", real)
 
     res = prepare_videos(src, dst, short_side=32, workers=2, progress=False)
-    assert (res["converted"], res["existing"]) == (3, 1)
+    assert (res["converted"], res["existing"], res["removed"], res["took_over"]) == (3, 1, 1, None)
     assert [rel for rel, _ in res["failed"]] == ["run/broken.mp4"] and res["failed"][0][1]
     assert done.stat().st_mtime_ns == stamp  # finished outputs are kept, not redone
-    assert not stale.exists() and not list(dst.rglob(".*"))
+    assert not stale.exists() and not _hidden(dst)
     assert (dst / "prepare_failed.txt").read_text().startswith("run/broken.mp4\t")
     ann = read_annotations(dst / "annotations.txt")
     assert ann == [("jump/a.mp4", 0), ("jump/deep/b.mp4", 0), ("run/c.mp4", 1), ("run/d.mp4", 1)]
@@ -114,3 +130,202 @@ def test_prepare_errors_and_cli(tmp_path, capsys):
     assert "0 videos, 1 already done" in capsys.readouterr().out
     assert main(["prepare", str(src), str(tmp_path / "o"), "--short-side", "15"]) == 2
     assert "zeroi2v prepare: error: --short-side must be an even number" in capsys.readouterr().err
+
+
+def _small_tree(root, names):
+    """One tiny clip copied to every relative path of ``names`` (bytes or str)."""
+    clip = root / "clip.mp4"
+    if not clip.exists():
+        write_video(clip, level_frames(3, 32, 32))
+    for name in names:
+        path = os.path.join(os.fsencode(root / "src"), os.fsencode(name))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(clip, path)
+    return root / "src"
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sys
+    from zeroi2v.files import folder_lock
+    with folder_lock(sys.argv[1], "zeroi2v prepare other-run"):
+        print("held", flush=True)
+        sys.stdin.read()  # until the test closes stdin, or kills this process
+""")
+
+
+def test_one_run_per_destination_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    src = _small_tree(tmp_path, ["a/x.mp4", "b/y.mp4"])
+    dst = tmp_path / "dst"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(dst)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        # the live run's temporary, as it would be mid-write
+        theirs = dst / "a" / f".x.mp4.{holder.pid}-1234abcd.zeroi2v-part.mp4"
+        theirs.parent.mkdir(parents=True)
+        theirs.write_bytes(b"being written")
+        assert main(["prepare", str(src), str(dst), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(
+            f"zeroi2v prepare: error: {dst} is in use by another zeroi2v run (pid {holder.pid} on ")
+        assert "`zeroi2v prepare other-run`" in err
+        assert theirs.read_bytes() == b"being written" and not (dst / "a/x.mp4").exists()
+    finally:
+        holder.kill()  # dies holding the lock: the record stays in the lock file
+        holder.wait()
+    assert main(["prepare", str(src), str(dst), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"took over the lock of a run that stopped without releasing it (pid {holder.pid} on " in out
+    assert "removed 1 temporary files of interrupted runs" in out
+    assert not theirs.exists() and not _hidden(dst)
+    assert "prepared 2 videos, 0 already done, 0 unreadable, of 2" in out
+
+
+def test_entries_that_are_not_regular_files_are_listed_not_opened(tmp_path, capsys):
+    src = _small_tree(tmp_path, ["k/good.mp4"])
+    os.mkfifo(src / "k/pipe.mp4")  # opening it would wait for a writer forever
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(src / "k/sock.mkv"))
+    os.symlink(src / "k/nowhere.mp4", src / "k/gone.mp4")
+    os.symlink(src / "k/good.mp4", src / "k/link.mp4")  # a link to a file is a video
+    try:
+        assert main(["prepare", str(src), str(tmp_path / "dst"), "--short-side", "16", "--no-progress"]) == 0
+    finally:
+        sock.close()
+    out = capsys.readouterr().out
+    assert "prepared 2 videos, 0 already done, 0 unreadable, 3 not regular files, of 5" in out
+    listed = (tmp_path / "dst" / prep.FAILED_LIST).read_text().splitlines()
+    assert listed == ["k/gone.mp4\tbroken symbolic link", "k/pipe.mp4\tnot a regular file (a FIFO)",
+                      "k/sock.mkv\tnot a regular file (a socket)"]
+    assert all(f"  skipped: {line.split(chr(9))[0]} (" in out for line in listed)
+    assert read_annotations(tmp_path / "dst/annotations.txt") == [("k/good.mp4", 0), ("k/link.mp4", 0)]
+
+
+def test_names_are_made_safe_for_annotation_files(tmp_path, capsys):
+    names = ["play guitar/my clip.mp4", "play guitar/tab\there.avi", "#hash/x.mp4", b"cook/caf\xe9.mp4",
+             "cook/ok.mp4"]
+    src = _small_tree(tmp_path, names)
+    dst = tmp_path / "dst"
+    assert main(["prepare", str(src), str(dst), "--short-side", "16", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "prepared 5 videos" in out and "4 output names made safe for annotation files (e.g. " in out
+    assert read_annotations(dst / "annotations.txt") == [
+        ("_hash/x.mp4", 0), ("cook/caf_.mp4", 1), ("cook/ok.mp4", 1), ("play_guitar/my_clip.mp4", 2),
+        ("play_guitar/tab_here.mp4", 2)]
+    assert (dst / "classes.txt").read_text().split("\n") == ["_hash", "cook", "play_guitar", ""]
+    ds = build_dataset(dst / "annotations.txt", dst, num_frames=2, sampling="uniform", train=False, size=16)
+    assert [ds[i][1] for i in range(len(ds))] == [0, 1, 1, 2, 2]
+
+
+def test_clashing_safe_names_are_refused_before_anything_is_converted(tmp_path, capsys):
+    src = _small_tree(tmp_path, ["k/a b.mp4", "k/a_b.mp4"])
+    assert main(["prepare", str(src), str(tmp_path / "dst"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"zeroi2v prepare: error: {src / 'k/a b.mp4'} and {src / 'k/a_b.mp4'} would both become "
+                   "k/a_b.mp4; rename one (nothing was converted)\n")
+    assert not (tmp_path / "dst").exists()
+    src = _small_tree(tmp_path / "2", ["x y/1.mp4", "x_y/2.mp4"])  # two classes would merge
+    with pytest.raises(ValueError, match=r"folders .*x y and .*x_y would both become x_y"):
+        prepare_videos(src, tmp_path / "dst2", progress=False)
+    assert not (tmp_path / "dst2").exists()
+
+
+class _FullDisk(prep._Sink):
+    """From the ``n``-th output on, write to /dev/full: the real ENOSPC from PyAV's writes (or,
+    where /dev/full is missing, an ENOSPC raised by the first write)."""
+
+    calls = 0
+    n = 1
+
+    def __init__(self, tmp):
+        type(self).calls += 1
+        if type(self).calls < self.n:
+            return super().__init__(tmp)
+        import av
+
+        self.tmp = tmp
+        if os.path.exists("/dev/full"):
+            self.container = self._call(av.open, "/dev/full", mode="w", format="mp4")
+        else:
+            self.container = self._call(self._no_space)
+
+    def _no_space(self):
+        raise OSError(errno.ENOSPC, "No space left on device", self.tmp)
+
+
+def test_full_disk_stops_with_one_line_and_keeps_what_is_done(tree, tmp_path, monkeypatch, capsys):
+    src, _ = tree
+    dst = tmp_path / "dst"
+    monkeypatch.setattr(_FullDisk, "n", 3)  # a, b written; broken.mp4 fails on its header; c hits it
+    monkeypatch.setattr(prep, "_Sink", _FullDisk)
+    assert main(["prepare", str(src), str(dst), "--short-side", "16", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"zeroi2v prepare: error: cannot write {dst / 'run/c.mp4'}: No space left on device; "
+                   f"kept: 2 complete videos in {dst}, the unreadable inputs listed in "
+                   f"{dst / 'prepare_failed.txt'}; free some space, then run the same command again to "
+                   "resume\n")
+    assert (dst / "prepare_failed.txt").read_text().startswith("run/broken.mp4\tnot a readable video (")
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.mp4")) == ["jump/a.mp4",
+                                                                               "jump/deep/b.mp4"]
+    assert not _hidden(dst) and not (dst / "annotations.txt").exists()
+    monkeypatch.setattr(prep, "_Sink", _FullDisk.__mro__[1])  # space again: the run resumes
+    res = prepare_videos(src, dst, short_side=16, progress=False)
+    assert (res["converted"], res["existing"], len(res["failed"])) == (2, 2, 1)
+
+
+def test_full_disk_on_the_annotation_file_keeps_the_old_one(tree, tmp_path, monkeypatch, capsys):
+    src, _ = tree
+    dst = tmp_path / "dst"
+    prepare_videos(src, dst, short_side=16, progress=False)
+    before = {n: (dst / n).read_bytes() for n in ("annotations.txt", "classes.txt", "prepare_failed.txt")}
+    shutil.copyfile(src / "jump/a.mp4", src / "jump/e.mp4")
+
+    real = ann_mod.write_text_atomic
+
+    def full(path, text):  # the real atomic write, with the disk filling up half-way
+        if Path(path).name != "annotations.txt":
+            return real(path, text)
+        with ann_mod.atomic_path(path) as tmp:
+            tmp.write_text(text[:7])
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    monkeypatch.setattr(ann_mod, "write_text_atomic", full)
+    assert main(["prepare", str(src), str(dst), "--short-side", "16", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"zeroi2v prepare: error: cannot write {dst / 'annotations.txt'}: No space left on device; kept: "
+        f"5 complete videos in {dst}, the unreadable inputs listed in {dst / 'prepare_failed.txt'}; free "
+        "some space, then run the same command again to resume\n")
+    assert {n: (dst / n).read_bytes() for n in before} == before and not _hidden(dst)
+    monkeypatch.undo()
+    assert main(["prepare", str(src), str(dst), "--short-side", "16", "--no-progress"]) == 0
+    assert ("jump/e.mp4", 0) in read_annotations(dst / "annotations.txt")
+
+
+def test_permission_error_names_the_path(tree, tmp_path, monkeypatch, capsys):
+    import av
+
+    real = av.open
+
+    def no_write(path, mode="r", **kw):
+        if mode == "w":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(path, mode, **kw)
+
+    monkeypatch.setattr(av, "open", no_write)
+    dst = tmp_path / "dst"
+    assert main(["prepare", str(tree[0]), str(dst), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"zeroi2v prepare: error: cannot write {dst / 'jump/a.mp4'}: Permission denied; no video was "
+        "written; make it writable, then run the same command again to resume\n")
+
+
+def test_outputs_and_lists_honour_the_umask(tree, tmp_path):
+    old = os.umask(0o027)
+    try:
+        prepare_videos(tree[0], tmp_path / "dst", short_side=16, progress=False)
+    finally:
+        os.umask(old)
+    dst = tmp_path / "dst"
+    for rel in ("annotations.txt", "classes.txt", "prepare_failed.txt", "jump/a.mp4", "run/d.mp4"):
+        assert (dst / rel).stat().st_mode & 0o777 == 0o640, rel
+    assert (dst / "jump/deep").stat().st_mode & 0o777 == 0o750

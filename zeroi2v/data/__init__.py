@@ -27,6 +27,7 @@ from .decoders import (
                       AUTO_ORDER,
                       DECODERS,
                       VideoReader,
+                      VideoTooLargeError,
                       available_decoders,
                       check_decoder,
                       decoder_status,
@@ -50,5 +51,5 @@ __all__ = [
     "available_decoders", "check_decoder", "decoder_status",
     "SSV2_FLIP_LABEL_MAP", "symmetric_label_map", "make_synthetic_dataset", "SYNTHETIC_CLASSES",
     "synthetic_orders", "render_base_clip", "write_video", "read_video_frames", "open_video",
-    "count_video_frames", "VideoDecodeError", "prepare_videos", "find_videos",
+    "count_video_frames", "VideoDecodeError", "VideoTooLargeError", "prepare_videos", "find_videos",
 ]

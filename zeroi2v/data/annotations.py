@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from ..files import atomic_path
+
 __all__ = ["read_annotations", "write_annotations"]
 
 
@@ -38,10 +40,19 @@ def read_annotations(path: str | os.PathLike) -> list[tuple[str, int]]:
 
 
 def write_annotations(path: str | os.PathLike, samples) -> None:
-    """Write ``(relative_path, label)`` pairs, one ``path label`` line each."""
-    with open(os.fspath(path), "w", encoding="utf-8") as f:
-        for rel, label in samples:
-            rel = str(rel)
-            if any(c.isspace() for c in rel):
-                raise ValueError(f"path {rel!r} contains whitespace; the annotation format cannot hold it")
-            f.write(f"{rel} {int(label)}\n")
+    """Write ``(relative_path, label)`` pairs, one ``path label`` line each, atomically (readers
+    see the old file or the whole new one; a path the format cannot hold leaves it untouched)."""
+    lines = []
+    for rel, label in samples:
+        rel = str(rel)
+        if any(c.isspace() for c in rel) or rel.startswith("#"):
+            raise ValueError(f"path {rel!r} contains whitespace or starts with '#'; the annotation "
+                             "format cannot hold it (zeroi2v prepare writes safe names)")
+        lines.append(f"{rel} {int(label)}\n")
+    write_text_atomic(path, "".join(lines))
+
+
+def write_text_atomic(path, text: str) -> None:
+    """``path`` replaced in one step, UTF-8 whatever the locale, with the umask's mode."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -5,24 +5,36 @@ order) and ``reader.get_batch(indices) -> (N, H, W, 3)`` uint8 RGB. Frame ``i`` 
 whichever decoder reads it; pixels differ only by the decoders' colour conversion (tested in
 ``tests/test_decoders.py``).
 
-``decoder="auto"`` tries the installed decoders in ``AUTO_ORDER`` (see the note there and
+``decoder="auto"`` tries the usable decoders in ``AUTO_ORDER`` (see the note there and
 ``benchmarks/test_bench_data.py``) and keeps the first that opens the file and decodes the
 requested frames; a decoder that fails on a file is logged once per process. A named decoder is
 used alone: its failure is the video's failure.
+
+Usable means it decoded a tiny probe clip in this process (``decoder_status()`` says why not and
+what to install); ``auto`` leaves out the others and says so once per process. Before any
+decoder opens a file, PyAV reads the frame size from its stream header and the limits of
+:mod:`zeroi2v.limits` are checked (``VideoTooLargeError``).
 """
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
+import re
+import sys
+import tempfile
 from collections.abc import Sequence
 from functools import cache
 from typing import Optional
 
 import numpy as np
 
-__all__ = ["DECODERS", "AUTO_ORDER", "VideoDecodeError", "VideoReader", "decoder_status",
-           "available_decoders", "check_decoder"]
+from .. import limits
+from ..limits import LimitError
+
+__all__ = ["DECODERS", "AUTO_ORDER", "VideoDecodeError", "VideoTooLargeError", "VideoReader",
+           "decoder_status", "available_decoders", "check_decoder"]
 
 logger = logging.getLogger("zeroi2v.data")
 
@@ -31,10 +43,8 @@ DECODERS = ("torchcodec", "decord", "pyav")
 #: three on speed; torchcodec leads as the one that reads every file of the codec matrix.
 AUTO_ORDER = ("torchcodec", "decord", "pyav")
 
-_INSTALL_HINT = {
-    "torchcodec": "pip install 'torchcodec>=0.15,<0.18' (for torch 2.14) and FFmpeg's shared libraries "
-                  "(Debian/Ubuntu: apt-get install libavcodec59 libavformat59 libavutil57 libswscale6 "
-                  "libswresample4 libavfilter8 libavdevice59)",
+_PIP_HINT = {
+    "torchcodec": "pip install 'torchcodec>=0.15,<0.18' (the releases that load with torch 2.14)",
     "decord": "pip install decord (wheels for Python <= 3.11 on x86-64 only)",
     "pyav": "pip install av",
 }
@@ -50,7 +60,8 @@ class VideoDecodeError(RuntimeError):
         if reason is None:  # a message only, e.g. re-raised from a DataLoader worker with its traceback
             lines = [ln for ln in str(path).strip().splitlines() if ln.strip()]
             last = lines[-1] if lines else ""
-            msg = last.split("VideoDecodeError: ", 1)[1] if "VideoDecodeError: " in last else str(path)
+            m = re.match(r"[\w.]*Error: (.*)$", last)  # "zeroi2v.data.decoders.VideoDecodeError: ..."
+            msg = m.group(1) if m else str(path)
             super().__init__(msg)
             self.path, self.reason = "", msg
             return
@@ -59,34 +70,153 @@ class VideoDecodeError(RuntimeError):
         self.reason = reason
 
 
+class VideoTooLargeError(VideoDecodeError, LimitError):
+    """A video whose frames (or the frames asked of it) are over a limit of :mod:`zeroi2v.limits`.
+
+    A ``VideoDecodeError``, so a dataset treats it as any unreadable video (``data.on_error``), and
+    a ``LimitError``, so whoever checks limits sees it as one."""
+
+
+# ------------------------------------------------------------------------------- what runs here
+#: "OSError: libavutil.so.61: cannot open shared object file: ..." (not the source lines that
+#: tracebacks quote)
+_NOT_FOUND = re.compile(r"^(?:[\w.]*Error: )?(\S+?): cannot open shared object file", re.MULTILINE)
+
+
+def _missing_libs(text: str) -> str:
+    """``"libavutil.so.56/57/58, libfoo.so not found"`` from a library-loading report, or ``""``."""
+    versions: dict[str, list[str]] = {}
+    for name in _NOT_FOUND.findall("\n".join(ln.strip() for ln in text.splitlines())):
+        m = re.fullmatch(r"(.+\.so)\.(\d+)", name)
+        base, ver = (m.group(1), m.group(2)) if m else (name, "")
+        if ver not in versions.setdefault(base, []):
+            versions[base].append(ver)
+    if not versions:
+        return ""
+    return ", ".join(f"{base}.{'/'.join(sorted(v, key=int))}" if all(v) else base
+                     for base, v in versions.items()) + " not found"
+
+
+def _root_errors(text: str) -> list[str]:
+    """The ``Type: message`` lines a report's tracebacks end in, other than "not found"."""
+    return [ln.strip() for ln in text.splitlines()[1:]
+            if re.match(r"^[\w.]*(Error|Exception): ", ln.strip())
+            and "Could not load this library" not in ln and not _NOT_FOUND.search(ln.strip())]
+
+
+def _one_line(e: BaseException) -> str:
+    """``Type: message`` on one line. Multi-line messages (torchcodec's loading report: a list of
+    "likely causes", then one traceback per FFmpeg version it tried) keep their first sentence and
+    what the tracebacks end in: the first error other than a missing library (the FFmpeg that is
+    installed but does not load), else the libraries that were not found."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    head = text.splitlines()[0].split("Likely causes:")[0].strip().rstrip(".")
+    roots, missing = _root_errors(text), _missing_libs(text)
+    if roots:
+        head += f" ({roots[0]})"
+    elif missing:
+        head += f" ({missing})"
+    return f"{type(e).__name__}: {head}"
+
+
+def _os_ids(path: str = "/etc/os-release") -> set[str]:
+    """``ID`` and ``ID_LIKE`` of the Linux distribution (``{"debian"}``, ``{"ubuntu", "debian"}``)."""
+    ids: set[str] = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.strip().partition("=")
+                if key in ("ID", "ID_LIKE"):
+                    ids.update(value.strip().strip('"\'').lower().split())
+    except OSError:
+        pass
+    return ids
+
+
+def ffmpeg_install_hint(os_release: str = "/etc/os-release") -> str:
+    """The command that installs FFmpeg's shared libraries (which torchcodec loads) here."""
+    prefix = os.environ.get("CONDA_PREFIX")
+    if prefix and os.path.realpath(prefix) == os.path.realpath(sys.prefix):
+        return "conda install -c conda-forge ffmpeg"
+    if sys.platform == "darwin":
+        return "brew install ffmpeg"
+    ids = _os_ids(os_release)
+    for family, cmd in (("debian", "apt-get install ffmpeg"), ("ubuntu", "apt-get install ffmpeg"),
+                        ("fedora", "dnf install ffmpeg-free"), ("rhel", "dnf install ffmpeg-free (EPEL)"),
+                        ("arch", "pacman -S ffmpeg"), ("alpine", "apk add ffmpeg-libs"),
+                        ("suse", "zypper install ffmpeg")):
+        if family in ids:
+            return cmd
+    return "install FFmpeg's shared libraries (libavcodec, libavformat ...) with the system's packages"
+
+
+def _import(name: str) -> None:
+    if name == "torchcodec":
+        from torchcodec.decoders import VideoDecoder  # noqa: F401  (the libraries load on first use)
+    elif name == "decord":
+        # decord loads its bundled FFmpeg/libvpx with RTLD_GLOBAL; PyAV loaded after it binds to
+        # those and its VP9 encoder fails (EINVAL). PyAV first keeps each library with its own.
+        with contextlib.suppress(ImportError):
+            import av  # noqa: F401
+        import decord  # noqa: F401
+    else:
+        import av  # noqa: F401
+
+
+def _decode_probe(name: str) -> None:
+    """Decode a tiny clip (written by PyAV, which bundles FFmpeg) with decoder ``name``: importing
+    is not enough, torchcodec imports fine and loads FFmpeg's libraries on its first file."""
+    from .video_io import write_video
+
+    frames = np.zeros((2, 48, 64, 3), np.uint8)
+    frames[1] += 200
+    with tempfile.TemporaryDirectory(prefix="zeroi2v-probe-") as d:
+        clip = os.path.join(d, "probe.mp4")
+        try:
+            write_video(clip, frames)
+        except Exception:  # no PyAV encoder: nothing to probe with; the import has to do
+            return
+        backend = _BACKENDS[name](clip)
+        got = np.asarray(backend.get_batch([1]))
+        if len(backend) != 2 or got.shape != (1, 48, 64, 3) or abs(float(got.mean()) - 200) > 20:
+            raise RuntimeError(f"decoded the probe clip wrongly ({len(backend)} frames, {got.shape})")
+
+
 @cache
 def _load_error(name: str) -> Optional[str]:
-    """``None`` when decoder ``name`` imports and loads here, else the error, one line."""
+    """``None`` when decoder ``name`` decodes a probe clip here, else why not and the fix, one line."""
+    if name not in DECODERS:
+        raise ValueError(f"decoder must be 'auto' or one of {DECODERS}, got {name!r}")
     try:
+        _import(name)
+    except ImportError as e:
+        return f"{name} is not installed ({_one_line(e)}): {_PIP_HINT[name]}"
+    except Exception as e:  # e.g. decord's library failing to load
+        return f"{name} cannot be imported here ({_one_line(e)}): {_PIP_HINT[name]}"
+    try:
+        _decode_probe(name)
+    except Exception as e:  # each library raises its own error types
+        why = _one_line(e)
+        if name == "torchcodec" and _missing_libs(str(e)) and not _root_errors(str(e)):
+            return (f"torchcodec cannot load FFmpeg's shared libraries here ({_missing_libs(str(e))}): "
+                    f"{ffmpeg_install_hint()}")
         if name == "torchcodec":
-            from torchcodec.decoders import VideoDecoder  # noqa: F401  (loads the FFmpeg libraries)
-        elif name == "decord":
-            # decord loads its bundled FFmpeg/libvpx with RTLD_GLOBAL; PyAV loaded after it binds to
-            # those and its VP9 encoder fails (EINVAL). PyAV first keeps each library with its own.
-            try:
-                import av  # noqa: F401
-            except ImportError:
-                pass
-            import decord  # noqa: F401
-        elif name == "pyav":
-            import av  # noqa: F401
-        else:
-            raise ValueError(f"decoder must be 'auto' or one of {DECODERS}, got {name!r}")
-    except ValueError:
-        raise
-    except Exception as e:  # ImportError, or torchcodec's RuntimeError when FFmpeg/torch do not match
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"{type(e).__name__}: {first}"
+            import torch
+
+            return (f"torchcodec cannot decode here ({why}): it needs FFmpeg's shared libraries "
+                    f"({ffmpeg_install_hint()}) and a release matching torch {torch.__version__} "
+                    f"({_PIP_HINT[name]})")
+        return f"{name} cannot decode here ({why}): reinstall it ({_PIP_HINT[name]})"
     return None
 
 
 def decoder_status() -> dict[str, Optional[str]]:
-    """``{decoder: None if usable here else the reason}`` for every decoder."""
+    """``{decoder: None if it decodes here, else why not and the fix}`` for every decoder.
+
+    Each decoder is probed once per process by decoding a tiny clip, so that the libraries it
+    loads lazily (torchcodec's FFmpeg) are really loaded."""
     return {name: _load_error(name) for name in DECODERS}
 
 
@@ -95,20 +225,70 @@ def available_decoders() -> list[str]:
     return [name for name in AUTO_ORDER if _load_error(name) is None]
 
 
+def _auto_candidates() -> list[str]:
+    """``auto``'s decoders; each one left out is reported once per process, with the fix."""
+    usable = available_decoders()
+    for name in AUTO_ORDER:
+        if name not in usable and f"unusable:{name}" not in _warned:
+            _warned.add(f"unusable:{name}")
+            logger.warning("decoder 'auto' reads videos without %s: %s (reported once)", name,
+                           _load_error(name))
+    return usable
+
+
 def check_decoder(decoder: str) -> str:
     """Validate a ``data.decoder`` setting: a ``ValueError`` naming the fix unless it can run here."""
     if decoder == "auto":
-        if not available_decoders():
-            raise ValueError("no video decoder is usable: " + "; ".join(
-                f"{n}: {e} ({_INSTALL_HINT[n]})" for n, e in decoder_status().items()))
+        if not _auto_candidates():
+            raise ValueError("no video decoder is usable here: " + "; ".join(
+                f"{n}: {e}" for n, e in decoder_status().items()))
         return decoder
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be 'auto' or one of {DECODERS}, got {decoder!r}")
     err = _load_error(decoder)
     if err is not None:
-        raise ValueError(f"decoder {decoder!r} cannot be used here ({err}); {_INSTALL_HINT[decoder]}, "
-                         f"or set decoder 'auto' (usable: {available_decoders()})")
+        raise ValueError(f"decoder {decoder!r} cannot be used here: {err}; or set decoder 'auto' "
+                         f"(usable here: {', '.join(available_decoders()) or 'none'})")
     return decoder
+
+
+# ------------------------------------------------------------------------------- stream header
+#: Decoder option that makes PyAV's stream-info probe (``av.open``) parse headers without decoding
+#: a frame; without it, opening an 8K video decodes one (~80 MB) before any limit is checked.
+#: Given for FFmpeg's default maximum of streams, so it reaches a video stream behind others.
+_NO_DECODE = [{"skip_frame": "all"}] * 1000
+
+
+def stream_frame_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of the first video stream of ``path``, from its headers (nothing is
+    decoded); ``VideoDecodeError`` when the file has none."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"PyAV reads every video's header before decoding: {_PIP_HINT['pyav']}") from None
+    try:
+        with av.open(path, stream_options=_NO_DECODE) as container:
+            if not container.streams.video:
+                raise VideoDecodeError(path, "no video stream")
+            cc = container.streams.video[0].codec_context
+            w, h = int(cc.width or 0), int(cc.height or 0)
+    except VideoDecodeError:
+        raise
+    except Exception as e:  # PyAV's errors for files that are not videos
+        raise VideoDecodeError(path, f"not a readable video ({_one_line(e)})") from None
+    if w <= 0 or h <= 0:
+        raise VideoDecodeError(path, "its stream header gives no frame size")
+    return w, h
+
+
+def _frame_size(path: str) -> tuple[int, int]:
+    """:func:`stream_frame_size`, checked against ``ZEROI2V_MAX_VIDEO_PIXELS``."""
+    w, h = stream_frame_size(path)
+    try:
+        limits.check_video_pixels(path, w, h)
+    except LimitError as e:
+        raise VideoTooLargeError(path, str(e).removeprefix(f"{path}: ")) from None
+    return w, h
 
 
 # ----------------------------------------------------------------------------------- backends
@@ -256,19 +436,20 @@ def _note_fallback(name: str, path: str, reason: str) -> None:
                        "videos (reported once)", name, path, reason)
 
 
-def _why(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
-
-
 class VideoReader:
     """Random frame access to one video through ``decoder`` (``auto`` or one of ``DECODERS``).
 
     ``len(reader)``: frames in presentation order. ``reader.get_batch(indices)``: any ints in
     ``[0, len)``, repeats allowed, returns ``(len(indices), H, W, 3)`` uint8 RGB.
-    ``reader.decoder``: the decoder that delivered the last batch. Every failure (missing file,
-    not a video, no frames, an undecodable frame) raises ``VideoDecodeError`` naming the path;
-    a decoder that cannot run here raises ``ValueError`` (see ``check_decoder``).
+    ``reader.decoder``: the decoder that delivered the last batch; ``reader.width`` and
+    ``reader.height``: the frame size. Every failure (missing file, not a video, no frames, an
+    undecodable frame) raises ``VideoDecodeError`` naming the path; a decoder that cannot run here
+    raises ``ValueError`` (see ``check_decoder``).
+
+    Limits (:mod:`zeroi2v.limits`), checked before anything is decoded: the frame size, read from
+    the stream header, must be within ``ZEROI2V_MAX_VIDEO_PIXELS``, and a batch of decoded frames
+    (frames x width x height x 3 bytes) within ``ZEROI2V_MEMORY_LIMIT``; either raises
+    ``VideoTooLargeError``.
     """
 
     def __init__(self, path: str | os.PathLike, decoder: str = "auto"):
@@ -276,7 +457,8 @@ class VideoReader:
         check_decoder(decoder)
         if not os.path.isfile(self.path):
             raise VideoDecodeError(self.path, "file not found")
-        self._candidates = available_decoders() if decoder == "auto" else [decoder]
+        self.width, self.height = _frame_size(self.path)
+        self._candidates = _auto_candidates() if decoder == "auto" else [decoder]
         self._auto = decoder == "auto"
         self._errors: list[str] = []
         self._backend = None
@@ -292,7 +474,7 @@ class VideoReader:
                 backend = _BACKENDS[name](self.path)
                 n = len(backend)
             except Exception as e:  # each library raises its own error types
-                self._fail(name, _why(e))
+                self._fail(name, _one_line(e))
                 continue
             if n <= 0:
                 self._fail(name, "no decodable frames")
@@ -325,6 +507,13 @@ class VideoReader:
         if idx.min() < 0 or idx.max() >= n:
             raise VideoDecodeError(self.path, f"frame index out of range [0, {n}): min {idx.min()}, "
                                               f"max {idx.max()}")
+        w, h = self.width, self.height
+        try:
+            limits.check_bytes(idx.size * w * h * 3, f"decoding {idx.size} frames of {w}x{h}",
+                               fix="sample fewer frames, or re-encode the videos smaller once "
+                                   "(zeroi2v prepare SRC DST --short-side 256)")
+        except LimitError as e:
+            raise VideoTooLargeError(self.path, str(e)) from None
         uniq, inverse = np.unique(idx, return_inverse=True)
         while True:
             try:
@@ -332,7 +521,12 @@ class VideoReader:
                 if frames.ndim != 4 or frames.shape[0] != len(uniq) or frames.shape[-1] != 3 \
                         or frames.dtype != np.uint8:
                     raise RuntimeError(f"returned frames {frames.dtype} {frames.shape}")
+                if frames.shape[1] * frames.shape[2] > w * h:  # the header lied about the size
+                    raise VideoDecodeError(self.path, f"frames of {frames.shape[2]}x{frames.shape[1]} "
+                                                      f"where the stream header says {w}x{h}")
                 return frames[inverse]
+            except VideoDecodeError:
+                raise
             except Exception as e:
-                self._fail(self._backend.name, _why(e))
+                self._fail(self._backend.name, _one_line(e))
                 self._open_next(n)  # raises VideoDecodeError when no decoder is left

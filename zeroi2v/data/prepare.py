@@ -4,23 +4,37 @@ Decoding full-size videos is what starves a GPU during training; resizing the wh
 (short side 256 for the 224 crops of the recipes) makes every later epoch cheaper. Each video of
 ``SRC`` becomes ``DST/<same relative path>.mp4`` (H.264, PyAV's bundled FFmpeg, no audio):
 
-* atomic: written to a hidden temporary name in the destination folder, then renamed, so an
-  output that exists is complete;
-* resumable: outputs that exist are kept; temporaries left by an interrupted run are removed;
-* unreadable inputs are listed in ``DST/prepare_failed.txt`` (path and reason) and skipped;
+* one run per destination: ``DST/.zeroi2v.lock`` (:func:`zeroi2v.files.folder_lock`); a second
+  run is refused naming the first, the lock of a killed run is taken over and reported;
+* atomic: written to a hidden temporary name (the run's pid and a random tag) beside the output,
+  then renamed, so an output that exists is complete; a run removes only its own temporaries, and
+  at start-up (lock held) those that dead runs left;
+* resumable: outputs that exist are kept;
+* safe names: whitespace, control characters and undecodable bytes in a path become ``_`` (and a
+  leading ``#``), because ``annotations.txt`` is ``path label`` per line; all names are checked
+  before anything is converted (two sources that would get one name are refused);
+* unreadable inputs and entries that are not regular files (FIFOs, sockets, devices, broken
+  links: opening a FIFO would wait forever) are skipped and listed in ``DST/prepare_failed.txt``;
 * with class folders (every video under ``SRC/<class>/...``) it writes ``DST/annotations.txt``
-  (``relative/path.mp4 label``, classes numbered in sorted order) and ``DST/classes.txt``.
+  (``relative/path.mp4 label``, classes numbered in sorted order) and ``DST/classes.txt``;
+* the lists are written atomically and every file gets the user's umask; a full disk or a
+  permission error while writing stops the run with one line naming the path and what was kept.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import secrets
+import stat
+import unicodedata
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["prepare_videos", "find_videos", "add_prepare_parser", "run_prepare", "VIDEO_EXTENSIONS"]
+__all__ = ["prepare_videos", "find_videos", "scan_sources", "safe_name", "add_prepare_parser", "run_prepare",
+           "VIDEO_EXTENSIONS", "DestinationError"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
                     ".3gp", ".ogv", ".ts")
@@ -28,20 +42,63 @@ _TMP_TAG = ".zeroi2v-part"
 FAILED_LIST, ANNOTATIONS, CLASSES = "prepare_failed.txt", "annotations.txt", "classes.txt"
 
 
-def find_videos(src: str | os.PathLike, exclude: Optional[str | os.PathLike] = None) -> list[str]:
-    """Relative paths (POSIX, sorted) of the video files under ``src``, by extension; ``exclude``
-    (a folder inside ``src``, e.g. the destination) is not searched."""
+def _shown(rel: str) -> str:
+    """``rel`` as printed and listed: quoted when it holds characters a line cannot show."""
+    return rel if rel.isprintable() else ascii(rel)
+
+
+def safe_name(rel: str) -> str:
+    """The output path for source path ``rel`` (POSIX, relative): whitespace, control characters
+    and undecodable bytes become ``_``, as does a leading ``#`` (a comment in annotation files);
+    the extension becomes ``.mp4``."""
+    out = "".join("_" if c.isspace() or unicodedata.category(c).startswith("C") else c for c in rel)
+    if out.startswith("#"):
+        out = "_" + out[1:]
+    return Path(out).with_suffix(".mp4").as_posix()
+
+
+def _not_regular(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read as a file (``None`` for a regular file or a link to one)."""
+    try:
+        mode = os.stat(path).st_mode  # follows symbolic links
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else "vanished while listing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a folder" if stat.S_ISDIR(mode) else "not a file")
+    return f"not a regular file ({kind})"
+
+
+def scan_sources(src: str | os.PathLike, exclude: Optional[str | os.PathLike] = None
+                 ) -> tuple[list[str], list[tuple[str, str]]]:
+    """``(videos, skipped)`` under ``src`` by extension (relative POSIX paths, sorted): regular
+    files (or links to them), and ``(path, reason)`` of the entries that are not. ``exclude`` (a
+    folder inside ``src``, e.g. the destination) is not searched; hidden names are left out."""
     src = Path(src)
     skip = Path(exclude).resolve() if exclude is not None else None
-    out = []
+    videos, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(src):
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                              and (skip is None or (here / d).resolve() != skip))
         for f in filenames:
             if not f.startswith(".") and f.lower().endswith(VIDEO_EXTENSIONS):
-                out.append((here / f).relative_to(src).as_posix())
-    return sorted(out)
+                rel = (here / f).relative_to(src).as_posix()
+                why = _not_regular(str(here / f))
+                if why is None:
+                    videos.append(rel)
+                else:
+                    skipped.append((rel, why))
+    return sorted(videos), sorted(skipped)
+
+
+def find_videos(src: str | os.PathLike, exclude: Optional[str | os.PathLike] = None) -> list[str]:
+    """Relative paths (POSIX, sorted) of the video files under ``src`` (see :func:`scan_sources`)."""
+    return scan_sources(src, exclude)[0]
 
 
 def _output_size(w: int, h: int, short_side: int) -> tuple[int, int]:
@@ -51,95 +108,181 @@ def _output_size(w: int, h: int, short_side: int) -> tuple[int, int]:
     return max(2, int(round(w * short_side / h / 2)) * 2), short_side
 
 
+class DestinationError(OSError):
+    """Writing into the destination failed (full disk, permissions): not the input's fault, and
+    every later output would fail the same way. ``filename`` is the output being written."""
+
+
+class _Sink:
+    """The output container; its OSErrors (writes happen on ``mux`` and ``close``) become
+    :class:`DestinationError`, so they are not taken for a broken input."""
+
+    def __init__(self, tmp: str):
+        import av
+
+        self.tmp = tmp
+        self.container = self._call(av.open, tmp, mode="w", format="mp4")
+
+    def _call(self, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except OSError as e:
+            raise DestinationError(e.errno or errno.EIO, e.strerror or str(e), self.tmp) from None
+
+    def mux(self, packets) -> None:
+        for packet in packets:
+            self._call(self.container.mux, packet)
+
+    def close(self) -> None:
+        self._call(self.container.close)
+
+
 def _transcode(src: str, tmp: str, short_side: int, fps: Optional[float], crf: int) -> int:
     """Decode ``src``, resize, resample to ``fps`` (``None``: keep every frame) and write ``tmp``.
     Returns the number of frames written."""
-    import math
-
     import av
 
-    from .video_io import add_video_stream
+    from .. import limits
+    from .decoders import stream_frame_size
 
+    # what decoding asks for, before a frame is decoded: FFmpeg's automatic frame threading keeps
+    # about one frame per core (at most 16) in flight, plus the one being resized
+    w, h = stream_frame_size(src)
+    in_flight = min(os.cpu_count() or 1, 16) + 2
+    limits.check_bytes(w * h * 3 * in_flight, f"decoding frames of {w}x{h} ({in_flight} in flight)")
     with av.open(src) as inp:
         if not inp.streams.video:
             raise ValueError("no video stream")
         ist = inp.streams.video[0]
         ist.thread_type = "AUTO"
-        in_rate = ist.average_rate or ist.guessed_rate or Fraction(30)
-        rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(in_rate)
-        with av.open(tmp, mode="w", format="mp4") as out:
-            ost, size, written = None, None, 0
-            pending, t0, t = None, None, 0.0
-
-            def emit(frame, upto: int) -> None:
-                """Write ``frame`` as output frames ``written .. upto - 1``."""
-                nonlocal written
-                if written >= upto:
-                    return
-                # limited range out; the source's range explicitly (MJPEG's yuvj is full range)
-                rng = {"src_color_range": frame.color_range} if frame.color_range in (1, 2) else {}
-                small = frame.reformat(width=size[0], height=size[1], format="yuv420p",
-                                       interpolation="BICUBIC", dst_color_range=1, **rng)
-                while written < upto:
-                    small.pts, small.time_base = written, 1 / rate
-                    for packet in ost.encode(small):
-                        out.mux(packet)
-                    written += 1
-
-            for i, frame in enumerate(inp.decode(ist)):
-                if ost is None:
-                    size = _output_size(frame.width, frame.height, short_side)
-                    ost = add_video_stream(out, "h264", size[0], size[1], rate,
-                                           {"preset": "veryfast", "crf": str(crf)})
-                    cc = ost.codec_context
-                    cc.color_range = 1
-                    for tag in ("colorspace", "color_primaries", "color_trc"):  # e.g. BT.709 for HD
-                        if hasattr(frame, tag) and hasattr(cc, tag):  # (older PyAV lacks some)
-                            setattr(cc, tag, getattr(frame, tag))
-                if not fps:
-                    emit(frame, written + 1)
-                    continue
-                t = (frame.time if frame.time is not None else i / float(in_rate))
-                t0 = t if t0 is None else t0
-                t -= t0
-                # output frame k shows the source frame on screen at time k / fps
-                if pending is not None:
-                    emit(pending, math.ceil(t * float(rate) - 1e-6))
-                pending = frame
-            if ost is None:
-                raise ValueError("no decodable frames")
-            if pending is not None:  # the last source frame lasts one source frame interval
-                emit(pending, max(written + (written == 0),
-                                  math.ceil((t + 1 / float(in_rate)) * float(rate) - 1e-6)))
-            for packet in ost.encode():
-                out.mux(packet)
+        out = _Sink(tmp)
+        try:
+            written = _convert(inp, ist, out, short_side, fps, crf)
+        except BaseException:
+            try:
+                out.container.close()
+            except Exception:  # the first error is the one to report
+                pass
+            raise
+        out.close()
     return written
 
 
-def _prepare_one(src: str, dst: str, short_side: int, fps: Optional[float], crf: int) -> tuple[int, str]:
-    """Transcode one file atomically. Returns ``(frames, "")`` or ``(0, reason)``; never raises for
-    a bad input."""
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
+def _convert(inp, ist, out: _Sink, short_side: int, fps: Optional[float], crf: int) -> int:
+    import math
+
+    from .video_io import add_video_stream
+
+    in_rate = ist.average_rate or ist.guessed_rate or Fraction(30)
+    rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(in_rate)
+    ost, size, written = None, None, 0
+    pending, t0, t = None, None, 0.0
+
+    def emit(frame, upto: int) -> None:
+        """Write ``frame`` as output frames ``written .. upto - 1``."""
+        nonlocal written
+        if written >= upto:
+            return
+        # limited range out; the source's range explicitly (MJPEG's yuvj is full range)
+        rng = {"src_color_range": frame.color_range} if frame.color_range in (1, 2) else {}
+        small = frame.reformat(width=size[0], height=size[1], format="yuv420p",
+                               interpolation="BICUBIC", dst_color_range=1, **rng)
+        while written < upto:
+            small.pts, small.time_base = written, 1 / rate
+            out.mux(ost.encode(small))
+            written += 1
+
+    for i, frame in enumerate(inp.decode(ist)):
+        if ost is None:
+            size = _output_size(frame.width, frame.height, short_side)
+            ost = add_video_stream(out.container, "h264", size[0], size[1], rate,
+                                   {"preset": "veryfast", "crf": str(crf)})
+            cc = ost.codec_context
+            cc.color_range = 1
+            for tag in ("colorspace", "color_primaries", "color_trc"):  # e.g. BT.709 for HD
+                if hasattr(frame, tag) and hasattr(cc, tag):  # (older PyAV lacks some)
+                    setattr(cc, tag, getattr(frame, tag))
+        if not fps:
+            emit(frame, written + 1)
+            continue
+        t = (frame.time if frame.time is not None else i / float(in_rate))
+        t0 = t if t0 is None else t0
+        t -= t0
+        # output frame k shows the source frame on screen at time k / fps
+        if pending is not None:
+            emit(pending, math.ceil(t * float(rate) - 1e-6))
+        pending = frame
+    if ost is None:
+        raise ValueError("no decodable frames")
+    if pending is not None:  # the last source frame lasts one source frame interval
+        emit(pending, max(written + (written == 0),
+                          math.ceil((t + 1 / float(in_rate)) * float(rate) - 1e-6)))
+    out.mux(ost.encode())
+    return written
+
+
+def _prepare_one(src: str, dst: str, tag: str, short_side: int, fps: Optional[float],
+                 crf: int) -> tuple[int, str]:
+    """Transcode one file atomically. Returns ``(frames, "")`` or ``(0, reason)`` for a bad input;
+    raises :class:`DestinationError` (naming ``dst``) when the output cannot be written."""
+    from .decoders import VideoDecodeError, _one_line
+
     d, name = os.path.split(dst)
-    tmp = os.path.join(d, f".{name}.{os.getpid()}{_TMP_TAG}.mp4")
+    tmp = os.path.join(d, f".{name}.{tag}{_TMP_TAG}.mp4")
     try:
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise DestinationError(e.errno, e.strerror, e.filename or d) from None
         n = _transcode(src, tmp, short_side, fps, crf)
-        os.replace(tmp, dst)
+        try:
+            os.replace(tmp, dst)
+        except OSError as e:
+            raise DestinationError(e.errno, e.strerror, dst) from None
         return n, ""
+    except DestinationError as e:
+        raise DestinationError(e.errno, e.strerror, dst if e.filename == tmp else e.filename) from None
+    except VideoDecodeError as e:
+        return 0, e.reason
     except Exception as e:  # PyAV raises its own error types for unreadable input
-        lines = str(e).strip().splitlines()
-        return 0, f"{type(e).__name__}: {lines[0] if lines else ''}".strip()
+        return 0, _one_line(e)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):  # only this run's temporary: the name holds its tag
             os.remove(tmp)
 
 
 def _remove_stale_parts(dst: Path) -> int:
+    """Remove the temporaries of runs that died; only while holding ``dst``'s lock."""
     n = 0
     for p in dst.rglob(f".*{_TMP_TAG}.mp4"):
-        p.unlink()
-        n += 1
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+            n += 1
     return n
+
+
+def _plan(videos: list[str], src: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """``{output: source}`` and the renamed ``(source, output)`` pairs; a ``ValueError`` naming
+    both sources when two would get one output name (file or folder)."""
+    outputs: dict[str, str] = {}
+    folders: dict[str, str] = {}
+    renamed = []
+    for rel in videos:
+        out = safe_name(rel)
+        if out in outputs:
+            raise ValueError(f"{src / outputs[out]} and {src / rel} would both become {out}; rename one "
+                             "(nothing was converted)")
+        outputs[out] = rel
+        src_parts, out_parts = rel.split("/")[:-1], out.split("/")[:-1]
+        for k in range(1, len(out_parts) + 1):
+            o, s = "/".join(out_parts[:k]), "/".join(src_parts[:k])
+            if folders.setdefault(o, s) != s:
+                raise ValueError(f"folders {_shown(str(src / folders[o]))} and {_shown(str(src / s))} would "
+                                 f"both become {o} (names are made safe for annotation files: spaces "
+                                 "and control characters become _); rename one (nothing was converted)")
+        if Path(rel).with_suffix(".mp4").as_posix() != out:
+            renamed.append((rel, out))
+    return outputs, renamed
 
 
 def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: int = 256,
@@ -151,8 +294,13 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
     repeated or dropped by their timestamps); ``None`` keeps every frame and the source rate.
     ``workers``: parallel processes (1: this process). ``crf``: x264 quality (lower is better).
 
-    Returns ``dict(converted, existing, failed, annotations, classes)``: ``failed`` is a list of
-    ``(relative path, reason)``; ``annotations`` / ``classes`` the files written, or ``None``.
+    Returns ``dict(converted, existing, failed, skipped, renamed, annotations, classes,
+    took_over, removed)``: ``failed`` lists ``(relative path, reason)`` of unreadable inputs,
+    ``skipped`` those of entries that are not regular files; ``renamed`` ``(source, output)``
+    pairs whose names were made safe; ``annotations`` / ``classes`` the files written, or
+    ``None``; ``took_over`` the record of a dead run's lock (or ``None``); ``removed`` the number
+    of temporaries dead runs left. Raises ``FolderLockedError`` while another run holds ``dst``
+    and :class:`PrepareWriteError` when ``dst`` cannot be written.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -166,71 +314,139 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
         raise ValueError(f"--fps must be > 0, got {fps}")
     if int(workers) < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    videos = find_videos(src, exclude=dst)
+    videos, skipped = scan_sources(src, exclude=dst)
     if not videos:
-        raise ValueError(f"no video files under {src} (extensions: {', '.join(VIDEO_EXTENSIONS)})")
-    outputs: dict[str, str] = {}
-    for rel in videos:
-        out = str(Path(rel).with_suffix(".mp4").as_posix())
-        if out in outputs:
-            raise ValueError(f"{outputs[out]} and {rel} would both become {out}; rename one")
-        outputs[out] = rel
-    dst.mkdir(parents=True, exist_ok=True)
-    _remove_stale_parts(dst)
+        extra = (f"; {len(skipped)} entries are not regular files, e.g. {_shown(skipped[0][0])}"
+                 if skipped else "")
+        raise ValueError(f"no video files under {src} (extensions: {', '.join(VIDEO_EXTENSIONS)}){extra}")
+    outputs, renamed = _plan(videos, src)
+    from ..files import folder_lock, remove_stale_temporaries
 
-    todo = [(rel, out) for out, rel in outputs.items() if not (dst / out).is_file()]
-    existing = len(outputs) - len(todo)
-    failed: list[tuple[str, str]] = []
-    args = [(str(src / rel), str(dst / out), int(short_side), fps, int(crf)) for rel, out in todo]
+    state = _RunState()
+    try:
+        with folder_lock(dst, f"zeroi2v prepare {src} {dst}") as stale:
+            removed = _remove_stale_parts(dst) + len(remove_stale_temporaries(dst))
+            todo = [(rel, out) for out, rel in outputs.items() if not (dst / out).is_file()]
+            state.existing = len(outputs) - len(todo)
+            tag = f"{os.getpid()}-{secrets.token_hex(4)}"  # this run's temporaries, and only those
+            args = [(str(src / rel), str(dst / out), tag, int(short_side), fps, int(crf))
+                    for rel, out in todo]
+            try:
+                _run(todo, args, int(workers), progress, state)
+            except BaseException:  # keep the list of what failed so far, if it can be written
+                try:
+                    _write_failed(dst / FAILED_LIST, state.failed + skipped)
+                except OSError as e:
+                    state.lists_error = e.strerror or str(e)
+                raise
+            state.failed.sort()
+            _write_failed(dst / FAILED_LIST, state.failed + skipped)
+            ann, classes = _write_annotations(dst, [out for out in outputs if (dst / out).is_file()])
+    except OSError as e:
+        if not isinstance(e, DestinationError) and not _under(e.filename, dst):
+            raise
+        kept = sum((dst / out).is_file() for out in outputs)
+        raise PrepareWriteError(_write_failure(e, state, dst, kept)) from None
+    return {"converted": state.converted, "existing": state.existing, "failed": state.failed,
+            "skipped": skipped, "renamed": renamed, "annotations": ann, "classes": classes,
+            "took_over": stale, "removed": removed}
+
+
+class PrepareWriteError(ValueError):
+    """The destination could not be written (one line: the path, the reason, what was kept)."""
+
+
+class _RunState:
+    def __init__(self):
+        self.converted = self.existing = 0
+        self.failed: list[tuple[str, str]] = []
+        self.lists_error: Optional[str] = None
+
+
+def _under(path, folder: Path) -> bool:
+    if not path:
+        return False
+    try:
+        return Path(os.fspath(path)).resolve().is_relative_to(folder.resolve())
+    except (TypeError, ValueError, OSError):
+        return False
+
+
+def _run(todo, args, workers: int, progress: bool, state: _RunState) -> None:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(outputs), initial=existing, desc="prepare", unit="video", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        if int(workers) == 1:
-            results = ((rel, _prepare_one(*a)) for (rel, _), a in zip(todo, args))
-            for rel, (_, reason) in results:
-                if reason:
-                    failed.append((rel, reason))
-                bar.update(1)
+    bar = tqdm(total=len(todo) + state.existing, initial=state.existing, desc="prepare", unit="video",
+               disable=not progress, dynamic_ncols=True)
+
+    def done(rel: str, reason: str) -> None:
+        if reason:
+            state.failed.append((rel, reason))
         else:
-            with ProcessPoolExecutor(max_workers=int(workers)) as pool:
-                futures = {pool.submit(_prepare_one, *a): rel for (rel, _), a in zip(todo, args)}
+            state.converted += 1
+        bar.update(1)
+
+    try:
+        if workers == 1:
+            for (rel, _), a in zip(todo, args):
+                done(rel, _prepare_one(*a)[1])
+            return
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(_prepare_one, *a): rel for (rel, _), a in zip(todo, args)}
+            try:
                 for fut in as_completed(futures):
-                    _, reason = fut.result()
-                    if reason:
-                        failed.append((futures[fut], reason))
-                    bar.update(1)
+                    done(futures[fut], fut.result()[1])
+            except BaseException:
+                for fut in futures:  # the outputs under way finish or fail; nothing new starts
+                    fut.cancel()
+                raise
     finally:
         bar.close()
-    failed.sort()
-    _write_failed(dst / FAILED_LIST, failed)
-    ann, classes = _write_annotations(dst, [out for out in outputs if (dst / out).is_file()])
-    return {"converted": len(todo) - len(failed), "existing": existing, "failed": failed,
-            "annotations": ann, "classes": classes}
+
+
+def _write_failure(e: OSError, state: _RunState, dst: Path, kept_videos: int) -> str:
+    """One line: what could not be written, why, and what is kept."""
+    why = e.strerror or str(e)
+    kept = f"kept: {kept_videos} complete videos in {dst}" if kept_videos else "no video was written"
+    if state.failed and state.lists_error is None and (dst / FAILED_LIST).is_file():
+        kept += f", the unreadable inputs listed in {dst / FAILED_LIST}"
+    elif state.lists_error is not None:
+        kept += f" ({dst / FAILED_LIST} could not be written either: {state.lists_error})"
+    fix = ("free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+           else "make it writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+           else "fix that")
+    return f"cannot write {e.filename}: {why}; {kept}; {fix}, then run the same command again to resume"
 
 
 def _write_failed(path: Path, failed) -> None:
-    if not failed:
-        if path.exists():
-            path.unlink()
-        return
-    with open(path, "w", encoding="utf-8") as f:
-        for rel, reason in failed:
-            f.write(f"{rel}\t{reason}\n")
+    """Write (or remove) the list of inputs that were not converted."""
+    from .annotations import write_text_atomic
+
+    try:
+        if not failed:
+            if path.exists():
+                path.unlink()
+            return
+        write_text_atomic(path, "".join(f"{_shown(rel)}\t{reason}\n" for rel, reason in sorted(failed)))
+    except OSError as e:
+        raise DestinationError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def _write_annotations(dst: Path, outputs: list[str]) -> tuple[Optional[str], Optional[str]]:
     """``annotations.txt`` + ``classes.txt`` when every output lies in a class folder."""
-    from .annotations import write_annotations
+    from .annotations import write_annotations, write_text_atomic
 
     if not outputs or any("/" not in rel for rel in outputs):
         return None, None
     classes = sorted({rel.split("/", 1)[0] for rel in outputs})
     label = {c: i for i, c in enumerate(classes)}
     ann, names = dst / ANNOTATIONS, dst / CLASSES
-    write_annotations(ann, [(rel, label[rel.split("/", 1)[0]]) for rel in sorted(outputs)])
-    names.write_text("\n".join(classes) + "\n", encoding="utf-8")
+    for path, write in ((ann, lambda: write_annotations(ann, [(rel, label[rel.split("/", 1)[0]])
+                                                              for rel in sorted(outputs)])),
+                        (names, lambda: write_text_atomic(names, "\n".join(classes) + "\n"))):
+        try:
+            write()
+        except OSError as e:
+            raise DestinationError(e.errno, e.strerror or str(e), str(path)) from None
     return str(ann), str(names)
 
 
@@ -255,13 +471,26 @@ def add_prepare_parser(sub) -> argparse.ArgumentParser:
 def run_prepare(args) -> int:
     res = prepare_videos(args.src, args.dst, short_side=args.short_side, fps=args.fps,
                          workers=args.workers, crf=args.crf, progress=not args.no_progress)
-    total = res["converted"] + res["existing"] + len(res["failed"])
-    print(f"prepared {res['converted']} videos, {res['existing']} already done, "
-          f"{len(res['failed'])} unreadable, of {total} under {args.src}")
-    for rel, reason in res["failed"][:10]:
-        print(f"  unreadable: {rel} ({reason})")
-    if res["failed"]:
+    if res["took_over"]:
+        rec = res["took_over"]
+        print(f"took over the lock of a run that stopped without releasing it (pid {rec.get('pid')} on "
+              f"{rec.get('host')}, since {rec.get('started')})")
+    if res["removed"]:
+        print(f"removed {res['removed']} temporary files of interrupted runs")
+    failed, skipped = res["failed"], res["skipped"]
+    total = res["converted"] + res["existing"] + len(failed) + len(skipped)
+    odd = f", {len(skipped)} not regular files" if skipped else ""
+    print(f"prepared {res['converted']} videos, {res['existing']} already done, {len(failed)} unreadable"
+          f"{odd}, of {total} under {args.src}")
+    for rel, reason in (failed + skipped)[:10]:
+        print(f"  skipped: {_shown(rel)} ({reason})")
+    if failed or skipped:
         print(f"  full list: {Path(args.dst) / FAILED_LIST}")
+    if res["renamed"]:
+        rel, out = res["renamed"][0]
+        print(f"{len(res['renamed'])} output names made safe for annotation files (e.g. {_shown(rel)} "
+              f"-> {out})")
     if res["annotations"]:
         print(f"annotation file: {res['annotations']} (classes: {res['classes']})")
     return 0
+
