@@ -245,3 +245,23 @@ def test_bias_free_attention_merges_into_plain_timm(name, kw, tmp_path):
     merged.save_pretrained(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "m").double()(x), merged(x))
+
+
+def test_loading_a_hybrid_builds_its_parameters_on_meta():
+    """timm's hybrid ViTs run their CNN stem on a dummy image while being built (to size the
+    patch projection); loading builds the parameters on the meta device, so that forward runs
+    there too (it used to fail: 'Tensor on device meta is not on the expected device cpu')."""
+    from zeroi2v import ZeroI2VViT
+    from zeroi2v.models.timm_spec import parameters_on_meta
+
+    cfg = create_video_model("vit_small_resnet26d_224", T, 5, img_size=32, depth=1).config
+    empty = ZeroI2VViT.from_config(cfg, empty=True)
+    assert all(p.is_meta for p in empty.parameters())  # nothing allocated for the weights
+    stats = [b for n, b in empty.named_buffers() if n.endswith("running_mean")]
+    assert stats and not any(b.is_meta for b in stats)  # buffers stay real, loaded with assign
+    with parameters_on_meta():
+        w = torch.nn.Linear(2, 2).weight
+        real = torch.ones(2, 2)
+        assert (real + w).is_meta
+        with pytest.raises(RuntimeError, match="meta"):  # a write into a real tensor is not
+            real.copy_(w)                                 # turned into one into a meta copy

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 def create(name: str, kwargs: Optional[dict] = None, *, device=None) -> nn.Module:
@@ -39,7 +41,11 @@ def parameters_on_meta() -> Iterator[None]:
     """Inside the block, every new parameter is created on the meta device (no memory, no
     initialisation) while buffers stay real, so buffers computed at construction (position
     indices, rotary tables) keep their values. Load the weights with
-    ``load_state_dict(..., assign=True)`` afterwards."""
+    ``load_state_dict(..., assign=True)`` afterwards.
+
+    An operation that meets a meta parameter and a real tensor runs on the meta device
+    (:class:`_MetaWins`): timm's hybrid ViTs run their CNN stem on a dummy image while being
+    built, only to read the feature map's shape."""
     original = nn.Module.register_parameter
 
     def register(module, name, param):
@@ -49,9 +55,32 @@ def parameters_on_meta() -> Iterator[None]:
 
     nn.Module.register_parameter = register
     try:
-        yield
+        with _MetaWins():
+            yield
     finally:
         nn.Module.register_parameter = original
+
+
+class _MetaWins(TorchFunctionMode):
+    """Run an operation that mixes meta and real tensors on the meta device. An in-place
+    operation on a real tensor is left alone (it fails as it would without this mode): writing
+    into a meta copy would silently drop the write."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.is_meta for t in tensors) and not all(t.is_meta for t in tensors) \
+                and not _writes_into_real(func, tensors, kwargs):
+            args, kwargs = pytree.tree_map_only(
+                torch.Tensor, lambda t: t if t.is_meta else t.to("meta"), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _writes_into_real(func, tensors: list, kwargs: dict) -> bool:
+    name = getattr(func, "__name__", "")
+    inplace = (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") \
+        or name == "__setitem__"
+    return (inplace and not tensors[0].is_meta) or "out" in kwargs
 
 
 def signature(model: nn.Module) -> tuple:
