@@ -23,6 +23,7 @@ from zeroi2v.interop import (
     load_clip_weights,
     load_official_checkpoint,
     official_config,
+    onnx_files,
 )
 
 CLIP_B = "vit_base_patch16_clip_quickgelu_224"
@@ -393,16 +394,17 @@ def test_torch_export_and_onnx(imported_long, tmp_path):
     with torch.no_grad():
         assert rel_err(ep.module()(x), want) <= 1e-5
         assert rel_err(merged(x), want) == 0  # eager model unaffected by tracing
-    # the TorchScript-based exporter needs nothing beyond torch (onnxscript is not a dependency)
+    # the TorchScript-based exporter (onnx without onnxscript) fixes the batch size
     path = export_onnx(merged, x, tmp_path / "model.onnx", dynamo=False)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     (got,) = sess.run(None, {"video": x.numpy()})
     assert rel_err(torch.from_numpy(got), want) <= 1e-4
+    with pytest.raises(ValueError, match="dynamic_batch=True needs the dynamo-based"):
+        export_onnx(merged, x, tmp_path / "dyn.onnx", dynamo=False, dynamic_batch=True)
 
 
 @pytest.mark.slow
 def test_onnx_dynamo_exporter(imported_long, tmp_path):
-    pytest.importorskip("onnxscript")
     import onnxruntime as ort
 
     merged = merge_adapters(imported_long).eval()
@@ -412,6 +414,138 @@ def test_onnx_dynamo_exporter(imported_long, tmp_path):
     (got,) = sess.run(None, {"video": x.numpy()})
     with torch.no_grad():
         assert rel_err(torch.from_numpy(got), merged(x)) <= 1e-4
+
+
+# one model of each family, merged: a ViT, an Eva (RoPE) and a BEiT (relative position bias)
+SMALL = dict(depth=1, embed_dim=64, num_heads=4)
+EXPORT_FAMILIES = [
+    pytest.param("vit_small_patch16_224", dict(SMALL, img_size=32), id="vit"),
+    pytest.param("eva02_tiny_patch14_224", dict(SMALL, img_size=28), id="eva",
+                 marks=pytest.mark.slow),
+    pytest.param("beitv2_base_patch16_224", dict(SMALL, img_size=32), id="beit",
+                 marks=pytest.mark.slow),
+    pytest.param("vit_tiny_r_s16_p8_224", dict(SMALL, img_size=32), id="hybrid",
+                 marks=pytest.mark.slow),
+]
+
+
+def _small_video_model(name, kw):
+    from zeroi2v import create_video_model
+
+    model = create_video_model(name, 4, 5, **kw).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking adapters and head, so the merge changes weights
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _clip(model, b, seed=3):
+    size = model.backbone.patch_embed.img_size
+    return torch.randn(b, 3, model.num_frames, *size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name,kw", EXPORT_FAMILIES)
+def test_export_each_family_with_a_dynamic_batch(name, kw, tmp_path):
+    """.pt2 and ONNX of the merged model, any batch size, equal to the torch model's output;
+    the ONNX weights are inside the one .onnx file."""
+    import onnxruntime as ort
+
+    model = _small_video_model(name, kw)
+    merged = merge_adapters(model)
+    x1, x3 = _clip(model, 1), _clip(model, 3, seed=4)
+    torch.export.save(export_program(model, x1, dynamic_batch=True), str(tmp_path / "m.pt2"))
+    prog = torch.export.load(str(tmp_path / "m.pt2")).module()
+    path = export_onnx(model, x1, tmp_path / "m.onnx", dynamic_batch=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt2"]
+    assert onnx_files(path) == [tmp_path / "m.onnx"]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for x in (x1, x3):
+        with torch.no_grad():
+            want = merged(x)
+            assert rel_err(prog(x), want) <= 1e-5
+        (got,) = sess.run(None, {"video": x.numpy()})
+        assert got.shape == (x.shape[0], 5)
+        assert rel_err(torch.from_numpy(got), want) <= 1e-4
+
+
+def test_cli_export_dynamic_batch_one_file_and_sidecar(tmp_path, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    from zeroi2v.cli import main
+    from zeroi2v.interop import export as export_mod
+
+    model = _small_video_model("vit_small_patch16_224", dict(SMALL, img_size=32))
+    model.save_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        want = {b: merge_adapters(model)(_clip(model, b)) for b in (1, 2)}
+    for fmt in ("onnx", "pt2"):
+        out = tmp_path / fmt / f"m.{fmt}"
+        assert main(["export", str(tmp_path / "model"), "--out", str(out), "--dynamic-batch"]) == 0
+        text = capsys.readouterr().out
+        assert f"-> {out} ({fmt}, input video (any, 3, 4, 32, 32)" in text, text
+        assert [p.name for p in out.parent.iterdir()] == [out.name]  # one file, nothing beside
+        for b in (1, 2):
+            if fmt == "onnx":
+                sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+                got = torch.from_numpy(sess.run(None, {"video": _clip(model, b).numpy()})[0])
+            else:
+                with torch.no_grad():
+                    got = torch.export.load(str(out)).module()(_clip(model, b))
+            assert rel_err(got, want[b]) <= 1e-4, (fmt, b)
+    # past the one-file limit the weights go beside the file, and the command names that file
+    monkeypatch.setattr(export_mod, "ONNX_ONE_FILE_BYTES", 0)
+    out = tmp_path / "big" / "m.onnx"
+    assert main(["export", str(tmp_path / "model"), "--out", str(out), "--batch-size", "2"]) == 0
+    text = capsys.readouterr().out
+    sidecars = onnx_files(out)[1:]
+    assert sidecars and all(p.is_file() for p in sidecars)
+    assert all(str(p) in text for p in sidecars) and "keep them in the same folder" in text
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"video": _clip(model, 2).numpy()})[0])
+    assert rel_err(got, want[2]) <= 1e-4
+    # a hybrid's example clip has the stem's 3 channels (not its patch projection's input)
+    hybrid = _small_video_model("vit_tiny_r_s16_p8_224", dict(SMALL, img_size=32))
+    hybrid.save_pretrained(tmp_path / "hybrid")
+    assert main(["export", str(tmp_path / "hybrid"), "--out", str(tmp_path / "h.pt2")]) == 0
+    assert "input video (1, 3, 4, 32, 32)" in capsys.readouterr().out
+    with torch.no_grad():
+        got = torch.export.load(str(tmp_path / "h.pt2")).module()(_clip(hybrid, 1))
+        assert rel_err(got, merge_adapters(hybrid)(_clip(hybrid, 1))) <= 1e-5
+
+
+def test_onnx_export_without_its_extra_is_one_line(tmp_path, capsys, monkeypatch):
+    """Without onnx (a plain `pip install zeroi2v`), export says which extra to install, before
+    loading the model; .pt2 needs no extra."""
+    import sys
+
+    from zeroi2v.cli import main
+
+    model = _small_video_model("vit_small_patch16_224", dict(SMALL, img_size=32))
+    model.save_pretrained(tmp_path / "model")
+    for mod in ("onnx", "onnxscript"):
+        monkeypatch.setitem(sys.modules, mod, None)  # importing it fails, as when not installed
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("zeroi2v export: error: ONNX export needs the onnx package")
+    assert "pip install 'zeroi2v[onnx]'" in err and "pip install -e '.[onnx]'" in err
+    assert not (tmp_path / "m.onnx").exists()
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "m.pt2")]) == 0
+
+
+def test_the_test_extra_installs_the_onnx_extra():
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11: pip vendors the same parser
+        from pip._vendor import tomli as tomllib
+    from pathlib import Path
+
+    doc = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extras = doc["project"]["optional-dependencies"]
+    assert {"onnx", "onnxscript"} <= set(extras["onnx"]) <= set(extras["test"])
+    assert "onnxruntime" in extras["test"]
 
 
 def test_read_checkpoint_training_metadata_is_inert(tmp_path):

@@ -229,3 +229,67 @@ def test_inplace_kv_path(offsets):
     before = k2.detach().clone()
     stdha_attention(q, k2, v, T, offsets, backend="torch", inplace_kv=True)
     assert torch.equal(k2.detach(), before)
+
+
+def _offset_functions():
+    """Every public function that takes head offsets (issue #23: one keyword for all of them)."""
+    from zeroi2v import offsets, ops
+    from zeroi2v.nn import attention
+
+    fns = [ops.stdha_attention, ops.stdha_attention_packed, ops.stdha_reference,
+           offsets.resolve_offsets, offsets.check_offsets, offsets.clamp_offsets,
+           offsets.source_frames, attention.stdha_from_timm, STDHAttention.from_timm,
+           STDHAttention.set_temporal, zeroi2v.create_video_model]
+    try:  # Triton is a dependency on Linux; elsewhere its module does not import
+        from zeroi2v.kernels import stdha as ks
+    except ImportError:
+        return fns
+    return fns + [ks.stdha_triton, ks.stdha_triton_packed, ks.stdha_triton_forward,
+                  ks.stdha_triton_backward, ks.stdha_triton_packed_forward,
+                  ks.stdha_triton_packed_backward]
+
+
+@pytest.mark.parametrize("fn", _offset_functions(), ids=lambda f: f.__qualname__)
+def test_every_public_function_names_its_offsets_head_offsets(fn):
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    assert "head_offsets" in params and "offsets" not in params
+
+
+def test_every_form_of_head_offsets_gives_the_same_attention():
+    """Ints (list, tuple, tensor), a preset name and "auto" for the same layout agree in the op,
+    its packed form and the reference, passed by keyword (``stdha_reference(..., "vit_b")`` used
+    to fail with ``invalid literal for int()``)."""
+    from zeroi2v.offsets import check_offsets, clamp_offsets, resolve_offsets
+    from zeroi2v.ops import stdha_attention_packed
+
+    T, H = 8, 12
+    qkv = torch.randn(T, 5, 3, H, 8, generator=torch.Generator().manual_seed(0),
+                      dtype=torch.float64)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    ints = PRESETS["vit_b"]
+    forms = [list(ints), tuple(ints), torch.tensor(ints), "vit_b", "auto"]
+    want = explicit_stdha(q, k, v, T, ints)
+    for form in forms:
+        assert rel_err(stdha_reference(q, k, v, T, head_offsets=form), want) < 1e-12, form
+        assert rel_err(stdha_attention(q, k, v, T, head_offsets=form), want) < 1e-12, form
+        packed = stdha_attention_packed(qkv, T, head_offsets=form)
+        assert rel_err(packed, want.transpose(1, 2).flatten(2)) < 1e-12, form
+        assert torch.equal(source_frames(head_offsets=form if form != "auto" else ints,
+                                         num_frames=T), source_frames(ints, T))
+    # "spatial" is plain attention in every function that knows the head count
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert rel_err(stdha_reference(q, k, v, T, head_offsets="spatial"), plain) < 1e-12
+    assert resolve_offsets("spatial", 3) == (0, 0, 0)
+    # presets work where no head count is known; the head-count layouts say what is missing
+    assert clamp_offsets(head_offsets="vit_l_long", num_frames=3) == (1, 1, -1, -1, 2, -2, 2) + (0,) * 9
+    with pytest.raises(ValueError, match=r"too large for 2 frames"):
+        check_offsets(head_offsets="vit_b_long", num_frames=2)
+    for name in ("auto", "spatial"):
+        with pytest.raises(ValueError, match=f"head_offsets='{name}' depends on the head count"):
+            source_frames(name, T)
+    with pytest.raises(ValueError, match="unknown head-offset preset 'vit_x'"):
+        stdha_reference(q, k, v, T, "vit_x")
+    with pytest.raises(ValueError, match="is for 12 heads but the attention has 3"):
+        stdha_reference(q[:, :3], k[:, :3], v[:, :3], T, "vit_b")

@@ -4,7 +4,7 @@
     zeroi2v eval    MODEL [--ann FILE] [--root DIR] [--set ...] [--out results.json]
     zeroi2v merge   MODEL --out DIR                    fold the adapters: a plain ViT + STDHA
     zeroi2v predict MODEL VIDEO [--topk 5] [--class-names FILE]
-    zeroi2v export  MODEL --out FILE [--format onnx|pt2]
+    zeroi2v export  MODEL --out FILE [--format onnx|pt2] [--dynamic-batch]
     zeroi2v import-official CKPT --out DIR [--head-offsets ...]
     zeroi2v demo    [--out demo_out] [--epochs N] [--seed S] [--quick]
     zeroi2v config  [CONFIG.yaml] [--set ...]          print the resolved config
@@ -130,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--format", choices=("onnx", "pt2"), default=None,
                    help="default: from the --out suffix")
-    p.add_argument("--batch-size", type=int, default=1, help="videos per call (fixed shape)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="videos per call (the fixed batch; with --dynamic-batch, the example)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="accept any number of videos per call (frames and image size stay fixed)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (TorchScript exporter)")
     p.add_argument("--pretrained", default=None,
                    help="image weights of a checkpoint that holds only its trainable tensors")
@@ -481,7 +484,8 @@ def cmd_import_official(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .interop import export_onnx, export_program
+    from .interop.export import export_onnx, export_program, onnx_exporter, onnx_files
+    from .models.families import input_channels
 
     fmt = args.format or {".onnx": "onnx", ".pt2": "pt2"}.get(Path(args.out).suffix)
     if fmt is None:
@@ -489,20 +493,31 @@ def cmd_export(args) -> int:
                          "/ .pt2)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _new_output_files([Path(args.out)], args.overwrite)
+    if fmt == "onnx":
+        onnx_exporter()  # a missing package is reported before the model is loaded
+    out = Path(args.out)  # an ONNX export may also write its weights beside, as NAME.data
+    _new_output_files([out, out.with_name(out.name + ".data")] if fmt == "onnx" else [out],
+                      args.overwrite)
     model, cfg = _load_model_for(argparse.Namespace(model=args.model, pretrained=args.pretrained),
                                  merge=True)
     size = model.backbone.patch_embed.img_size
-    example = torch.randn(args.batch_size, model.backbone.patch_embed.proj.in_channels,
-                          model.num_frames, *size)
-    out = Path(args.out)
+    example = torch.randn(args.batch_size, input_channels(model.backbone), model.num_frames, *size)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
-        export_onnx(model, example, out, opset_version=args.opset)
+        export_onnx(model, example, out, opset_version=args.opset,
+                    dynamic_batch=args.dynamic_batch)
+        files = onnx_files(out)
     else:
-        torch.export.save(export_program(model, example), str(out))
-    print(f"exported merged model -> {out} ({fmt}, input video "
-          f"{tuple(example.shape)} (B, C, T, H, W))")
+        torch.export.save(export_program(model, example, dynamic_batch=args.dynamic_batch),
+                          str(out))
+        files = [out]
+    batch = "any" if args.dynamic_batch else str(args.batch_size)
+    shape = f"({batch}, {', '.join(str(d) for d in example.shape[1:])})"
+    print(f"exported merged model -> {out} ({fmt}, input video {shape} (B, C, T, H, W))")
+    if len(files) > 1:
+        print(f"the weights ({sum(f.stat().st_size for f in files[1:]) / 2**30:.2f} GiB) exceed "
+              "what one ONNX file may hold and are in "
+              f"{', '.join(str(f) for f in files[1:])}: keep them in the same folder as {out}")
     return 0
 
 
@@ -521,10 +536,11 @@ def _user_errors() -> tuple:
     """Exceptions that mean a user mistake (a file, a setting, a model or video that does not fit),
     reported as one line; anything else is a bug and keeps its traceback."""
     from .data.decoders import VideoDecodeError
-    from .errors import UnsupportedModelError
+    from .errors import MissingDependencyError, UnsupportedModelError
 
     return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, UnsupportedModelError, VideoDecodeError)
+            IsADirectoryError, UnsupportedModelError, VideoDecodeError,
+            MissingDependencyError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,3 +15,8 @@ def closest(key: str, valid: Sequence[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest valid name, or ``""``."""
     m = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+class MissingDependencyError(ImportError):
+    """An optional package a feature needs is not installed; the message says how to install it
+    (for instance the ``onnx`` extra for ONNX export)."""

@@ -57,19 +57,24 @@ def auto_offsets(num_heads: int, num_frames: int) -> tuple[int, ...]:
     return clamp_offsets(offsets, t)
 
 
-def resolve_offsets(head_offsets: HeadOffsets, num_heads: int,
+def resolve_offsets(head_offsets: HeadOffsets, num_heads: Optional[int] = None,
                     num_frames: Optional[int] = None) -> tuple[int, ...]:
     """Turn a layout name (``"auto"``, ``"spatial"``, a preset), a sequence of ints or a tensor
-    into one int per head.
+    into one int per head. Every public function that takes ``head_offsets`` goes through this.
 
-    Checks the count against ``num_heads``; ``"auto"`` needs ``num_frames``. The range check
-    against the frame count is :func:`check_offsets`, because a module may be built before it
-    knows its clip length.
+    Checks the count against ``num_heads``; ``num_heads=None`` (a caller that has no heads to
+    count, e.g. :func:`source_frames`) takes a preset or the ints as they are, and refuses
+    ``"auto"`` and ``"spatial"``, which depend on the head count. ``"auto"`` needs
+    ``num_frames``. The range check against the frame count is :func:`check_offsets`, because a
+    module may be built before it knows its clip length.
     """
     if head_offsets is None:
         raise ValueError("head_offsets=None is ambiguous: pass 'auto' (the default temporal "
                          "layout), 'spatial' (every head spatial, the image model), a preset "
                          f"name ({', '.join(sorted(PRESETS))}) or one int per head")
+    if isinstance(head_offsets, str) and head_offsets in LAYOUTS and num_heads is None:
+        raise ValueError(f"head_offsets={head_offsets!r} depends on the head count, which is not "
+                         "known here: pass one int per head or a preset name")
     if isinstance(head_offsets, str) and head_offsets == SPATIAL:
         return (0,) * num_heads
     if isinstance(head_offsets, str) and head_offsets == AUTO:
@@ -83,7 +88,7 @@ def resolve_offsets(head_offsets: HeadOffsets, num_heads: int,
                 f"{sorted(PRESETS) + list(LAYOUTS)}"
             )
         offsets = PRESETS[head_offsets]
-        if len(offsets) != num_heads:
+        if num_heads is not None and len(offsets) != num_heads:
             raise ValueError(
                 f"preset {head_offsets!r} is for {len(offsets)} heads but the attention has "
                 f"{num_heads} heads; pass an explicit list of {num_heads} offsets instead"
@@ -99,17 +104,18 @@ def resolve_offsets(head_offsets: HeadOffsets, num_heads: int,
     offsets = tuple(int(d) for d in head_offsets)
     if any(o != d for o, d in zip(offsets, head_offsets)):
         raise ValueError(f"head_offsets must be integers, got {list(head_offsets)}")
-    if len(offsets) != num_heads:
+    if num_heads is not None and len(offsets) != num_heads:
         raise ValueError(
             f"head-count mismatch: got {len(offsets)} head offsets for {num_heads} attention heads"
         )
     return offsets
 
 
-def check_offsets(offsets: Sequence[int], num_frames: int) -> None:
+def check_offsets(head_offsets: HeadOffsets, num_frames: int) -> None:
     """Every offset must satisfy ``|d| < num_frames`` (docs/method.md §2)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    offsets = resolve_offsets(head_offsets, None, num_frames)
     bad = [d for d in offsets if abs(d) >= num_frames]
     if bad:
         raise ValueError(
@@ -118,10 +124,10 @@ def check_offsets(offsets: Sequence[int], num_frames: int) -> None:
         )
 
 
-def clamp_offsets(offsets: Sequence[int], num_frames: int) -> tuple[int, ...]:
+def clamp_offsets(head_offsets: HeadOffsets, num_frames: int) -> tuple[int, ...]:
     """Shrink offsets to ``|d| <= num_frames - 1`` keeping their sign (used for shorter clips)."""
     lim = max(num_frames - 1, 0)
-    return tuple(max(-lim, min(lim, int(d))) for d in offsets)
+    return tuple(max(-lim, min(lim, d)) for d in resolve_offsets(head_offsets, None, num_frames))
 
 
 @lru_cache(maxsize=256)
@@ -133,7 +139,8 @@ def _source_table(offsets: tuple[int, ...], num_frames: int) -> tuple[tuple[int,
     )
 
 
-def source_frames(offsets: Sequence[int], num_frames: int, device=None) -> torch.Tensor:
-    """``s[t, h]``: the frame whose K/V head ``h`` of frame ``t`` attends to. Shape (T, H), int64."""
-    table = _source_table(tuple(int(d) for d in offsets), int(num_frames))
+def source_frames(head_offsets: HeadOffsets, num_frames: int, device=None) -> torch.Tensor:
+    """``s[t, h]``: the frame whose K/V head ``h`` of frame ``t`` attends to. Shape (T, H), int64.
+    Any offset is allowed here (``|d| >= T`` reads the own frame, as the boundary rule says)."""
+    table = _source_table(resolve_offsets(head_offsets, None, num_frames), int(num_frames))
     return torch.tensor(table, dtype=torch.long, device=device)

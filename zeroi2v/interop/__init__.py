@@ -5,14 +5,15 @@
     load_official_checkpoint(path, ...)        official mmaction2 checkpoint -> ZeroI2VViT
                                                (= infer_official_config + official_filter_fn)
     export_program(model, x)                   torch.export.ExportedProgram of the merged model
-    export_onnx(model, x, path)                ONNX file of the merged model
+    export_onnx(model, x, path)                ONNX file of the merged model (the onnx extra)
+    onnx_files(path)                           that file and its external-data files, if any
 
 The model file itself is ``model.save_pretrained(dir)`` / ``zeroi2v.load_model(dir)``. See
 docs/interop.md.
 """
 from ..files import read_checkpoint, read_state_dict
 from .clip import load_clip_weights, load_image_state_dict
-from .export import export_onnx, export_program
+from .export import export_onnx, export_program, onnx_files
 from .official import (
                        RELEASED_CONFIGS,
                        infer_official_config,
@@ -24,5 +25,6 @@ from .official import (
 __all__ = [
     "load_clip_weights", "load_image_state_dict", "load_official_checkpoint", "official_config",
     "infer_official_config", "official_filter_fn",
-    "RELEASED_CONFIGS", "export_program", "export_onnx", "read_checkpoint", "read_state_dict",
+    "RELEASED_CONFIGS", "export_program", "export_onnx", "onnx_files", "read_checkpoint",
+    "read_state_dict",
 ]

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -57,6 +56,7 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"zeroi2v.kernels.stdha needs Triton: {exc}") from exc
 
+from ..offsets import HeadOffsets, resolve_offsets
 from ..ops.stdha import Capabilities, register_backend
 from ._triton import dot, interpreting, upcast_dots
 
@@ -623,14 +623,14 @@ def _out_layout(bt: int, h: int, n: int, d: int, like: torch.Tensor) -> torch.Te
     return torch.empty((bt, n, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def stdha_triton_forward(q, k, v, num_frames: int, offsets: Sequence[int], scale: float,
+def stdha_triton_forward(q, k, v, num_frames: int, head_offsets: HeadOffsets, scale: float,
                          out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
     """Launch the forward kernel; returns ``(out, lse)`` (``lse``: natural log, fp32, (BT, H, N)).
 
     ``out`` (``(B*T, H, N, D)``, any strides with a unit last one; default: the
     :func:`_out_layout` view) and ``lse`` (contiguous) may be given to write into.
     """
-    offsets = tuple(int(o) for o in offsets)
+    offsets = resolve_offsets(head_offsets, q.shape[1], num_frames)
     _check(q, k, v, num_frames, offsets)
     bt, h, nq, d = q.shape
     nk = k.shape[2]
@@ -659,7 +659,7 @@ def stdha_triton_forward(q, k, v, num_frames: int, offsets: Sequence[int], scale
     return out, lse
 
 
-def stdha_triton_backward(do, q, k, v, out, lse, num_frames: int, offsets: Sequence[int],
+def stdha_triton_backward(do, q, k, v, out, lse, num_frames: int, head_offsets: HeadOffsets,
                           scale: float, dq=None, dk=None, dv=None, delta=None):
     """Launch the backward kernels; returns ``(dq, dk, dv)`` in q's dtype.
 
@@ -667,7 +667,7 @@ def stdha_triton_backward(do, q, k, v, out, lse, num_frames: int, offsets: Seque
     ``(B*T, N, 3, H, D)`` gradient); by default they are contiguous. Deterministic: no atomics;
     every gradient element is written by exactly one program.
     """
-    offsets = tuple(int(o) for o in offsets)
+    offsets = resolve_offsets(head_offsets, q.shape[1], num_frames)
     _check(q, k, v, num_frames, offsets)
     bt, h, nq, d = q.shape
     nk = k.shape[2]
@@ -723,19 +723,20 @@ def _unpack(qkv: torch.Tensor):
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def stdha_triton_packed_forward(qkv: torch.Tensor, num_frames: int, offsets: Sequence[int],
+def stdha_triton_packed_forward(qkv: torch.Tensor, num_frames: int, head_offsets: HeadOffsets,
                                 scale: float):
     """Forward on a packed ``(B*T, N, 3, H, D)`` qkv; returns ``(out, lse)`` with ``out`` a
     contiguous ``(B*T, N, H, D)`` tensor (what the output projection reads)."""
     q, k, v = _unpack(qkv)
     bt, n, _, h, d = qkv.shape
     out = torch.empty((bt, n, h, d), dtype=qkv.dtype, device=qkv.device)
-    _, lse = stdha_triton_forward(q, k, v, num_frames, offsets, scale, out=out.transpose(1, 2))
+    _, lse = stdha_triton_forward(q, k, v, num_frames, head_offsets, scale,
+                                  out=out.transpose(1, 2))
     return out, lse
 
 
-def stdha_triton_packed_backward(dout, qkv, out, lse, num_frames: int, offsets: Sequence[int],
-                                 scale: float) -> torch.Tensor:
+def stdha_triton_packed_backward(dout, qkv, out, lse, num_frames: int,
+                                 head_offsets: HeadOffsets, scale: float) -> torch.Tensor:
     """Backward of :func:`stdha_triton_packed_forward`: ``dout`` and ``out`` are
     ``(B*T, N, H, D)``; returns one contiguous ``(B*T, N, 3, H, D)`` gradient of ``qkv``, into
     which the kernels write dQ, dK and dV directly (no stack, no copy)."""
@@ -743,7 +744,7 @@ def stdha_triton_packed_backward(dout, qkv, out, lse, num_frames: int, offsets: 
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = _unpack(dqkv)
     stdha_triton_backward(dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, num_frames,
-                          offsets, scale, dq=dq, dk=dk, dv=dv)
+                          head_offsets, scale, dq=dq, dk=dk, dv=dv)
     return dqkv
 
 
@@ -880,17 +881,18 @@ class STDHATritonPackedFunction(torch.autograd.Function):
 
 
 def stdha_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
-                 offsets: Sequence[int], scale: Optional[float] = None) -> torch.Tensor:
+                 head_offsets: HeadOffsets, scale: Optional[float] = None) -> torch.Tensor:
     """STDHA attention with the Triton kernels (differentiable, ``torch.compile``-traceable).
 
-    ``q, k, v``: ``(B*T, H, N, D)``, possibly strided views; ``offsets``: ``H`` ints with
-    ``|d| < num_frames``. Returns ``(B*T, H, N, D)`` in q's dtype, stored as ``(B*T, N, H, D)``
-    (``out.transpose(1, 2)`` is contiguous). Eager calls go through :class:`STDHATritonFunction`;
-    under ``torch.compile`` the custom op ``zeroi2v::stdha_triton_fwd`` is traced instead.
+    ``q, k, v``: ``(B*T, H, N, D)``, possibly strided views; ``head_offsets``: ``H`` ints with
+    ``|d| < num_frames``, or a layout name (:func:`zeroi2v.offsets.resolve_offsets`). Returns
+    ``(B*T, H, N, D)`` in q's dtype, stored as ``(B*T, N, H, D)`` (``out.transpose(1, 2)`` is
+    contiguous). Eager calls go through :class:`STDHATritonFunction`; under ``torch.compile`` the
+    custom op ``zeroi2v::stdha_triton_fwd`` is traced instead.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    offsets = [int(o) for o in offsets]
+    offsets = list(resolve_offsets(head_offsets, q.shape[1], num_frames))
     if torch.compiler.is_compiling():
         out, _ = torch.ops.zeroi2v.stdha_triton_fwd(q, k, v, offsets, int(num_frames),
                                                     float(scale))
@@ -898,7 +900,7 @@ def stdha_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: 
     return STDHATritonFunction.apply(q, k, v, tuple(offsets), int(num_frames), float(scale))
 
 
-def stdha_triton_packed(qkv: torch.Tensor, num_frames: int, offsets: Sequence[int],
+def stdha_triton_packed(qkv: torch.Tensor, num_frames: int, head_offsets: HeadOffsets,
                         scale: Optional[float] = None) -> torch.Tensor:
     """:func:`stdha_triton` on a packed ``(B*T, N, 3, H, D)`` qkv (the qkv projection's output,
     reshaped). Returns a contiguous ``(B*T, N, H, D)`` output; its backward writes one packed
@@ -907,7 +909,7 @@ def stdha_triton_packed(qkv: torch.Tensor, num_frames: int, offsets: Sequence[in
     ``zeroi2v::stdha_triton_packed_fwd``)."""
     if scale is None:
         scale = 1.0 / math.sqrt(qkv.shape[-1])
-    offsets = [int(o) for o in offsets]
+    offsets = list(resolve_offsets(head_offsets, qkv.shape[3], num_frames))
     if torch.compiler.is_compiling():
         out, _ = torch.ops.zeroi2v.stdha_triton_packed_fwd(qkv, offsets, int(num_frames),
                                                            float(scale))

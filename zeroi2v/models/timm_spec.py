@@ -13,8 +13,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, Optional
 
+import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .timm_args import check_model_name, check_timm_kwargs
 
@@ -44,7 +47,11 @@ def parameters_on_meta() -> Iterator[None]:
     """Inside the block, every new parameter is created on the meta device (no memory, no
     initialisation) while buffers stay real, so buffers computed at construction (position
     indices, rotary tables) keep their values. Load the weights with
-    ``load_state_dict(..., assign=True)`` afterwards."""
+    ``load_state_dict(..., assign=True)`` afterwards.
+
+    An operation that meets a meta parameter and a real tensor runs on the meta device
+    (:class:`_MetaWins`): timm's hybrid ViTs run their CNN stem on a dummy image while being
+    built, only to read the feature map's shape."""
     original = nn.Module.register_parameter
 
     def register(module, name, param):
@@ -54,9 +61,32 @@ def parameters_on_meta() -> Iterator[None]:
 
     nn.Module.register_parameter = register
     try:
-        yield
+        with _MetaWins():
+            yield
     finally:
         nn.Module.register_parameter = original
+
+
+class _MetaWins(TorchFunctionMode):
+    """Run an operation that mixes meta and real tensors on the meta device. An in-place
+    operation on a real tensor is left alone (it fails as it would without this mode): writing
+    into a meta copy would silently drop the write."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.is_meta for t in tensors) and not all(t.is_meta for t in tensors) \
+                and not _writes_into_real(func, tensors, kwargs):
+            args, kwargs = pytree.tree_map_only(
+                torch.Tensor, lambda t: t if t.is_meta else t.to("meta"), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _writes_into_real(func, tensors: list, kwargs: dict) -> bool:
+    name = getattr(func, "__name__", "")
+    inplace = (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") \
+        or name == "__setitem__"
+    return (inplace and not tensors[0].is_meta) or "out" in kwargs
 
 
 def signature(model: nn.Module) -> tuple:
@@ -67,7 +97,8 @@ def signature(model: nn.Module) -> tuple:
 
 
 def _probe(model: nn.Module) -> dict[str, Any]:
-    """Structural kwargs read off a timm VisionTransformer (used only as candidates)."""
+    """Structural kwargs read off a timm ``VisionTransformer``, ``Eva`` or ``Beit`` (used only as
+    candidates: :func:`describe` keeps them only if they rebuild the same model)."""
     out: dict[str, Any] = {}
     pe = getattr(model, "patch_embed", None)
     if pe is not None and getattr(pe, "img_size", None) is not None:
@@ -83,23 +114,48 @@ def _probe(model: nn.Module) -> dict[str, Any]:
         v = getattr(model, attr, None)
         if isinstance(v, (int, str, bool)):
             out[key] = v
+    if "reg_tokens" not in out and hasattr(model, "reg_token"):  # Eva keeps the tokens only
+        reg = model.reg_token
+        out["num_reg_tokens"] = 0 if reg is None else int(reg.shape[1])
     blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.Sequential) and len(blocks):
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):
         out["depth"] = len(blocks)
         blk = blocks[0]
         attn = getattr(blk, "attn", None)
         if attn is not None and hasattr(attn, "num_heads"):
             out["num_heads"] = int(attn.num_heads)
-            qkv = getattr(attn, "qkv", None)
-            if isinstance(qkv, nn.Linear):
-                out["qkv_bias"] = qkv.bias is not None
-        fc1 = getattr(getattr(blk, "mlp", None), "fc1", None)
-        if isinstance(fc1, nn.Linear) and out.get("embed_dim"):
-            out["mlp_ratio"] = fc1.out_features / out["embed_dim"]
+            bias = _query_bias(attn)
+            if bias is not None:
+                out["qkv_bias"] = bias
+        hidden = _mlp_hidden(getattr(blk, "mlp", None))
+        if hidden and out.get("embed_dim"):
+            out["mlp_ratio"] = hidden / out["embed_dim"]
         dp = getattr(blocks[-1], "drop_path1", None)
-        if hasattr(dp, "drop_prob"):
-            out["drop_path_rate"] = float(dp.drop_prob)
+        if hasattr(dp, "drop_prob"):  # timm's rates come from a float32 linspace: 0.1, not 0.10000000149
+            out["drop_path_rate"] = float(str(np.float32(dp.drop_prob)))
     return out
+
+
+def _query_bias(attn: nn.Module) -> Optional[bool]:
+    """Whether the attention's input projection has a (query) bias: what ``qkv_bias`` switches
+    in all three families (Eva and BEiT keep it as ``q_bias`` beside a bias-free ``qkv``)."""
+    if hasattr(attn, "q_bias"):
+        return attn.q_bias is not None
+    for name in ("qkv", "q_proj"):
+        lin = getattr(attn, name, None)
+        if isinstance(lin, nn.Linear):
+            return lin.bias is not None
+    return None
+
+
+def _mlp_hidden(mlp: Optional[nn.Module]) -> Optional[int]:
+    """The MLP's hidden width, ``int(mlp_ratio * embed_dim)`` for most models: a SwiGLU's
+    ``fc1_g``, else ``fc1`` (see :func:`describe` for a GluMlp's)."""
+    for name in ("fc1_g", "fc1"):
+        lin = getattr(mlp, name, None)
+        if isinstance(lin, nn.Linear):
+            return lin.out_features
+    return None
 
 
 def describe(model: nn.Module) -> tuple[Optional[str], Optional[dict]]:
@@ -121,9 +177,16 @@ def describe(model: nn.Module) -> tuple[Optional[str], Optional[dict]]:
     # keep only what differs from the architecture's defaults
     base = _probe(default)
     kwargs = {k: v for k, v in probed.items() if base.get(k) != v}
-    try:
-        cand = create(name, kwargs, device="meta")
-    except (ValueError, TypeError, RuntimeError, AssertionError):
-        return name, None
-    return (name, kwargs) if signature(cand) == want else (name, None)
+    candidates = [kwargs]
+    if "mlp_ratio" in kwargs:  # a GluMlp's fc1 (value and gate) is ratio * dim wide in timm's
+        # ViT but twice that in Eva: the second reading is tried too, and verified like the first
+        candidates.append(dict(kwargs, mlp_ratio=kwargs["mlp_ratio"] / 2))
+    for kw in candidates:
+        try:
+            cand = create(name, kw, device="meta")
+        except (ValueError, TypeError, RuntimeError, AssertionError):
+            continue
+        if signature(cand) == want:
+            return name, kw
+    return name, None
 

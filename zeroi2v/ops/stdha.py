@@ -379,14 +379,16 @@ def _choose(q, k, v, backend: str, scale: Optional[float], dropout_p: float, att
 # ----------------------------------------------------------------------------- pure PyTorch
 
 
-def stdha_reference(q, k, v, num_frames: int, offsets, scale: Optional[float] = None,
-                    attn_bias: Optional[torch.Tensor] = None):
+def stdha_reference(q, k, v, num_frames: int, head_offsets: HeadOffsets,
+                    scale: Optional[float] = None, attn_bias: Optional[torch.Tensor] = None):
     """The definition of STDHA, written out: for each head, gather K/V frames, explicit softmax
-    (``attn_bias``, broadcastable to ``(B*T, H, N, Nk)``, added to the logits).
+    (``attn_bias``, broadcastable to ``(B*T, H, N, Nk)``, added to the logits). Arguments and
+    their checks are :func:`stdha_attention`'s (``head_offsets``: ints, a preset, ``"auto"`` or
+    ``"spatial"``).
 
     Computes in the input dtype; tests call it on float64 inputs as the ground truth.
     """
-    offsets = tuple(offsets)
+    offsets = validate(q, k, v, num_frames, head_offsets, attn_bias)
     bt, h, n, d = q.shape
     t = int(num_frames)
     if scale is None:
