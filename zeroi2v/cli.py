@@ -295,7 +295,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .train import dist as zdist
-    from .train.build import build_test_dataset
+    from .train.build import build_test_dataset, test_annotations
     from .train.evaluation import evaluate, write_eval_report
     from .train.runtime import amp_dtype
 
@@ -303,9 +303,7 @@ def cmd_eval(args) -> int:
     info = zdist.init_distributed()
     try:
         model, cfg = _load_model_for(args, merge=args.merge)
-        ann = args.ann or cfg.data.test_ann or cfg.data.val_ann
-        if not ann:
-            raise SystemExit("error: no annotation file (--ann, data.test_ann or data.val_ann)")
+        ann = test_annotations(cfg, args.ann)
         ds = build_test_dataset(cfg, ann, args.root)
         used = len(set(getattr(ds, "labels", []) or []))
         if 0 < used < model.head.out_features and info.is_main:

@@ -156,6 +156,16 @@ def build_train_dataset(cfg: RunConfig):
         num_classes=cfg.model.num_classes)
 
 
+def test_annotations(cfg: RunConfig, ann: Optional[str] = None) -> str:
+    """The annotation file ``zeroi2v eval`` evaluates: ``ann`` (``--ann``), else
+    ``data.test_ann``, else ``data.val_ann``."""
+    ann = ann or cfg.data.test_ann or cfg.data.val_ann
+    if not ann:
+        raise ValueError("no annotation file to evaluate: pass --ann, or set data.test_ann or "
+                         "data.val_ann")
+    return ann
+
+
 def build_test_dataset(cfg: RunConfig, ann_file: str, root: Optional[str] = None):
     """A test-mode dataset over ``ann_file``: ``eval.num_clips`` x ``eval.num_crops`` views,
     short side resized to ``eval.short_side`` (default ``data.size``) before the crops."""

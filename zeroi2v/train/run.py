@@ -237,7 +237,7 @@ def build_run(cfg: RunConfig, info, datasets: dict, model) -> TrainingRun:
                                  shuffle=True, seed=t.seed, drop_last=False)
     loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler,
                         num_workers=d.num_workers, drop_last=True,
-                        pin_memory=d.pin_memory and device.type == "cuda",
+                        pin_memory=pin_memory_for(d.pin_memory, device),
                         worker_init_fn=seed_worker, persistent_workers=False,
                         collate_fn=collate_videos)
     steps = steps_per_epoch(len(loader), t.batch_size, t.accum_steps)
@@ -277,6 +277,12 @@ def build_run(cfg: RunConfig, info, datasets: dict, model) -> TrainingRun:
         criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
         num_classes=num_classes, class_names=class_names, steps_per_epoch=steps, lr=lr,
         global_batch=global_batch, full_save=full_save, base=base)
+
+
+def pin_memory_for(requested: bool, device: torch.device) -> bool:
+    """``data.pin_memory`` where it means something: page-locked batches only help (and torch
+    only allows them without a warning) when the model runs on a GPU."""
+    return bool(requested) and device.type == "cuda"
 
 
 def steps_per_epoch(n_batches: int, batch_size: int, accum: int) -> int:
