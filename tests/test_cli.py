@@ -117,7 +117,7 @@ def test_config_overrides(capsys):
 
 
 def test_shipped_configs():
-    k400 = load_config(REPO / "configs/k400_vit_b16_8x16x1.yaml")
+    k400 = load_config(REPO / "configs/k400_vit_b16_8x16x1.yaml").to_dict()
     assert k400["model"]["name"] == "vit_base_patch16_clip_quickgelu_224"
     assert (k400["model"]["num_frames"], k400["data"]["frame_interval"]) == (8, 16)
     assert k400["data"]["sampling"] == "dense" and k400["data"]["rand_augment"] == [7, 4]
@@ -125,7 +125,7 @@ def test_shipped_configs():
     assert (k400["train"]["lr"], k400["train"]["ref_batch_size"]) == (3e-4, 64)
     assert (k400["train"]["epochs"], k400["train"]["warmup_epochs"]) == (40, 2.5)
     assert k400["model"]["adapter_scale"] == 0.5
-    ssv2 = load_config(REPO / "configs/ssv2_vit_l14_u32.yaml")
+    ssv2 = load_config(REPO / "configs/ssv2_vit_l14_u32.yaml").to_dict()
     assert ssv2["model"]["name"] == "vit_large_patch14_clip_quickgelu_224"
     assert ssv2["model"]["num_frames"] == 32 and ssv2["data"]["sampling"] == "uniform"
     assert ssv2["train"]["label_smoothing"] == 0.1 and ssv2["data"]["random_erasing"] == 0.25
@@ -134,14 +134,14 @@ def test_shipped_configs():
     assert (ssv2["eval"]["num_clips"], ssv2["eval"]["num_crops"]) == (1, 3)
     assert ssv2["model"]["adapter_scale"] == 1.0
     for name, k in (("ucf101", 101), ("hmdb51", 51)):
-        c = load_config(REPO / f"configs/{name}_vit_l14_u8.yaml")
+        c = load_config(REPO / f"configs/{name}_vit_l14_u8.yaml").to_dict()
         assert c["model"]["num_classes"] == k and c["model"]["num_frames"] == 8
         assert c["model"]["name"] == "vit_large_patch14_clip_quickgelu_224"
         assert c["model"]["head_offsets"] == "vit_l"
     tiny = load_config(REPO / "configs/tiny_cpu.yaml")  # the README's CPU-sized example
-    assert tiny["model"]["timm_kwargs"]["img_size"] == tiny["data"]["size"] == 64
-    from zeroi2v.train.engine import preflight
-    tiny["data"]["class_names"] = None  # written by `zeroi2v demo`, absent here
+    assert tiny.model.timm_kwargs["img_size"] == tiny.data.size == 64
+    from zeroi2v.train.preflight import preflight
+    tiny.data.class_names = None  # written by `zeroi2v demo`, absent here
     preflight(tiny, datasets={"train": object()})  # offsets fit, image size fits
     from zeroi2v import resolve_offsets
     assert len(resolve_offsets(k400["model"]["head_offsets"], 12)) == 12

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from _helpers import cfg_dict, write
 from zeroi2v.cli import main
@@ -223,9 +224,18 @@ def test_progress_bars_and_workers_do_not_change_the_numbers(tmp_path, data):
     assert runs["bars"] == runs["quiet"] == runs["workers"], runs
 
 
-def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, data, capsys, monkeypatch):
+def test_ctrl_c_prints_a_command_that_continues_exactly(tmp_path, data, capsys, monkeypatch):
+    """The printed command, run as printed, finishes the run bit for bit as if never stopped,
+    though the run was started with --set options the command does not repeat."""
+    import shlex
+
+    from safetensors.torch import load_file
+
     import zeroi2v.train.engine as engine
 
+    cfg = write(tmp_path / "c.yaml", cfg_dict(data, train={"epochs": 2}))
+    sets = ["--set", "train.epochs=3", "--set", "train.lr=2e-3", "--set", "model.head_dropout=0.3"]
+    assert main(["train", cfg, "--out", str(tmp_path / "whole"), *sets]) == 0
     real = engine.train_one_epoch
 
     def interrupted(run, epoch):
@@ -234,14 +244,19 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, data, caps
         return real(run, epoch)
 
     monkeypatch.setattr(engine, "train_one_epoch", interrupted)
-    cfg = write(tmp_path / "c.yaml", cfg_dict(data, train={"epochs": 3}))
     out = str(tmp_path / "r")
-    assert main(["train", cfg, "--out", out]) == 130
+    capsys.readouterr()
+    assert main(["train", cfg, "--out", out, *sets]) == 130
     line = err_line(capsys)
     assert "interrupted (Ctrl-C) in epoch 2" in line and "(epoch 1)" in line
-    assert f"continue with: zeroi2v train {cfg} --resume --out {out}" in line
+    command = line.split("continue with: ", 1)[1]
+    assert command == f"zeroi2v train --resume --out {out}"
     monkeypatch.setattr(engine, "train_one_epoch", real)
-    assert main(["train", cfg, "--out", out, "--resume"]) == 0
+    assert main(shlex.split(command)[1:]) == 0
+    assert _epoch_losses(tmp_path / "whole") == _epoch_losses(out)  # epoch 1, then 2 and 3
+    a = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
+    b = load_file(str(Path(out) / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigint_ends_training_with_exit_130(tmp_path, data):

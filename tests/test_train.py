@@ -13,7 +13,8 @@ from zeroi2v import create_video_model
 from zeroi2v.files import atomic_dir, atomic_torch_save
 from zeroi2v.train.checkpoint import read_training_checkpoint
 from zeroi2v.train.config import apply_overrides, load_config
-from zeroi2v.train.engine import evaluate, predict_probs, train
+from zeroi2v.train.engine import train
+from zeroi2v.train.evaluation import evaluate, predict_probs
 from zeroi2v.train.metrics import average_views, classification_metrics
 from zeroi2v.train.optim import (
     build_optimizer,
@@ -64,8 +65,7 @@ def tiny_cfg(tmp_path, **over):
                   "warmup_epochs": 0.5, "out_dir": str(tmp_path), "progress": False,
                   "log_interval": 2},
     })
-    apply_overrides(cfg, [f"{k}={v}" for k, v in over.items()])
-    return cfg
+    return apply_overrides(cfg, [f"{k}={v}" for k, v in over.items()])
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -307,7 +307,7 @@ def test_resume_refuses_another_model_and_missing_checkpoint(tmp_path):
         train(tiny_cfg(tmp_path / "none"), resume="auto", datasets={"train": ds, "val": val})
     train(tiny_cfg(tmp_path / "a", **{"train.epochs": 1}), datasets={"train": ds, "val": val})
     other = tiny_cfg(tmp_path / "a", **{"model.head_offsets": [0, 0, 1, -1]})
-    with pytest.raises(ValueError, match="cannot resume.*head_offsets"):
+    with pytest.raises(ValueError, match="settings differ from it: model.head_offsets"):
         train(other, resume="auto", datasets={"train": ds, "val": val})
 
 

@@ -1,6 +1,7 @@
 """The ``zeroi2v`` command.
 
-    zeroi2v train   CONFIG.yaml [--set key.sub=value ...] [--resume [CKPT]] [--out DIR]
+    zeroi2v train   CONFIG.yaml [--set key.sub=value ...] [--out DIR] [--overwrite]
+    zeroi2v train   --resume --out DIR [--set train.epochs=N]   continue a run exactly
     zeroi2v eval    MODEL [--ann FILE] [--root DIR] [--set ...] [--out results.json]
     zeroi2v merge   MODEL --out DIR                    fold the adapters: a plain ViT + STDHA
     zeroi2v predict MODEL VIDEO [--topk 5] [--class-names FILE]
@@ -22,7 +23,6 @@ Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m zeroi2v.cli train CONFI
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import re
@@ -34,6 +34,14 @@ from pathlib import Path
 from typing import Optional
 
 from . import settings
+
+
+def _version() -> str:
+    import torch
+
+    from . import __version__
+
+    return f"{__version__} (torch {torch.__version__})"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -53,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zeroi2v",
         description="ZeroI2V: adapt an image ViT to video with STDHA + linear adapters, then merge "
                     "the adapters into a plain ViT.")
+    ap.add_argument("--version", action="version", version=f"zeroi2v {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -60,12 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train from a YAML config (configs/*.yaml; every key is "
                                    "checked, see `zeroi2v config`). Writes OUT/checkpoints/, "
                                    "OUT/last, OUT/best, OUT/log.jsonl, OUT/config.yaml.")
-    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config (see configs/); not needed with --resume, which continues "
+                        "the run with its own saved config")
     _add_common(p)
     p.add_argument("--out", default=None, help="output folder (train.out_dir)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue a run: a checkpoint folder (no value: OUT/last; an error if "
-                        "there is none)")
+                   help="continue a run exactly: a checkpoint folder (no value: OUT/last). A "
+                        "config or --set may change only what does not change the numbers "
+                        "(train.epochs to extend it, workers, progress)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in the output folder (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -186,8 +198,8 @@ def _load_model_for(args, merge: bool = False):
     if merge and not model.merged:
         model = merge_adapters(model, inplace=True).eval()
     print(f"model: {model.config.summary()}", file=sys.stderr)
-    apply_overrides(cfg, overrides)
-    t = int(cfg["model"]["num_frames"])
+    cfg = apply_overrides(cfg, overrides)
+    t = cfg.model.num_frames
     if t != model.num_frames:
         model.set_num_frames(t)
     return model, cfg
@@ -247,9 +259,15 @@ def _save_new(model, out: Path, **kwargs) -> Path:
 
 
 def cmd_train(args) -> int:
-    from .train.config import load_config
-    from .train.engine import summary, train
+    from .train.checkpoint import saved_run_config
+    from .train.config import apply_overrides, load_config
+    from .train.engine import train
+    from .train.evaluation import summary
+    from .train.run import resume_path
 
+    if args.config is None and args.resume not in (None, "auto") and \
+            Path(args.resume).suffix in (".yaml", ".yml") and Path(args.resume).is_file():
+        args.config, args.resume = args.resume, "auto"  # `train --resume my.yaml`
     over = list(args.overrides)
     if args.out:
         over.append(f"train.out_dir={args.out}")
@@ -257,7 +275,18 @@ def cmd_train(args) -> int:
         over.append(f"model.pretrained={args.pretrained}")
     if args.no_progress:
         over.append("train.progress=false")
-    cfg = load_config(args.config, over)
+    if args.config is not None:
+        cfg = load_config(args.config, over)
+    elif args.resume is not None:  # the run's own config, with what the command line changes
+        if args.resume == "auto" and not args.out:
+            raise ValueError("--resume without a config needs the run's folder: zeroi2v train "
+                             "--resume --out DIR (or --resume DIR/last)")
+        out = Path(args.out) if args.out else None
+        ckpt = resume_path(args.resume, out or Path("."))
+        cfg = apply_overrides(saved_run_config(ckpt), over)
+    else:
+        raise ValueError("train needs a YAML config (zeroi2v train CONFIG.yaml), or --resume "
+                         "--out DIR to continue a run")
     res = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         out = {k: v for k, v in res.items() if k not in ("model", "val")}
@@ -269,16 +298,15 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .train import dist as zdist
-    from .train.build import build_test_dataset
-    from .train.engine import amp_dtype, evaluate, write_eval_report
+    from .train.build import build_test_dataset, test_annotations
+    from .train.evaluation import evaluate, write_eval_report
+    from .train.runtime import amp_dtype
 
     _eval_out(args)  # a bad --out is refused before any work
     info = zdist.init_distributed()
     try:
         model, cfg = _load_model_for(args, merge=args.merge)
-        ann = args.ann or cfg["data"].get("test_ann") or cfg["data"].get("val_ann")
-        if not ann:
-            raise SystemExit("error: no annotation file (--ann, data.test_ann or data.val_ann)")
+        ann = test_annotations(cfg, args.ann)
         ds = build_test_dataset(cfg, ann, args.root)
         used = len(set(getattr(ds, "labels", []) or []))
         if 0 < used < model.head.out_features and info.is_main:
@@ -288,17 +316,17 @@ def cmd_eval(args) -> int:
         device = info.device
         model.to(device)
         num_classes = model.head.out_features
-        bs = args.batch_size or int(cfg["eval"].get("batch_size") or cfg["train"]["batch_size"])
+        bs = args.batch_size or cfg.eval.batch_size or cfg.train.batch_size
         t0 = time.perf_counter()
         m = evaluate(model, ds, bs, device, num_classes,
-                     amp_dtype(cfg["train"].get("amp", "auto"), device),
-                     int(cfg["data"].get("num_workers", 0)), progress=not args.no_progress)
+                     amp_dtype(cfg.train.amp, device), cfg.data.num_workers,
+                     progress=not args.no_progress)
         dt = time.perf_counter() - t0
         if info.is_main:
             out = _eval_out(args)
             res = write_eval_report(m, out, names, extra={
                 "checkpoint": str(args.checkpoint), "ann_file": str(ann), "merged": model.merged,
-                "views": int(cfg["eval"]["num_clips"]) * int(cfg["eval"]["num_crops"]),
+                "views": cfg.eval.num_clips * cfg.eval.num_crops,
                 "world_size": info.world_size, "eval_time_s": dt})
             _print_metrics(res, out)
     finally:
@@ -395,8 +423,8 @@ def load_video_views(video: str, cfg: dict):
     with tempfile.TemporaryDirectory() as tmp:
         ann = Path(tmp) / "one.txt"
         ann.write_text(f"{vp.name} 0\n")
-        c = copy.deepcopy(cfg)
-        c["data"]["on_error"] = "raise"
+        c = cfg.model_copy(deep=True)
+        c.data.on_error = "raise"
         ds = build_test_dataset(c, str(ann), str(vp.resolve().parent))
         views, _ = ds[0]
     return views if views.dim() == 5 else views.unsqueeze(0)
@@ -405,7 +433,7 @@ def load_video_views(video: str, cfg: dict):
 def cmd_predict(args) -> int:
     import torch
 
-    from .train.engine import amp_dtype, autocast
+    from .train.runtime import amp_dtype, autocast
 
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
@@ -414,7 +442,7 @@ def cmd_predict(args) -> int:
     device = _device()
     model.to(device).eval()
     views = load_video_views(args.video, cfg).to(device)
-    with torch.no_grad(), autocast(device, amp_dtype(cfg["train"].get("amp", "auto"), device)):
+    with torch.no_grad(), autocast(device, amp_dtype(cfg.train.amp, device)):
         logits = model(views)
     probs = logits.float().softmax(-1).mean(0).cpu()
     k = min(args.topk, probs.numel())
@@ -603,9 +631,9 @@ def _resume_hint(args, e: BaseException) -> str:
         return ""
     if e.last_epoch is None:
         return f" in epoch {e.epoch}, before the first checkpoint: nothing to resume"
-    cmd = f"zeroi2v train {args.config} --resume"
-    if args.out:
-        cmd += f" --out {args.out}"
+    import shlex
+
+    cmd = f"zeroi2v train --resume --out {shlex.quote(str(e.out_dir))}"
     return (f" in epoch {e.epoch}; the last complete checkpoint is {e.out_dir / 'last'} (epoch "
             f"{e.last_epoch}); continue with: {cmd}")
 

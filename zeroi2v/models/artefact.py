@@ -140,6 +140,9 @@ def save_pretrained(model, path: PathLike, *, weights: str = "full",
     if run_config is not None:
         import yaml
 
+        if hasattr(run_config, "to_dict"):  # a training RunConfig
+            run_config = run_config.to_dict()
+
         atomic_write_text(folder / RUN_CONFIG_FILE, yaml.safe_dump(_plain(run_config), sort_keys=False))
     return folder
 

@@ -3,13 +3,14 @@
     load_config(path, overrides)   defaults <- YAML <- ``key.sub=value`` overrides
     train(cfg, resume=None)        AdamW + warm-up/cosine, AMP, accumulation, DDP, resumable checkpoints
     evaluate(model, dataset, ...)  top-1/top-5/mean class accuracy, softmax averaged over views
-    build_model(cfg["model"], k)   a ZeroI2VViT from a config section
+    build_model(cfg.model, k)      a ZeroI2VViT from a config's model section
     load_for_inference(path)       (model, run config) of a saved model or training checkpoint
     run_demo(...)                  the synthetic image-only vs STDHA demo
 """
 from .build import build_model, load_for_inference
-from .config import DEFAULTS, apply_overrides, load_config
-from .engine import evaluate, train, write_eval_report
+from .config import DEFAULTS, RunConfig, apply_overrides, load_config
+from .engine import train
+from .evaluation import evaluate, write_eval_report
 from .metrics import classification_metrics
 from .optim import build_optimizer, build_scheduler, param_groups
 
@@ -20,6 +21,6 @@ def run_demo(*args, **kwargs):
     return _run(*args, **kwargs)
 
 
-__all__ = ["DEFAULTS", "load_config", "apply_overrides", "train", "evaluate", "write_eval_report",
-           "build_model", "load_for_inference", "classification_metrics", "build_optimizer",
-           "build_scheduler", "param_groups", "run_demo"]
+__all__ = ["DEFAULTS", "RunConfig", "load_config", "apply_overrides", "train", "evaluate",
+           "write_eval_report", "build_model", "load_for_inference", "classification_metrics",
+           "build_optimizer", "build_scheduler", "param_groups", "run_demo"]

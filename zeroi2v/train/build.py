@@ -1,4 +1,5 @@
-"""Build models and datasets from a config; rebuild saved models for evaluation and prediction."""
+"""Build models and datasets from a :class:`RunConfig`; rebuild saved models for evaluation and
+prediction."""
 from __future__ import annotations
 
 import os
@@ -12,31 +13,28 @@ from torch import nn
 from ..models.artefact import Artefact, load_from_artefact, read_artefact
 from ..models.config import ZeroI2VConfig
 from ..models.video_vit import ZeroI2VViT, load_image_weights
+from .config import ModelSection, RunConfig, deep_update, load_config
 
 
-def model_config(mcfg: dict, num_classes: int,
+def model_config(m: ModelSection, num_classes: int,
                  class_names: Optional[Sequence[str]] = None) -> ZeroI2VConfig:
-    """The :class:`ZeroI2VConfig` that the ``model`` section of a run config describes."""
+    """The :class:`ZeroI2VConfig` that a run config's ``model`` section describes."""
     if num_classes is None or isinstance(num_classes, bool) or int(num_classes) < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    offsets = mcfg.get("head_offsets", ZeroI2VConfig.head_offsets)
     return ZeroI2VConfig(
-        model_name=mcfg["name"], timm_kwargs=dict(mcfg.get("timm_kwargs") or {}),
-        num_frames=int(mcfg["num_frames"]), num_classes=int(num_classes),
-        head_offsets=list(offsets) if isinstance(offsets, (list, tuple)) else offsets,
-        adapter_ratio=mcfg.get("adapter_ratio", ZeroI2VConfig.adapter_ratio),
-        adapter_scale=mcfg.get("adapter_scale", ZeroI2VConfig.adapter_scale),
-        adapter_dropout=mcfg.get("adapter_dropout", ZeroI2VConfig.adapter_dropout),
-        head_dropout=mcfg.get("head_dropout", ZeroI2VConfig.head_dropout),
+        model_name=m.name, timm_kwargs=dict(m.timm_kwargs), num_frames=m.num_frames,
+        num_classes=int(num_classes), head_offsets=m.head_offsets,
+        adapter_ratio=m.adapter_ratio, adapter_scale=m.adapter_scale,
+        adapter_dropout=m.adapter_dropout, head_dropout=m.head_dropout,
         class_names=tuple(class_names) if class_names is not None else None)
 
 
-def build_model(mcfg: dict, num_classes: int, pretrained: Optional[str] = None,
+def build_model(m: ModelSection, num_classes: int, pretrained: Optional[str] = None,
                 load_pretrained: bool = True,
                 class_names: Optional[Sequence[str]] = None) -> ZeroI2VViT:
     """A :class:`ZeroI2VViT` from the ``model`` section (``pretrained`` overrides its path)."""
-    config = model_config(mcfg, num_classes, class_names)
-    path = pretrained if pretrained is not None else mcfg.get("pretrained")
+    config = model_config(m, num_classes, class_names)
+    path = pretrained if pretrained is not None else m.pretrained
     if path is not None and load_pretrained and not os.path.isfile(path):
         raise FileNotFoundError(
             f"pretrained image-model file not found: {path} (set model.pretrained or --pretrained)"
@@ -44,19 +42,17 @@ def build_model(mcfg: dict, num_classes: int, pretrained: Optional[str] = None,
     model = ZeroI2VViT.from_config(config)
     if path is not None and load_pretrained:
         load_image_weights(model.backbone, path)
-    if mcfg.get("train_backbone"):
+    if m.train_backbone:
         for p in model.parameters():
             p.requires_grad_(True)
     return model
 
 
-def run_config_for(art: Artefact) -> dict:
+def run_config_for(art: Artefact) -> RunConfig:
     """The run config of a saved model: its ``run_config.yaml`` when it has one (a training
     checkpoint, or a model merged from one), else the defaults around the model's config. The
     ``model`` section always restates the saved model's config."""
     import yaml
-
-    from .config import load_config
 
     base = None
     if art.run_config_file is not None:
@@ -64,23 +60,22 @@ def run_config_for(art: Artefact) -> dict:
             base = yaml.safe_load(art.run_config_file.read_text())
         except (OSError, yaml.YAMLError) as e:
             raise ValueError(f"{art.run_config_file} is not valid YAML: {e}") from None
-    cfg = load_config(None, base=base or {})
     c = art.config
-    cfg["model"].update(name=c.model_name, timm_kwargs=dict(c.timm_kwargs or {}),
-                        num_frames=c.num_frames, num_classes=c.num_classes,
-                        head_offsets=list(c.head_offsets), adapter_ratio=c.adapter_ratio,
-                        adapter_scale=c.adapter_scale, adapter_dropout=c.adapter_dropout,
-                        head_dropout=c.head_dropout)
+    restated = {"model": {"name": c.model_name, "timm_kwargs": dict(c.timm_kwargs or {}),
+                          "num_frames": c.num_frames, "num_classes": c.num_classes,
+                          "head_offsets": list(c.head_offsets), "adapter_ratio": c.adapter_ratio,
+                          "adapter_scale": c.adapter_scale, "adapter_dropout": c.adapter_dropout,
+                          "head_dropout": c.head_dropout}}
     if base is None:
         img = (c.timm_kwargs or {}).get("img_size")
         if img is not None:
-            cfg["data"]["size"] = int(img[0] if isinstance(img, (list, tuple)) else img)
-    return cfg
+            restated["data"] = {"size": int(img[0] if isinstance(img, (list, tuple)) else img)}
+    return load_config(None, base=deep_update(base or {}, restated))
 
 
 def load_for_inference(path: Union[str, os.PathLike], pretrained: Optional[str] = None,
                        device: Union[str, torch.device] = "cpu"
-                       ) -> tuple[ZeroI2VViT, dict, Artefact]:
+                       ) -> tuple[ZeroI2VViT, RunConfig, Artefact]:
     """``(model, run config, artefact)`` for any saved model: a folder written by
     ``save_pretrained``/``merge``/``import-official``, a training checkpoint folder (or a run's
     output folder: its ``last`` checkpoint), or their ``model.safetensors``/``config.json``."""
@@ -145,59 +140,45 @@ def read_class_names(path: Optional[Union[str, os.PathLike]]) -> Optional[list[s
 # ----------------------------------------------------------------------------- data
 
 
-def _ra(x) -> Optional[tuple]:
-    if x is None or x is False:
-        return None
-    return tuple(int(v) for v in x)
-
-
-def _flip_map(x) -> Optional[dict]:
-    """The config's ``flip_label_map`` as ints, completed to a symmetric swap (None: no map)."""
-    if not x:
-        return None
-    m = {int(k): int(v) for k, v in dict(x).items()}
-    for k, v in list(m.items()):  # the swap is symmetric
-        m.setdefault(v, k)
-    return m
-
-
-def build_train_dataset(cfg: dict):
+def build_train_dataset(cfg: RunConfig):
+    """The training dataset the ``data`` section describes (clips of ``model.num_frames``)."""
     from ..data import build_dataset
 
-    d, m = cfg["data"], cfg["model"]
-    if not d.get("train_ann"):
+    d = cfg.data
+    if not d.train_ann:
         raise ValueError("data.train_ann is not set (the training annotation file)")
     return build_dataset(
-        d["train_ann"], d.get("root") or "", num_frames=int(m["num_frames"]),
-        sampling=d.get("sampling", "dense"), frame_interval=int(d.get("frame_interval", 1)),
-        num_clips=int(d.get("train_clips", 1)), train=True, size=int(d.get("size", 224)),
-        short_side=int(d.get("short_side", 256)), num_crops=1,
-        rand_augment=_ra(d.get("rand_augment")), random_erasing=float(d.get("random_erasing", 0)),
-        flip=bool(d.get("flip", True)), flip_label_map=_flip_map(d.get("flip_label_map")),
-        on_error=d.get("on_error", "skip"), **_extra(cfg),
-    )
+        d.train_ann, d.root or "", num_frames=cfg.model.num_frames, sampling=d.sampling,
+        frame_interval=d.frame_interval, num_clips=d.train_clips, train=True, size=d.size,
+        short_side=d.short_side, num_crops=1, rand_augment=d.rand_augment,
+        random_erasing=d.random_erasing, flip=d.flip, flip_label_map=d.flip_label_map,
+        on_error=d.on_error, seed=cfg.train.seed, decoder=d.decoder,
+        num_classes=cfg.model.num_classes)
 
 
-def _extra(cfg: dict) -> dict:
-    kw = {"seed": int(cfg["train"].get("seed", 0)), "decoder": cfg["data"].get("decoder", "auto")}
-    if cfg["model"].get("num_classes"):
-        kw["num_classes"] = int(cfg["model"]["num_classes"])
-    return kw
+def test_annotations(cfg: RunConfig, ann: Optional[str] = None) -> str:
+    """The annotation file ``zeroi2v eval`` evaluates: ``ann`` (``--ann``), else
+    ``data.test_ann``, else ``data.val_ann``."""
+    ann = ann or cfg.data.test_ann or cfg.data.val_ann
+    if not ann:
+        raise ValueError("no annotation file to evaluate: pass --ann, or set data.test_ann or "
+                         "data.val_ann")
+    return ann
 
 
-def build_test_dataset(cfg: dict, ann_file: str, root: Optional[str] = None):
+def build_test_dataset(cfg: RunConfig, ann_file: str, root: Optional[str] = None):
+    """A test-mode dataset over ``ann_file``: ``eval.num_clips`` x ``eval.num_crops`` views,
+    short side resized to ``eval.short_side`` (default ``data.size``) before the crops."""
     from ..data import build_dataset
 
-    d, m, e = cfg["data"], cfg["model"], cfg["eval"]
-    root = root if root is not None else (d.get("val_root") or d.get("root") or "")
+    d, e = cfg.data, cfg.eval
+    root = root if root is not None else (d.val_root or d.root or "")
     return build_dataset(
-        ann_file, root, num_frames=int(m["num_frames"]),
-        sampling=d.get("sampling", "dense"), frame_interval=int(d.get("frame_interval", 1)),
-        num_clips=int(e.get("num_clips", 1)), train=False, size=int(d.get("size", 224)),
-        short_side=int(e.get("short_side", d.get("size", 224))), num_crops=int(e.get("num_crops", 1)),
-        rand_augment=None, random_erasing=0.0, flip=False, on_error=d.get("on_error", "skip"),
-        **_extra(cfg),
-    )
+        ann_file, root, num_frames=cfg.model.num_frames, sampling=d.sampling,
+        frame_interval=d.frame_interval, num_clips=e.num_clips, train=False, size=d.size,
+        short_side=None, num_crops=e.num_crops, rand_augment=None, random_erasing=0.0,
+        flip=False, on_error=d.on_error, seed=cfg.train.seed, decoder=d.decoder,
+        num_classes=cfg.model.num_classes, test_short_side=e.short_side)
 
 
 def dataset_num_classes(ds) -> Optional[int]:

@@ -131,6 +131,24 @@ def newest_intact_checkpoint(out_dir: PathLike, skip: Optional[Path] = None) -> 
     return None
 
 
+def saved_run_config(path: PathLike):
+    """The :class:`~zeroi2v.train.config.RunConfig` a training checkpoint was written with (its
+    ``run_config.yaml``), validated as any config is."""
+    import yaml
+
+    from .config import load_config
+
+    art = read_artefact(find_checkpoint(path))
+    if art.run_config_file is None:
+        raise ValueError(f"{art.folder} has no run_config.yaml: it is a saved model, not a "
+                         "training checkpoint to resume")
+    try:
+        saved = yaml.safe_load(art.run_config_file.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{art.run_config_file} is not valid YAML: {e}") from None
+    return load_config(None, base=saved if isinstance(saved, dict) else {})
+
+
 def read_training_checkpoint(path: PathLike) -> tuple[Artefact, dict]:
     """``(artefact, training state)`` of a checkpoint folder written by :func:`save_checkpoint`."""
     art = read_artefact(find_checkpoint(path))

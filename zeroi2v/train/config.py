@@ -1,24 +1,34 @@
-"""Run configuration: one schema for every section and key, YAML files and ``key.sub=value``.
+"""Run configuration: one typed schema for every section and key, YAML files and ``key.sub=value``.
 
 A config has four sections (see ``configs/*.yaml`` for the recipes):
 
-* ``model``  — the video model (a :class:`~zeroi2v.ZeroI2VConfig` and its image weights)
+* ``model``  — the video model: :class:`~zeroi2v.ZeroI2VConfig`'s fields (``name`` is its
+  ``model_name``; the defaults are its defaults) plus where the image weights come from and
+  whether the backbone trains
 * ``data``   — annotation files, sampling, augmentation, loader settings
-* ``train``  — optimiser, schedule, precision, checkpointing
+* ``train``  — optimiser, schedule, precision, checkpointing, logging
 * ``eval``   — test-time views
 
 The schema below (pydantic models) is the one place that lists every key with its type, range
-and default. A YAML file and ``--set`` overrides go through it alike: an unknown key anywhere is
-an error naming the key and the closest valid one, a wrong type or an out-of-range value is an
-error naming the key, and nothing is converted silently (``batch_size: 2.5`` is refused, not
-truncated). After validation the config is a plain nested ``dict``.
+and default, and what :func:`load_config` returns is an instance of it (:class:`RunConfig`):
+training, evaluation, prediction and the builders read its attributes, never a dict, so a key
+that validates is a key something reads (``tests/test_config_wired.py`` changes every key and
+looks for its effect on what is built). A YAML file and ``--set`` overrides go through it alike:
+an unknown key anywhere is an error naming the key and the closest valid one (or the key a
+common alias stands for: ``learning_rate`` -> ``train.lr``), a wrong type or an out-of-range
+value is an error naming the key, and nothing is converted silently (``batch_size: 2.5`` is
+refused, not truncated).
 
 Values given on the command line with ``--set a.b=c`` are parsed as YAML scalars/flow values
 (``--set train.lr=1e-3``, ``--set model.head_offsets=[1,-1,0,0]``, ``--set data.rand_augment=null``).
+
+Resuming (``zeroi2v train --resume``) continues the run its checkpoint saved; a config or
+``--set`` given with it may change only the keys in :data:`RESUME_SAFE` (see :func:`resume_diff`).
 """
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -34,6 +44,7 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -51,16 +62,26 @@ def _as_key_error(check, value, source: str):
         raise PydanticCustomError("zeroi2v", str(e)) from None
 
 
+def default_num_workers() -> int:
+    """DataLoader workers by default: what the machine has, at most 4 (more than the cores
+    only makes torch warn and the processes compete)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(0, min(4, cpus))
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 class ModelSection(_Section):
     """A ZeroI2VConfig (same defaults) plus where the image weights come from."""
 
-    name: str = "vit_base_patch16_clip_quickgelu_224"
+    name: str = "vit_base_patch16_clip_quickgelu_224"  # ZeroI2VConfig.model_name
     pretrained: Optional[str] = None            # local image-model checkpoint (no network)
-    timm_kwargs: dict[str, Any] = {}            # extra timm.create_model kwargs (img_size, depth ...)
+    timm_kwargs: dict[str, Any] = {}            # timm.create_model kwargs (img_size, depth ...)
     num_frames: PositiveInt = 8
     head_offsets: Union[str, list[int]] = _M.head_offsets  # preset name or one int per head
     adapter_ratio: PositiveFloat = _M.adapter_ratio
@@ -89,9 +110,9 @@ class DataSection(_Section):
     val_root: Optional[str] = None              # defaults to root
     class_names: Optional[str] = None           # text file, one class name per line
     sampling: Literal["dense", "uniform"] = "dense"  # clip_len x frame_interval | TSN segments
-    frame_interval: PositiveInt = 16
-    train_clips: PositiveInt = 1
-    size: PositiveInt = 224
+    frame_interval: PositiveInt = 16            # dense sampling only
+    train_clips: PositiveInt = 1                # clips per training video (each one a sample)
+    size: PositiveInt = 224                     # crop size (the model's image size)
     short_side: PositiveInt = 256               # training resize before RandomResizedCrop
     rand_augment: Optional[tuple[NonNegativeInt, PositiveInt]] = (7, 4)  # [magnitude, layers]
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
@@ -101,14 +122,15 @@ class DataSection(_Section):
     # left out and listed), drop (left out everywhere), raise (the run fails)
     on_error: Literal["skip", "raise", "drop"] = "skip"
     decoder: Literal["auto", "torchcodec", "decord", "pyav"] = "auto"  # auto: first that reads it
-    num_workers: NonNegativeInt = 4
+    num_workers: NonNegativeInt = Field(default_factory=default_num_workers)
     pin_memory: bool = True
 
 
 class EvalSection(_Section):
     num_clips: PositiveInt = 3
     num_crops: Literal[1, 3] = 1
-    short_side: PositiveInt = 224
+    short_side: Optional[PositiveInt] = None    # test resize before the crops (>= data.size;
+    #                                             null: data.size, i.e. no margin)
     batch_size: Optional[PositiveInt] = None    # videos per batch (default: train.batch_size)
     interval: NonNegativeInt = 1                # evaluate every N epochs (0: only at the end)
 
@@ -131,11 +153,12 @@ class TrainSection(_Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
     seed: NonNegativeInt = 0
     deterministic: bool = False
-    log_interval: PositiveInt = 20
+    log_interval: PositiveInt = 20              # optimiser steps between log records
     out_dir: str = "work_dirs/run"
     save_full: Union[Literal["auto"], bool] = "auto"  # all weights (auto: no pretrained file)
     stop_after_epoch: Optional[PositiveInt] = None  # end this process after that epoch
-    progress: bool = True
+    progress: bool = True                       # progress bars (on a terminal only)
+    tensorboard: bool = False                   # TensorBoard event files in OUT/tensorboard
 
     @field_validator("betas")
     @classmethod
@@ -146,24 +169,74 @@ class TrainSection(_Section):
 
 
 class RunConfig(_Section):
+    """A whole run's settings (what :func:`load_config` returns)."""
+
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     eval: EvalSection = EvalSection()
     train: TrainSection = TrainSection()
 
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.eval.short_side is not None and self.eval.short_side < self.data.size:
+            raise PydanticCustomError(
+                "zeroi2v", f"eval.short_side is {self.eval.short_side}, smaller than the "
+                f"{self.data.size}-pixel crop (data.size): set eval.short_side to at least "
+                f"{self.data.size} (256 for the usual resize-256, crop-224 protocol)")
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML- and JSON-able)."""
+        return _plain(self.model_dump(mode="python"))
+
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "train": TrainSection}
-DEFAULTS: dict[str, Any] = RunConfig().model_dump(mode="python")
+
+#: Keys a config or ``--set`` given with ``--resume`` may change: how long the run goes on, how
+#: it is watched and where the data lives, none of which changes the numbers it computes.
+RESUME_SAFE = frozenset({
+    "train.epochs", "train.stop_after_epoch", "train.progress", "train.log_interval",
+    "train.tensorboard", "train.out_dir", "data.num_workers", "data.pin_memory", "data.root",
+    "data.val_root", "eval.batch_size",
+})
+
+#: Names people reach for, and the key they mean (for "did you mean").
+ALIASES = {
+    "learning_rate": "train.lr", "lr": "train.lr", "bs": "train.batch_size",
+    "batch": "train.batch_size", "batchsize": "train.batch_size",
+    "batch_size": "train.batch_size", "num_epochs": "train.epochs", "epochs": "train.epochs",
+    "max_epochs": "train.epochs", "wd": "train.weight_decay", "weight_decay": "train.weight_decay",
+    "warmup": "train.warmup_epochs", "grad_clip": "train.clip_grad",
+    "max_grad_norm": "train.clip_grad", "workers": "data.num_workers",
+    "num_workers": "data.num_workers", "frames": "model.num_frames", "clip_len": "model.num_frames",
+    "num_frames": "model.num_frames", "img_size": "data.size", "image_size": "data.size",
+    "crop_size": "data.size", "arch": "model.name", "model_name": "model.name",
+    "backbone": "model.name", "offsets": "model.head_offsets", "classes": "model.num_classes",
+    "work_dir": "train.out_dir", "output_dir": "train.out_dir", "fp16": "train.amp",
+    "mixed_precision": "train.amp", "test_short_side": "eval.short_side",
+    "resize": "eval.short_side", "views": "eval.num_clips",
+}
+
+
+def all_keys() -> list[str]:
+    """Every dotted key of the schema (``train.lr`` ...)."""
+    return [f"{sec}.{k}" for sec, cls in SECTIONS.items() for k in cls.model_fields]
+
+
+def defaults() -> RunConfig:
+    return RunConfig()
 
 
 # ----------------------------------------------------------------------------- validation
 
 
-def validate(cfg: Mapping, source: str = "config") -> dict:
-    """``cfg`` checked against the schema, defaults filled in, as a plain dict. Errors are one
-    ``ValueError`` line naming the key (``source``: the file, for the message)."""
+def validate(cfg: Union[Mapping, RunConfig], source: str = "config") -> RunConfig:
+    """``cfg`` checked against the schema, defaults filled in. Errors are one ``ValueError``
+    line naming the key (``source``: the file, for the message)."""
+    if isinstance(cfg, RunConfig):
+        cfg = cfg.to_dict()
     try:
-        return _plain(RunConfig.model_validate(cfg).model_dump(mode="python"))
+        return RunConfig.model_validate(cfg)
     except ValidationError as e:
         raise ValueError(f"{source}: {_first_error(e)}") from None
 
@@ -171,15 +244,18 @@ def validate(cfg: Mapping, source: str = "config") -> dict:
 def _first_error(e: ValidationError) -> str:
     errs = e.errors(include_url=False)
     err = errs[0]
-    if err["type"] == "zeroi2v":  # a check that names its key (_as_key_error)
-        return err["msg"] + (f" (and {len(errs) - 1} more)" if len(errs) > 1 else "")
+    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    if err["type"] == "zeroi2v":  # a check that names its key (_as_key_error, _fits)
+        return err["msg"] + more
     loc = [str(x) for x in err["loc"]]
     key = ".".join(loc)
-    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
     if err["type"] == "extra_forbidden":
         valid = _keys_at(loc[:-1])
         prefix = "".join(f"{x}." for x in loc[:-1])
-        hint = closest(key, [prefix + v for v in valid]) if valid else ""
+        alias = ALIASES.get(loc[-1].lower())
+        hint = (f" (did you mean {alias!r}?)" if alias and alias != key else
+                closest(key, [prefix + v for v in valid] + all_keys()) if valid or loc[:-1]
+                else "")
         where = f"in section {'.'.join(loc[:-1])!r}" if len(loc) > 1 else "at the top level"
         known = f"; known: {sorted(valid)}" if valid and not hint else ""
         return f"unknown key {key!r} {where}{hint or known}{more}"
@@ -223,6 +299,10 @@ def _set_dotted(cfg: dict, key: str, value: Any, item: str) -> None:
     parts = key.split(".")
     if not all(parts):
         raise ValueError(f"override {item!r}: bad key {key!r}")
+    if len(parts) == 1:
+        alias = ALIASES.get(parts[0].lower())
+        hint = f" (did you mean {alias!r}?)" if alias else closest(key, all_keys())
+        raise ValueError(f"override {item!r}: keys are section.key{hint}")
     node = cfg
     for i, p in enumerate(parts[:-1]):
         nxt = node.get(p)
@@ -234,20 +314,24 @@ def _set_dotted(cfg: dict, key: str, value: Any, item: str) -> None:
     node[parts[-1]] = value
 
 
-def apply_overrides(cfg: dict, overrides: Optional[Iterable[str]]) -> dict:
-    """Apply ``["a.b=1", "c.d=[1,2]"]`` in place, then validate the result (same rules as a
-    file: unknown keys and wrong types are errors naming the key)."""
-    items = list(overrides or ())
-    for item in items:
+def overrides_dict(overrides: Optional[Iterable[str]]) -> dict:
+    """``["a.b=1", "c.d=[1,2]"]`` as a nested dict (not validated)."""
+    out: dict = {}
+    for item in overrides or ():
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         key, text = item.split("=", 1)
-        _set_dotted(cfg, key.strip(), parse_value(text), item)
-    if items:
-        checked = validate(cfg, "--set")
-        cfg.clear()
-        cfg.update(checked)
-    return cfg
+        _set_dotted(out, key.strip(), parse_value(text), item)
+    return out
+
+
+def apply_overrides(cfg: RunConfig, overrides: Optional[Iterable[str]]) -> RunConfig:
+    """A new config: ``cfg`` with ``["a.b=1", "c.d=[1,2]"]`` applied, validated by the same
+    rules as a file (unknown keys and wrong types are errors naming the key)."""
+    items = list(overrides or ())
+    if not items:
+        return cfg
+    return validate(deep_update(cfg.to_dict(), overrides_dict(items)), "--set")
 
 
 def read_yaml(path: Union[str, Path]) -> dict:
@@ -270,14 +354,14 @@ def read_yaml(path: Union[str, Path]) -> dict:
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: Optional[Iterable[str]] = None,
-                base: Optional[Mapping] = None) -> dict:
+                base: Optional[Mapping] = None) -> RunConfig:
     """Defaults ← ``base`` ← YAML file at ``path`` ← ``overrides``, validated at each step."""
-    cfg = copy.deepcopy(DEFAULTS)
+    cfg = RunConfig().to_dict()
     if base:
-        cfg = validate(deep_update(cfg, base), "config")
+        cfg = validate(deep_update(cfg, base), "config").to_dict()
     if path is not None:
-        cfg = validate(deep_update(cfg, read_yaml(path)), str(path))
-    return apply_overrides(cfg, overrides)
+        cfg = validate(deep_update(cfg, read_yaml(path)), str(path)).to_dict()
+    return apply_overrides(validate(cfg, "config"), overrides)
 
 
 def deep_update(base: dict, other: Mapping) -> dict:
@@ -294,8 +378,37 @@ def deep_update(base: dict, other: Mapping) -> dict:
 _VALUE_DICTS = ("timm_kwargs", "flip_label_map")
 
 
-def dump_config(cfg: Mapping) -> str:
-    return yaml.safe_dump(_plain(cfg), sort_keys=False)
+def dump_config(cfg: Union[RunConfig, Mapping]) -> str:
+    d = cfg.to_dict() if isinstance(cfg, RunConfig) else _plain(cfg)
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """``{"train.lr": 0.001, ...}`` for every key."""
+    d = cfg.to_dict()
+    return {f"{sec}.{k}": v for sec, kv in d.items() for k, v in kv.items()}
+
+
+def differences(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``(key, a's value, b's value)`` for every key where the two differ."""
+    fa, fb = flatten(a), flatten(b)
+    return [(k, fa[k], fb[k]) for k in fa if fa[k] != fb[k]]
+
+
+def resume_diff(saved: RunConfig, given: RunConfig) -> list[tuple[str, Any, Any]]:
+    """The changes ``given`` makes to a run saved as ``saved``: those of :data:`RESUME_SAFE`
+    are returned (to apply and report); any other is a ``ValueError`` listing every changed key
+    with both values, since it would silently make the resumed run another run."""
+    changes = differences(saved, given)
+    unsafe = [c for c in changes if c[0] not in RESUME_SAFE]
+    if unsafe:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in unsafe)
+        raise ValueError(
+            f"--resume continues the run as it was started, and these settings differ from it: "
+            f"{listed}. Drop them (zeroi2v train --resume --out DIR needs no config), or start a "
+            f"new run in another folder; only {', '.join(sorted(RESUME_SAFE))} may change on "
+            "resume")
+    return changes
 
 
 def _plain(x: Any) -> Any:
@@ -306,3 +419,7 @@ def _plain(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     return x
+
+
+#: The defaults as a plain dict (for docs and ``zeroi2v config``).
+DEFAULTS: dict[str, Any] = RunConfig().to_dict()

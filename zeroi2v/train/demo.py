@@ -30,7 +30,8 @@ from torch.utils.data import Dataset
 from ..models.merge import merge_adapters
 from .build import count_params, image_model_params, merged_vs_unmerged_error
 from .config import load_config
-from .engine import evaluate, summary, train, write_eval_report
+from .engine import train
+from .evaluation import evaluate, summary, write_eval_report
 
 # Settings shared by both runs (only model.head_offsets differs).
 FULL = {
@@ -88,7 +89,7 @@ class CachedClips(Dataset):
 
 
 def _demo_config(s: dict, out_dir: Path, offsets, epochs: int, seed: int, train_backbone: bool,
-                 progress: bool) -> dict:
+                 progress: bool):
     m = s["model"]
     return load_config(None, base={
         "model": {"name": m["name"], "timm_kwargs": copy.deepcopy(m["timm_kwargs"]),
@@ -163,7 +164,6 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
     runs = {}
     for name, offsets in (("image_only", IMAGE_ONLY), ("stdha", STDHA)):
         cfg = _demo_config(s, out / name, offsets, epochs, seed, train_backbone, progress)
-        cfg["data"]["class_names"] = None
         t0 = time.perf_counter()
         res = train(cfg, datasets={"train": train_ds, "val": val_ds}, overwrite=True)
         runs[name] = {"offsets": offsets, "result": res, "time_s": time.perf_counter() - t0,
@@ -180,7 +180,7 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
                       title="STDHA, merged")
     cfg = runs["stdha"]["config"]
     merged.class_names = classes
-    merged_path = merged.save_pretrained(out / "stdha_merged", run_config=cfg)
+    merged_path = merged.save_pretrained(out / "stdha_merged", run_config=cfg.to_dict())
     (out / "classes.txt").write_text("\n".join(classes) + "\n")
 
     # ---- 4. parameters and throughput (merged ZeroI2V vs the plain timm ViT, same frames)

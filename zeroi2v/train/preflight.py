@@ -14,67 +14,125 @@ from torch import nn
 from ..limits import check_bytes
 
 
-def preflight(cfg: dict, model: Optional[nn.Module] = None, datasets: Optional[dict] = None) -> None:
+def preflight(cfg, model: Optional[nn.Module] = None, datasets: Optional[dict] = None) -> None:
     """Cross-field checks before any work starts: the model exists in timm and takes the kwargs,
     the head offsets fit the heads and the frame count, the image size matches the data, the
     annotation files exist and their labels make a model and a batch that fit in memory."""
     from ..models import timm_spec
     from ..offsets import check_offsets, resolve_offsets
 
-    mcfg, dcfg = cfg["model"], cfg["data"]
+    mcfg, dcfg = cfg.model, cfg.data
     vit = None
     if model is None:
-        vit = timm_spec.create(mcfg["name"], dict(mcfg["timm_kwargs"]), device="meta")
+        vit = timm_spec.create(mcfg.name, dict(mcfg.timm_kwargs), device="meta")
         blocks = getattr(vit, "blocks", None)
         attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
         if attn is not None and hasattr(attn, "num_heads"):
             try:
-                offsets = resolve_offsets(mcfg["head_offsets"], attn.num_heads,
-                                          int(mcfg["num_frames"]))
-                check_offsets(offsets, int(mcfg["num_frames"]))
+                offsets = resolve_offsets(mcfg.head_offsets, attn.num_heads, mcfg.num_frames)
+                check_offsets(offsets, mcfg.num_frames)
             except ValueError as e:
                 raise ValueError(f"model.head_offsets / model.num_frames: {e}") from None
         pe = getattr(vit, "patch_embed", None)
         img = getattr(pe, "img_size", None)
         if img is not None and not (datasets or {}).get("train") and \
                 not getattr(vit, "dynamic_img_size", False) and \
-                tuple(img) != (dcfg["size"], dcfg["size"]):
+                tuple(img) != (dcfg.size, dcfg.size):
             raise ValueError(
-                f"data.size is {dcfg['size']} but {mcfg['name']} takes {img[0]}x{img[1]} images: "
-                f"set data.size: {img[0]}, or model.timm_kwargs.img_size: {dcfg['size']} (with a "
+                f"data.size is {dcfg.size} but {mcfg.name} takes {img[0]}x{img[1]} images: "
+                f"set data.size: {img[0]}, or model.timm_kwargs.img_size: {dcfg.size} (with a "
                 "pretrained file, its position embedding must match)")
     largest = None
     if not (datasets or {}).get("train"):
-        if not dcfg.get("train_ann"):
+        if not dcfg.train_ann:
             raise ValueError("data.train_ann is not set (the training annotation file)")
         for key in ("train_ann", "val_ann"):
-            if dcfg.get(key) and not Path(dcfg[key]).is_file():
-                raise FileNotFoundError(f"data.{key}: annotation file not found: {dcfg[key]}")
-        largest = _largest_label(dcfg)
-    if mcfg.get("pretrained") and not Path(mcfg["pretrained"]).is_file():
-        raise FileNotFoundError(f"model.pretrained: image-model file not found: "
-                                f"{mcfg['pretrained']}")
-    if dcfg.get("class_names") and not Path(dcfg["class_names"]).is_file():
-        raise FileNotFoundError(f"data.class_names: file not found: {dcfg['class_names']}")
+            path = getattr(dcfg, key)
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"data.{key}: annotation file not found: {path}")
+        largest = _check_annotations(cfg)
+    if mcfg.pretrained and not Path(mcfg.pretrained).is_file():
+        raise FileNotFoundError(f"model.pretrained: image-model file not found: {mcfg.pretrained}")
+    if dcfg.class_names and not Path(dcfg.class_names).is_file():
+        raise FileNotFoundError(f"data.class_names: file not found: {dcfg.class_names}")
     if vit is not None:
         _check_memory(cfg, vit, largest)
 
 
-def _largest_label(dcfg: dict) -> Optional[tuple[int, str, int]]:
-    """``(label, file, line)`` of the largest label in the annotation files (each line parsed;
-    a bad line is an error naming the file and line)."""
+def _check_annotations(cfg) -> Optional[tuple[int, str, int]]:
+    """Parse every line of the annotation files (a bad line is an error naming file and line),
+    check labels against ``model.num_classes`` when set, and stat (never decode) the videos
+    they list: none found is an error (``data.root`` is wrong), some missing is said once (they
+    are then handled by ``data.on_error``; with ``raise`` it is an error). Returns ``(label,
+    file, line)`` of the largest label."""
+    import os
+
     from ..data.annotations import read_annotations
 
+    d, n_classes = cfg.data, cfg.model.num_classes
     best = None
-    for key in ("train_ann", "val_ann"):
-        if not dcfg.get(key):
+    for key, root in (("train_ann", d.root), ("val_ann", d.val_root or d.root)):
+        path = getattr(d, key)
+        if not path:
             continue
-        labels = [label for _, label in read_annotations(dcfg[key])]
-        if labels and (best is None or max(labels) > best[0]):
-            best = (max(labels), dcfg[key])
+        samples = read_annotations(path)
+        if not samples:
+            raise ValueError(f"data.{key}: {path} lists no videos")
+        top = max(label for _, label in samples)
+        if n_classes is not None and top >= n_classes:
+            raise ValueError(f"data.{key}: {path} line {_line_of_label(path, top)} has label "
+                             f"{top}, but model.num_classes is {n_classes} (labels are 0 .. "
+                             f"{n_classes - 1}): fix the label or model.num_classes")
+        if best is None or top > best[0]:
+            best = (top, path)
+        missing = [rel for rel, _ in samples if not os.path.isfile(os.path.join(root or "", rel))]
+        if len(missing) == len(samples):
+            raise FileNotFoundError(
+                f"data.{key}: none of the {len(samples)} videos {path} lists exists under "
+                f"data.{'root' if key == 'train_ann' else 'val_root'} = {root!r} (first: "
+                f"{os.path.join(root or '', missing[0])}): is the root right?")
+        if missing and d.on_error == "raise":
+            raise FileNotFoundError(f"data.{key}: {len(missing)} of the {len(samples)} videos "
+                                    f"{path} lists are missing (first: {missing[0]}) and "
+                                    "data.on_error is raise")
+        if missing:
+            print(f"note: {len(missing)} of the {len(samples)} videos in {path} are missing "
+                  f"(first: {missing[0]}); data.on_error={d.on_error} handles them", flush=True)
+    _probe_decoder(cfg)
     if best is None:
         return None
     return best[0], best[1], _line_of_label(best[1], best[0])
+
+
+def _probe_decoder(cfg) -> None:
+    """Decode one frame of a real video of the data with ``data.decoder``, so that a decoder
+    that cannot read these files stops the run now, not ten videos into the first epoch. Up to
+    three files are tried (one damaged file is the on_error setting's business)."""
+    import os
+
+    from ..data.annotations import read_annotations
+    from ..data.video_io import open_video
+
+    d = cfg.data
+    tried = []
+    for rel, _ in read_annotations(d.train_ann)[:50]:
+        path = os.path.join(d.root or "", rel)
+        if not os.path.isfile(path):
+            continue
+        try:
+            open_video(path, d.decoder).get_batch([0])
+            return
+        except Exception as e:  # noqa: BLE001 - a decoder's own error types; reported below
+            tried.append(f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else e}")
+        if len(tried) == 3:
+            break
+    if tried:
+        from ..data.decoders import decoder_status
+
+        usable = [k for k, v in decoder_status().items() if v is None]
+        raise ValueError(f"data.decoder={d.decoder} could not read {len(tried)} of the training "
+                         f"videos ({tried[0]}); decoders usable here: {usable}: check the files "
+                         "or set data.decoder")
 
 
 def _line_of_label(path: str, label: int) -> int:
@@ -93,11 +151,11 @@ def _check_memory(cfg: dict, vit: nn.Module, largest: Optional[tuple[int, str, i
     from ..models.video_vit import parameter_count
     from .build import model_config
 
-    mcfg, dcfg, tcfg = cfg["model"], cfg["data"], cfg["train"]
-    num_classes = mcfg.get("num_classes") or (largest[0] + 1 if largest else 1)
+    mcfg, dcfg, tcfg = cfg.model, cfg.data, cfg.train
+    num_classes = mcfg.num_classes or (largest[0] + 1 if largest else 1)
     config = model_config(mcfg, num_classes)
     params, trainable = parameter_count(config)
-    if largest is not None and not mcfg.get("num_classes"):
+    if largest is not None and not mcfg.num_classes:
         label, path, line = largest
         what = (f"the model for {num_classes:,} classes (the largest label, {label}, is on line "
                 f"{line} of {path})")
@@ -109,11 +167,11 @@ def _check_memory(cfg: dict, vit: nn.Module, largest: Optional[tuple[int, str, i
     depth = len(getattr(vit, "blocks", ()) or ())
     pe = getattr(vit, "patch_embed", None)
     tokens = int(getattr(pe, "num_patches", 0) or 0) + int(getattr(vit, "num_prefix_tokens", 1))
-    frames = int(mcfg["num_frames"]) * int(dcfg["train_clips"])
-    clips = int(tcfg["batch_size"]) * frames
-    batch = clips * 3 * int(dcfg["size"]) ** 2 * 4 + clips * tokens * dim * 4 * depth * 2
-    trainable = params if mcfg.get("train_backbone") else trainable
+    frames = mcfg.num_frames * dcfg.train_clips
+    clips = tcfg.batch_size * frames
+    batch = clips * 3 * dcfg.size ** 2 * 4 + clips * tokens * dim * 4 * depth * 2
+    trainable = params if mcfg.train_backbone else trainable
     check_bytes(params * 4 + trainable * 12 + batch,
-                f"training ({params:,} parameters, and a batch of {tcfg['batch_size']} x "
-                f"{frames} frames of {dcfg['size']}x{dcfg['size']}, at least)",
+                f"training ({params:,} parameters, and a batch of {tcfg.batch_size} x "
+                f"{frames} frames of {dcfg.size}x{dcfg.size}, at least)",
                 fix="lower train.batch_size, model.num_frames or data.size")
