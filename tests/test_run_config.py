@@ -1,0 +1,209 @@
+"""A run's settings cannot drift (issue #22): the typed config reaches what it controls, resume
+continues the run it names and refuses silent changes, and the logs read well anywhere."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _helpers import cfg_dict, write
+from zeroi2v.cli import main
+from zeroi2v.train.config import RESUME_SAFE, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from zeroi2v.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_classes=2,
+                                  videos_per_class=4, num_frames=8, size=16, seed=0,
+                                  val_fraction=0.5)
+
+
+def _err(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+# ----------------------------------------------------------------------------- eval.short_side
+
+
+def test_eval_short_side_reaches_the_test_transform(data):
+    from zeroi2v.train.build import build_test_dataset
+
+    for side, want in ((None, 16), (24, 24), (64, 64)):  # null: the crop size, no margin
+        cfg = load_config(None, base=cfg_dict(data, eval={"short_side": side}))
+        ds = build_test_dataset(cfg, data["val"])
+        assert ds.transform.test_short_side == want
+        assert ds[0][0].shape[-2:] == (16, 16)  # the crop is data.size whatever the resize
+
+
+def test_eval_short_side_below_the_crop_is_refused(data, capsys):
+    assert main(["config", "--set", "eval.short_side=10"]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "eval.short_side is 10, smaller than the 224-pixel crop" in err[0]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _run(tmp_path, data, epochs=2, **sections):
+    sections["train"] = {"epochs": epochs, **sections.get("train", {})}
+    return write(tmp_path / "c.yaml", cfg_dict(data, **sections))
+
+
+@pytest.mark.parametrize("change,keys", [
+    (["--set", "train.lr=0.5", "--set", "train.batch_size=3"],
+     ["train.lr: 0.001 -> 0.5", "train.batch_size: 2 -> 3"]),
+    (["--set", "train.seed=7"], ["train.seed: 0 -> 7"]),
+    (["--set", "data.train_ann=OTHER"], ["data.train_ann:"]),
+])
+def test_resume_refuses_changed_settings_naming_each(tmp_path, data, capsys, change, keys):
+    cfg = _run(tmp_path, data, epochs=3)
+    out = str(tmp_path / "r")
+    assert main(["train", cfg, "--out", out, "--set", "train.stop_after_epoch=1"]) == 0
+    change = [c.replace("OTHER", data["val"]) for c in change]
+    capsys.readouterr()
+    assert main(["train", cfg, "--out", out, "--resume", *change]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "settings differ from it" in err[0], err
+    for k in keys:
+        assert k in err[0], (k, err[0])
+    assert (Path(out) / "last").resolve().name == "epoch_0001"  # nothing trained on
+
+
+def test_resume_accepts_a_longer_run_and_says_so(tmp_path, data, capsys):
+    cfg = _run(tmp_path, data, epochs=2)
+    out = tmp_path / "r"
+    assert main(["train", cfg, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), "--set", "train.epochs=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming with changed settings: train.epochs 2 -> 3" in printed
+    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [1, 2, 3]
+    assert any(r["type"] == "resume_changes" and r["changes"][0]["key"] == "train.epochs"
+               for r in recs)
+    assert "epochs: 3" in (out / "config.yaml").read_text()
+
+
+def test_resume_needs_nothing_but_the_folder_and_reads_a_yaml_given_after_it(tmp_path, data,
+                                                                             capsys):
+    cfg = _run(tmp_path, data, epochs=2)
+    out = tmp_path / "r"
+    assert main(["train", cfg, "--out", str(out), "--set", "train.stop_after_epoch=1"]) == 0
+    # `train --resume my.yaml` is the config, not a checkpoint path
+    assert main(["train", "--resume", cfg, "--out", str(out)]) == 0
+    assert (out / "last").resolve().name == "epoch_0002"
+    assert main(["train", "--resume"]) == 2
+    assert "needs the run's folder: zeroi2v train --resume --out DIR" in _err(capsys)[-1]
+
+
+def test_resume_safe_keys_do_not_change_the_numbers():
+    """What RESUME_SAFE admits is only how long, where and how visibly a run goes on."""
+    assert RESUME_SAFE <= {"train.epochs", "train.stop_after_epoch", "train.progress",
+                           "train.log_interval", "train.tensorboard", "train.out_dir",
+                           "data.num_workers", "data.pin_memory", "data.root", "data.val_root",
+                           "eval.batch_size"}
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def test_no_progress_still_prints_one_line_per_epoch(tmp_path, data, capsys):
+    cfg = _run(tmp_path, data, epochs=2)
+    assert main(["train", cfg, "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2: loss ")
+    assert " lr " in lines[0] and " s" in lines[0] and "val top1" in lines[1]
+
+
+def test_a_log_written_to_a_file_has_no_progress_frames(tmp_path, data):
+    cfg = write(tmp_path / "c.yaml", cfg_dict(data, train={"epochs": 2, "progress": True,
+                                                            "log_interval": 1}))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "zeroi2v.cli", "train", cfg, "--out",
+                        str(tmp_path / "r")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-500:]
+    both = r.stdout + r.stderr
+    assert "\r" not in both and "\x1b[" not in both
+    assert [ln for ln in r.stdout.splitlines() if ln.startswith("epoch 2/2: loss")]
+    assert any(ln.startswith("epoch 1/2: ") and "/" in ln and "loss" in ln
+               for ln in r.stdout.splitlines() if not ln.startswith("epoch 1/2: loss"))
+
+
+def test_curves_and_tensorboard(tmp_path, data):
+    pytest.importorskip("tensorboard", reason="train.tensorboard needs the tensorboard package: "
+                                              "pip install 'zeroi2v[tensorboard]'")
+    cfg = _run(tmp_path, data, epochs=2, train={"tensorboard": True})
+    out = tmp_path / "r"
+    assert main(["train", cfg, "--out", str(out)]) == 0
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+
+
+def test_version(capsys):
+    from zeroi2v import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and f"zeroi2v {__version__}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+def test_a_wrong_root_fails_before_anything_is_written(tmp_path, data, capsys):
+    cfg = write(tmp_path / "c.yaml", cfg_dict(data))
+    out = tmp_path / "r"
+    assert main(["train", cfg, "--out", str(out), "--set", f"data.root={tmp_path}/nowhere"]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "none of the" in err[0] and "is the root right?" in err[0]
+    assert not out.exists()
+
+
+def test_a_label_out_of_range_names_file_and_line(tmp_path, data, capsys):
+    ann = tmp_path / "a.txt"
+    lines = Path(data["train"]).read_text().splitlines()
+    lines[2] = lines[2].rsplit(" ", 1)[0] + " 7"
+    ann.write_text("\n".join(lines) + "\n")
+    cfg = write(tmp_path / "c.yaml", cfg_dict(data, data={"train_ann": str(ann)},
+                                              model={"num_classes": 2}))
+    assert main(["train", cfg, "--out", str(tmp_path / "r")]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and f"{ann} line 3 has label 7" in err[0]
+
+
+def test_a_failed_start_leaves_the_folder_reusable(tmp_path, data, capsys, monkeypatch):
+    import zeroi2v.train.engine as engine
+
+    cfg = _run(tmp_path, data, epochs=1)
+    out = tmp_path / "r"
+
+    def boom(run, epoch):
+        raise ValueError("simulated failure in the first epoch")
+
+    monkeypatch.setattr(engine, "train_one_epoch", boom)
+    assert main(["train", cfg, "--out", str(out)]) == 2
+    assert (out / "log.jsonl").exists()
+    monkeypatch.undo()
+    assert main(["train", cfg, "--out", str(out)]) == 0  # no --overwrite needed
+    assert "ended before its first checkpoint" in capsys.readouterr().out
+
+
+def test_workers_default_to_the_machine_and_aliases_suggest_the_key(capsys):
+    from zeroi2v.train.config import default_num_workers
+
+    cfg = load_config()
+    assert cfg.data.num_workers == default_num_workers() <= min(4, os.cpu_count() or 1)
+    assert main(["config", "--set", "train.learning_rate=1"]) == 2
+    assert "did you mean 'train.lr'?" in _err(capsys)[0]
+    assert main(["config", "--set", "model.frames=4"]) == 2
+    assert "did you mean 'model.num_frames'?" in _err(capsys)[0]
