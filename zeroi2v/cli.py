@@ -209,7 +209,7 @@ _INFERENCE_KEYS = ("data.", "eval.", "model.num_frames", "train.amp", "train.bat
 
 
 def _class_names(path: Optional[str], model) -> Optional[list]:
-    from .train.build import read_class_names
+    from .data.annotations import read_class_names
 
     if path is None:
         return list(model.class_names) if model.class_names else None
@@ -375,13 +375,9 @@ def _print_metrics(res: dict, out: Path) -> None:
 def cmd_merge(args) -> int:
     from rich.table import Table
 
-    from .models.merge import merge_adapters
-    from .train.build import (
-        count_params,
-        image_model_params,
-        load_for_inference,
-        merged_vs_unmerged_error,
-    )
+    from .models.merge import merge_adapters, merged_vs_unmerged_error
+    from .models.video_vit import count_params, image_model_params
+    from .train.build import load_for_inference
 
     out = _new_output_folder(args.out)
     model, cfg, art = load_for_inference(args.checkpoint, pretrained=args.pretrained)
@@ -495,7 +491,7 @@ def cmd_import_official(args) -> int:
     """Official mmaction2 checkpoint -> a saved model folder that eval/merge/predict accept."""
     from .interop import load_official_checkpoint
     from .models.artefact import load_model
-    from .train.build import count_params
+    from .models.video_vit import count_params
 
     out = _new_output_folder(args.out)
     model = load_official_checkpoint(args.checkpoint, head_offsets=_offsets_arg(args.head_offsets),

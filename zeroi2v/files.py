@@ -449,6 +449,18 @@ class _RestrictedPickleModule:
 _restricted_pickle = _RestrictedPickleModule()
 
 
+def plain(x: Any) -> Any:
+    """``x`` as plain YAML/JSON data: mappings with string (or int) keys, lists for tuples,
+    strings for paths."""
+    if isinstance(x, Mapping):
+        return {(k if isinstance(k, int) else str(k)): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
 # ----------------------------------------------------------------------------- checking
 
 

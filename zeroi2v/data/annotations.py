@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Optional, Union
 
 from ..files import atomic_path
 
-__all__ = ["read_annotations", "write_annotations"]
+__all__ = ["read_annotations", "write_annotations", "read_class_names"]
 
 
 def read_annotations(path: str | os.PathLike) -> list[tuple[str, int]]:
@@ -56,3 +58,24 @@ def write_text_atomic(path, text: str) -> None:
     """``path`` replaced in one step, UTF-8 whatever the locale, with the umask's mode."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_class_names(path: Optional[Union[str, os.PathLike]]) -> Optional[list[str]]:
+    """One class name per line; ``"<id> <name>"`` or ``"<id>,<name>"`` lines are also accepted."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"class-name file not found: {p}")
+    names = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        for sep in (",", "\t", " "):
+            head, _, tail = line.partition(sep)
+            if tail and head.isdigit():
+                line = tail.strip()
+                break
+        names.append(line)
+    return names

@@ -38,6 +38,7 @@ from ..files import (
     atomic_write_text,
     check_state_dict,
     looks_like_safetensors,
+    plain,
     read_checkpoint,
     read_safetensors,
     safetensors_header,
@@ -143,7 +144,7 @@ def save_pretrained(model, path: PathLike, *, weights: str = "full",
         if hasattr(run_config, "to_dict"):  # a training RunConfig
             run_config = run_config.to_dict()
 
-        atomic_write_text(folder / RUN_CONFIG_FILE, yaml.safe_dump(_plain(run_config), sort_keys=False))
+        atomic_write_text(folder / RUN_CONFIG_FILE, yaml.safe_dump(plain(run_config), sort_keys=False))
     return folder
 
 
@@ -173,16 +174,6 @@ def _version() -> str:
     from .. import __version__
 
     return f"zeroi2v {__version__}"
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 # ----------------------------------------------------------------------------- reading

@@ -20,7 +20,8 @@ distilled, CLIP, DINOv2, SigLIP, AIMv2, hybrids), ``eva`` (``Eva``: EVA-02, EVA-
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -82,14 +83,30 @@ _MLPS = ("timm.layers.Mlp", "timm.layers.GluMlp", "timm.layers.SwiGLU")
 
 @dataclass(frozen=True)
 class Family:
+    """Everything zeroi2v knows about one timm model family; adding a family is adding one of
+    these to :data:`FAMILIES` (or :func:`register_family`)."""
+
     name: str
     model_path: str                   # the timm class, by dotted path
     block_paths: tuple[str, ...]      # the block classes it may hold
     forward_tokens: Callable          # (vit, images, add_temporal) -> tokens after the norm
+    image_filter_path: str            # timm's key conversion for image checkpoints of the family
+    # merge rules (models/merge.py): the timm keyword that gives a linear (by attribute name) the
+    # bias the merge folds into it; whether timm switches all layers of one keyword together
+    # (then the others get zero biases); whether the attention-input adapter's constant moves
+    # into norm1 (Eva: timm's Eva has no key bias, which RoPE would make matter)
+    bias_kwargs: Mapping[str, str] = field(default_factory=dict)
+    bias_kwarg_governs_all: bool = False
+    constant_into_norm: bool = False
+    attention_paths: tuple[str, ...] = ()  # the timm attention classes its blocks may hold
 
     @property
     def model_cls(self) -> type:
         return _classes(self.model_path)[0]
+
+    def image_filter(self) -> Callable:
+        """timm's ``checkpoint_filter_fn`` for this family (CLIP, open_clip, timm layouts)."""
+        return _classes(self.image_filter_path)[0]
 
     def check(self, model: nn.Module) -> None:
         """Refuse, naming the class, anything of this family zeroi2v cannot convert."""
@@ -103,6 +120,11 @@ class Family:
                     f"block {i} is a {type(blk).__module__}.{type(blk).__name__}; zeroi2v supports "
                     f"{', '.join(c.__name__ for c in ok_blocks)} in {self.model_cls.__name__} "
                     "models")
+            if self.attention_paths and type(blk.attn) not in _classes(*self.attention_paths):
+                stdha_class_for(blk.attn)  # names what is unsupported, if zeroi2v has no STDHA
+                raise UnsupportedModelError(
+                    f"block {i}: {type(blk.attn).__name__} is not an attention of the "
+                    f"{self.name} family ({', '.join(self.attention_paths)})")
             stdha_class_for(blk.attn)
             if type(blk.mlp) not in ok_mlps:
                 raise UnsupportedModelError(
@@ -165,13 +187,29 @@ def _run_blocks(vit, x, **kwargs):
     return x
 
 
-FAMILIES = (
+FAMILIES: list[Family] = [
     Family("vit", "timm.models.vision_transformer.VisionTransformer",
-           ("timm.models.vision_transformer.Block",), _vit_tokens),
+           ("timm.models.vision_transformer.Block",), _vit_tokens,
+           "timm.models.vision_transformer.checkpoint_filter_fn",
+           bias_kwargs={"qkv": "qkv_bias", "proj": "proj_bias", "fc1": "proj_bias",
+                        "fc1_g": "proj_bias", "fc1_x": "proj_bias", "fc2": "proj_bias"},
+           bias_kwarg_governs_all=True, attention_paths=("timm.layers.Attention",)),
     Family("eva", "timm.models.eva.Eva",
-           ("timm.models.eva.EvaBlock", "timm.models.eva.EvaBlockPostNorm"), _eva_tokens),
-    Family("beit", "timm.models.beit.Beit", ("timm.models.beit.Block",), _beit_tokens),
-)
+           ("timm.models.eva.EvaBlock", "timm.models.eva.EvaBlockPostNorm"), _eva_tokens,
+           "timm.models.eva.checkpoint_filter_fn", constant_into_norm=True,
+           attention_paths=("timm.models.eva.EvaAttention",)),
+    Family("beit", "timm.models.beit.Beit", ("timm.models.beit.Block",), _beit_tokens,
+           "timm.models.beit.checkpoint_filter_fn", bias_kwargs={"qkv": "qkv_bias"},
+           attention_paths=("timm.models.beit.Attention",)),
+]
+
+
+def register_family(family: Family) -> Family:
+    """Add a family (first match wins, so a subclass's family goes before its parent's)."""
+    if any(f.name == family.name for f in FAMILIES):
+        raise ValueError(f"a family named {family.name!r} exists already")
+    FAMILIES.insert(0, family)
+    return family
 
 
 def family_of(model: nn.Module) -> Family:

@@ -37,10 +37,6 @@ from ..nn.attention import STDHBeitAttention
 from .families import adapter_sites
 from .video_vit import ZeroI2VViT
 
-# timm keyword that gives a linear (by attribute name) of a VisionTransformer block a bias
-BIAS_KWARGS = {"qkv": "qkv_bias", "proj": "proj_bias", "fc1": "proj_bias", "fc1_g": "proj_bias",
-               "fc1_x": "proj_bias", "fc2": "proj_bias"}
-
 
 @torch.no_grad()
 def merge_adapters(model: ZeroI2VViT, inplace: bool = False) -> ZeroI2VViT:
@@ -49,7 +45,9 @@ def merge_adapters(model: ZeroI2VViT, inplace: bool = False) -> ZeroI2VViT:
     The result has no adapter modules and its output equals the unmerged model's in eval mode up
     to float rounding. STDHA offsets are kept for every head (unlike the official inference
     backbone, which drops the ±2 heads). The input model is left untouched unless
-    ``inplace=True``.
+    ``inplace=True``. How biases land in timm's layout is the family's rule
+    (:class:`~zeroi2v.models.families.Family`: ``bias_kwargs``, ``bias_kwarg_governs_all``,
+    ``constant_into_norm``).
     """
     if not isinstance(model, ZeroI2VViT):
         raise TypeError(f"merge_adapters expects a ZeroI2VViT, got {type(model).__name__}")
@@ -57,29 +55,32 @@ def merge_adapters(model: ZeroI2VViT, inplace: bool = False) -> ZeroI2VViT:
         return model if inplace else copy.deepcopy(model)
     if not inplace:
         model = copy.deepcopy(model)
-    if model.family == "eva":
+    rules = model.family_rules
+    if rules.constant_into_norm:
         for blk in model.backbone.blocks:
             _move_constant_into_norm(blk)
-    gained = set()
+    gained = set()  # linears (by attribute name) that had no bias of any kind before the fold
     for mod in list(model.backbone.modules()):
         for attr, child in list(mod.named_children()):
             if isinstance(child, AdaptedLinear):
-                if child.bias is None:
+                if child.bias is None and not _has_split_bias(mod, attr):
                     gained.add(attr)
                 setattr(mod, attr, child.to_linear())
-    beit_gained = False
     for attn in model.attentions():
         if isinstance(attn, STDHBeitAttention):
-            beit_gained |= attn.q_bias is None and attn.qkv.bias is not None
             attn.absorb_qkv_bias()
-    if model.family == "vit":
-        _conform_vit_biases(model, gained)
-    if beit_gained and model._spec.timm_kwargs is not None:  # a BEiT built with qkv_bias=False
-        model._spec = model._spec.replace(
-            timm_kwargs=dict(model._spec.timm_kwargs, qkv_bias=True))
-    model._spec = model._spec.replace(merged=True)
+    flags = {rules.bias_kwargs[n] for n in gained if n in rules.bias_kwargs}
+    if rules.bias_kwarg_governs_all and model.config.timm_kwargs is not None:
+        _zero_biases_governed_by(model, flags, rules.bias_kwargs)
+    model.record_merge({f: True for f in sorted(flags)})
     model.freeze()
     return model
+
+
+def _has_split_bias(parent: nn.Module, attr: str) -> bool:
+    """A fused qkv without a bias of its own whose attention keeps q and v biases apart (BEiT,
+    Eva): the fold adds to those, so the layer gains no timm keyword."""
+    return attr == "qkv" and getattr(parent, "q_bias", None) is not None
 
 
 def norm_takes_constant(block: nn.Module) -> bool:
@@ -114,16 +115,26 @@ def _move_constant_into_norm(block: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _conform_vit_biases(model: ZeroI2VViT, gained: set[str]) -> None:
-    """Turn on the timm bias keywords of the layers that gained a bias and give every other layer
-    governed by the same keyword a zero bias, so the backbone is exactly what timm builds."""
-    spec = model._spec
-    flags = {BIAS_KWARGS[n] for n in gained if n in BIAS_KWARGS}
-    if spec.timm_kwargs is None or not flags:
-        return
+def _zero_biases_governed_by(model: ZeroI2VViT, flags: set[str], bias_kwargs) -> None:
+    """timm switches every layer of one bias keyword together: the layers governed by a keyword
+    the merge turns on, and that have no bias, get a zero one, so the backbone is exactly what
+    timm builds."""
     for name, m in model.backbone.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(m, nn.Linear) and m.bias is None and BIAS_KWARGS.get(leaf) in flags:
+        if isinstance(m, nn.Linear) and m.bias is None and bias_kwargs.get(leaf) in flags:
             m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype,
                                               device=m.weight.device), requires_grad=False)
-    model._spec = spec.replace(timm_kwargs=dict(spec.timm_kwargs, **{f: True for f in flags}))
+
+
+def merged_vs_unmerged_error(model, merged, num_videos: int = 2, seed: int = 0) -> float:
+    """``max|merged(x) - model(x)| / max|model(x)|`` on random clips, both in eval mode."""
+    img = model.backbone.patch_embed.img_size
+    c = model.backbone.patch_embed.proj.in_channels
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_videos, c, model.num_frames, *img, generator=g).to(p.device, p.dtype)
+    model.eval()
+    merged.eval()
+    with torch.no_grad():
+        ref, out = model(x), merged(x)
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()

@@ -205,6 +205,19 @@ class ZeroI2VViT(nn.Module):
         return self._family.name
 
     @property
+    def family_rules(self):
+        """The :class:`~zeroi2v.models.families.Family` entry of the backbone."""
+        return self._family
+
+    def record_merge(self, timm_kwargs: Optional[dict] = None) -> None:
+        """Say in :attr:`config` that the adapters are folded in (:func:`merge_adapters` calls
+        this), with the timm keywords the folded biases need (``qkv_bias=True`` ...)."""
+        kw = self._spec.timm_kwargs
+        if timm_kwargs and kw is not None:
+            kw = dict(kw, **timm_kwargs)
+        self._spec = self._spec.replace(merged=True, timm_kwargs=kw)
+
+    @property
     def head_offsets(self) -> tuple[int, ...]:
         return self.backbone.blocks[0].attn.head_offsets
 
@@ -408,6 +421,17 @@ def check_model_size(config: ZeroI2VConfig, bytes_per_param: int = 4) -> int:
     return n
 
 
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def image_model_params(config: ZeroI2VConfig) -> int:
+    """Parameter count of the plain timm image ViT (no classifier) the model is built from (as
+    timm builds it from the config: for a merged model, with the biases the merge added)."""
+    return count_params(timm_spec.create(config.model_name, dict(config.timm_kwargs or {}),
+                                         device="meta"))
+
+
 def _jsonable(kwargs: dict) -> bool:
     import json
 
@@ -424,11 +448,11 @@ def load_image_weights(backbone: nn.Module, path: Union[str, os.PathLike]) -> No
     OpenAI CLIP (TorchScript archive or state dict), open_clip and timm files are accepted; see
     :func:`zeroi2v.interop.load_clip_weights` (a mismatching key is a ``ValueError`` naming it).
     """
-    # cycle: interop.clip builds on models (imports ZeroI2VViT), so this direction is late
-    from ..interop.clip import load_clip_weights
+    from .image_weights import load_clip_weights  # (it imports families, not this module)
 
     load_clip_weights(backbone, path)
 
 
 __all__ = ["ZeroI2VViT", "create_video_model", "load_image_weights", "fused_adapters_active",
+           "count_params", "image_model_params", "parameter_count",
            "ADAPTER_NAMES", "UnsupportedModelError"]

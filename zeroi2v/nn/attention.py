@@ -14,6 +14,7 @@ unchanged; no parameters are added) and replaces only the attention itself with
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -28,10 +29,12 @@ _REUSED = ("qkv", "q_proj", "k_proj", "v_proj", "q_bias", "v_bias", "q_norm", "k
 
 
 class _STDHABase(nn.Module):
-    """What every STDHA attention has: heads, the clip length and the head offsets, a backend."""
+    """What every STDHA attention has: heads, the clip length and the head offsets, a backend.
+    ``timm_class`` names (dotted path) the timm attention class it replaces."""
 
     num_heads: int
     head_dim: int
+    timm_class: str = ""
 
     def set_temporal(self, num_frames: int, head_offsets: HeadOffsets) -> None:
         """Change the clip length and/or the head offsets (validated: ``|d| < num_frames``)."""
@@ -120,6 +123,8 @@ class STDHAttention(_STDHABase):
     :mod:`zeroi2v.offsets`). ``backend`` is passed to :func:`zeroi2v.stdha_attention`.
     """
 
+    timm_class = "timm.layers.Attention"
+
     def __init__(
         self,
         dim: int,
@@ -193,6 +198,8 @@ class STDHAttention(_STDHABase):
 class STDHEvaAttention(_STDHABase):
     """timm's ``EvaAttention`` with STDHA (see the module doc); built with :meth:`from_timm`."""
 
+    timm_class = "timm.models.eva.EvaAttention"
+
     @classmethod
     def from_timm(cls, attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = "auto",
                   backend: str = "auto") -> STDHEvaAttention:
@@ -235,6 +242,8 @@ class STDHEvaAttention(_STDHABase):
 
 class STDHBeitAttention(_STDHABase):
     """BEiT's ``Attention`` with STDHA (see the module doc); built with :meth:`from_timm`."""
+
+    timm_class = "timm.models.beit.Attention"
 
     @classmethod
     def from_timm(cls, attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = "auto",
@@ -285,21 +294,21 @@ class STDHBeitAttention(_STDHABase):
         self.qkv.bias = None
 
 
-def stdha_class_for(attn: nn.Module) -> type[_STDHABase]:
-    """The STDHA class for a timm attention module, or an :class:`UnsupportedModelError` that
-    names its class."""
-    from timm.layers import Attention
-    from timm.models.beit import Attention as BeitAttention
-    from timm.models.eva import EvaAttention
+#: Every STDHA attention class; each names the timm class it replaces.
+STDHA_CLASSES = (STDHAttention, STDHEvaAttention, STDHBeitAttention)
 
-    for cls, ours in ((Attention, STDHAttention), (EvaAttention, STDHEvaAttention),
-                      (BeitAttention, STDHBeitAttention)):
-        if type(attn) is cls:
+
+def stdha_class_for(attn: nn.Module) -> type[_STDHABase]:
+    """The STDHA class for a timm attention module (the one whose ``timm_class`` it is), or an
+    :class:`UnsupportedModelError` that names its class."""
+    name = f"{type(attn).__module__}.{type(attn).__qualname__}"
+    for ours in STDHA_CLASSES:
+        module, cls = ours.timm_class.rsplit(".", 1)
+        if type(attn) is getattr(importlib.import_module(module), cls):
             return ours
     raise UnsupportedModelError(
-        f"unsupported attention {type(attn).__module__}.{type(attn).__name__}: zeroi2v has STDHA "
-        "for timm's Attention (ViT family), EvaAttention (EVA, DINOv3, *_rope_reg1_gap_256) and "
-        "BEiT's Attention")
+        f"unsupported attention {name}: zeroi2v has STDHA for "
+        + ", ".join(c.timm_class for c in STDHA_CLASSES))
 
 
 def stdha_from_timm(attn: nn.Module, num_frames: int, head_offsets: HeadOffsets = "auto",
@@ -308,4 +317,3 @@ def stdha_from_timm(attn: nn.Module, num_frames: int, head_offsets: HeadOffsets 
     return stdha_class_for(attn).from_timm(attn, num_frames, head_offsets, backend)
 
 
-STDHA_CLASSES = (STDHAttention, STDHEvaAttention, STDHBeitAttention)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from torch import nn
 
 from ..models.artefact import Artefact, load_from_artefact, read_artefact
 from ..models.config import ZeroI2VConfig
@@ -85,56 +84,6 @@ def load_for_inference(path: Union[str, os.PathLike], pretrained: Optional[str] 
     art = read_artefact(find_checkpoint(p) if p.is_dir() else p)
     model = load_from_artefact(art, pretrained=pretrained, device=device)
     return model, run_config_for(art), art
-
-
-def count_params(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def image_model_params(config: ZeroI2VConfig) -> int:
-    """Parameter count of the plain timm image ViT (no classifier) the model is built from (as
-    timm builds it from the config: for a merged model, with the biases the merge added)."""
-    from ..models import timm_spec
-
-    return count_params(timm_spec.create(config.model_name, dict(config.timm_kwargs or {}),
-                                         device="meta"))
-
-
-def merged_vs_unmerged_error(model, merged, num_videos: int = 2, seed: int = 0) -> float:
-    """``max|merged(x) - model(x)| / max|model(x)|`` on random clips, both in eval mode."""
-    import torch
-
-    img = model.backbone.patch_embed.img_size
-    c = model.backbone.patch_embed.proj.in_channels
-    p = next(model.parameters())
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_videos, c, model.num_frames, *img, generator=g).to(p.device, p.dtype)
-    model.eval()
-    merged.eval()
-    with torch.no_grad():
-        ref, out = model(x), merged(x)
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def read_class_names(path: Optional[Union[str, os.PathLike]]) -> Optional[list[str]]:
-    """One class name per line; ``"<id> <name>"`` or ``"<id>,<name>"`` lines are also accepted."""
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"class-name file not found: {p}")
-    names = []
-    for line in p.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        for sep in (",", "\t", " "):
-            head, _, tail = line.partition(sep)
-            if tail and head.isdigit():
-                line = tail.strip()
-                break
-        names.append(line)
-    return names
 
 
 # ----------------------------------------------------------------------------- data

@@ -49,6 +49,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ..errors import closest
+from ..files import plain
 from ..models.config import ZeroI2VConfig as _M
 from ..models.timm_args import check_model_name, check_timm_kwargs
 
@@ -187,7 +188,7 @@ class RunConfig(_Section):
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML- and JSON-able)."""
-        return _plain(self.model_dump(mode="python"))
+        return plain(self.model_dump(mode="python"))
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "train": TrainSection}
@@ -379,7 +380,7 @@ _VALUE_DICTS = ("timm_kwargs", "flip_label_map")
 
 
 def dump_config(cfg: Union[RunConfig, Mapping]) -> str:
-    d = cfg.to_dict() if isinstance(cfg, RunConfig) else _plain(cfg)
+    d = cfg.to_dict() if isinstance(cfg, RunConfig) else plain(cfg)
     return yaml.safe_dump(d, sort_keys=False)
 
 
@@ -409,16 +410,6 @@ def resume_diff(saved: RunConfig, given: RunConfig) -> list[tuple[str, Any, Any]
             f"new run in another folder; only {', '.join(sorted(RESUME_SAFE))} may change on "
             "resume")
     return changes
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {(k if isinstance(k, int) else str(k)): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 #: The defaults as a plain dict (for docs and ``zeroi2v config``).

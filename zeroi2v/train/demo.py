@@ -27,31 +27,32 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from ..models.merge import merge_adapters
-from .build import count_params, image_model_params, merged_vs_unmerged_error
+from ..data.dataset import symmetric_label_map
+from ..models.merge import merge_adapters, merged_vs_unmerged_error
+from ..models.video_vit import count_params, image_model_params
 from .config import load_config
 from .engine import train
 from .evaluation import evaluate, summary, write_eval_report
 
-# Settings shared by both runs (only model.head_offsets differs).
-FULL = {
-    "data": {"num_classes": 4, "videos_per_class": 40, "val_fraction": 0.4, "video_frames": 8,
-             "size": 64},
-    "model": {"name": "vit_base_patch16_224",
-              "timm_kwargs": {"img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 3,
-                              "num_heads": 4},
-              "num_frames": 8},
-    "epochs": 30, "batch_size": 16, "lr": 3e-3,
+#: The recipe the demo runs: the CPU-sized example config (configs/tiny_cpu.yaml is this file),
+#: with what the demo changes in it below.
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+DEMO = {  # the paper's frozen backbone; datasets come from the demo, not annotation files
+    "model": {"train_backbone": False},
+    "data": {"root": None, "train_ann": None, "val_ann": None, "class_names": None},
+    "eval": {"interval": 0},
+    "train": {"epochs": 30, "log_interval": 10, "save_full": True},
 }
-QUICK = {
-    "data": {"num_classes": 4, "videos_per_class": 6, "val_fraction": 0.25, "video_frames": 8,
-             "size": 32},
-    "model": {"name": "vit_base_patch16_224",
-              "timm_kwargs": {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 1,
-                              "num_heads": 4},
-              "num_frames": 8},
-    "epochs": 2, "batch_size": 8, "lr": 3e-3,
+QUICK = {  # --quick: a smaller model and run (tests)
+    "model": {"timm_kwargs": {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 1,
+                              "num_heads": 4}},
+    "data": {"size": 32, "short_side": 32},
+    "train": {"epochs": 2, "batch_size": 8},
 }
+#: The synthetic dataset of each size.
+VIDEOS = {"full": {"num_classes": 4, "videos_per_class": 40, "val_fraction": 0.4, "video_frames": 8},
+          "quick": {"num_classes": 4, "videos_per_class": 6, "val_fraction": 0.25,
+                    "video_frames": 8}}
 IMAGE_ONLY = [0, 0, 0, 0]
 STDHA = [1, -1, 0, 0]
 
@@ -71,7 +72,7 @@ class CachedClips(Dataset):
         self.samples = list(getattr(dataset, "samples", []))
         self.num_classes = getattr(dataset, "num_classes", max(self.labels) + 1)
         self.train, self.flip, self.seed, self.epoch = train, bool(flip), seed, 0
-        self.flip_label_map = {int(k): int(v) for k, v in (flip_label_map or {}).items()}
+        self.flip_label_map = symmetric_label_map(flip_label_map) or {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -88,21 +89,20 @@ class CachedClips(Dataset):
         return v, y
 
 
-def _demo_config(s: dict, out_dir: Path, offsets, epochs: int, seed: int, train_backbone: bool,
-                 progress: bool):
-    m = s["model"]
-    return load_config(None, base={
-        "model": {"name": m["name"], "timm_kwargs": copy.deepcopy(m["timm_kwargs"]),
-                  "num_frames": m["num_frames"], "head_offsets": list(offsets),
-                  "train_backbone": train_backbone, "head_dropout": 0.0, "adapter_dropout": 0.0},
-        "data": {"sampling": "uniform", "size": m["timm_kwargs"]["img_size"], "num_workers": 0,
-                 "rand_augment": None},
-        "eval": {"num_clips": 1, "num_crops": 1, "interval": 0},
-        "train": {"epochs": epochs, "batch_size": s["batch_size"], "lr": s["lr"],
-                  "scale_lr": False, "warmup_epochs": 1, "weight_decay": 0.05, "seed": seed,
-                  "out_dir": str(out_dir), "progress": progress, "log_interval": 10,
-                  "save_full": True},
-    })
+def demo_config(out_dir: Path, offsets, *, quick: bool = False, epochs: Optional[int] = None,
+                seed: int = 0, train_backbone: bool = False, progress: bool = True):
+    """The run config of one demo run: :data:`RECIPE` with :data:`DEMO` (and :data:`QUICK`), and
+    this run's head offsets, output folder and switches."""
+    from .config import deep_update, read_yaml
+
+    d = deep_update(read_yaml(RECIPE), copy.deepcopy(DEMO))
+    if quick:
+        d = deep_update(d, copy.deepcopy(QUICK))
+    run = {"model": {"head_offsets": list(offsets), "train_backbone": train_backbone},
+           "train": {"seed": seed, "out_dir": str(out_dir), "progress": progress}}
+    if epochs:
+        run["train"]["epochs"] = int(epochs)
+    return load_config(None, base=deep_update(d, run))
 
 
 def rotating_times(fns: dict, runs: int, warmup: int = 2) -> dict:
@@ -138,21 +138,21 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(int(threads))
-    s = copy.deepcopy(QUICK if quick else FULL)
-    epochs = int(epochs or s["epochs"])
     progress = (not quick) if progress is None else progress
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    base = demo_config(out, STDHA, quick=quick, epochs=epochs, seed=seed,
+                       train_backbone=train_backbone, progress=progress)
+    epochs = base.train.epochs
 
     # ---- 1. data (real mp4 files), decoded once
-    d = s["data"]
+    d = VIDEOS["quick" if quick else "full"]
+    img, nf = base.data.size, base.model.num_frames
     info = make_synthetic_dataset(out / "data", num_classes=d["num_classes"],
                                   videos_per_class=d["videos_per_class"],
-                                  num_frames=d["video_frames"], size=d["size"], seed=seed,
+                                  num_frames=d["video_frames"], size=img, seed=seed,
                                   val_fraction=d["val_fraction"])
     t_data = time.perf_counter() - t_start
-    img = s["model"]["timm_kwargs"]["img_size"]
-    nf = s["model"]["num_frames"]
     common = dict(num_frames=nf, sampling="uniform", size=img, seed=seed, rand_augment=None)
     train_ds = CachedClips(build_dataset(info["train"], info["root"], train=False, **common),
                            train=True, flip=info["flip"], flip_label_map=info["flip_label_map"],
@@ -163,7 +163,8 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
     # ---- 2. two runs, identical except the head offsets
     runs = {}
     for name, offsets in (("image_only", IMAGE_ONLY), ("stdha", STDHA)):
-        cfg = _demo_config(s, out / name, offsets, epochs, seed, train_backbone, progress)
+        cfg = demo_config(out / name, offsets, quick=quick, epochs=epochs, seed=seed,
+                          train_backbone=train_backbone, progress=progress)
         t0 = time.perf_counter()
         res = train(cfg, datasets={"train": train_ds, "val": val_ds}, overwrite=True)
         runs[name] = {"offsets": offsets, "result": res, "time_s": time.perf_counter() - t0,
@@ -184,7 +185,7 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
     (out / "classes.txt").write_text("\n".join(classes) + "\n")
 
     # ---- 4. parameters and throughput (merged ZeroI2V vs the plain timm ViT, same frames)
-    mk = s["model"]
+    mk = {"name": base.model.name, "timm_kwargs": dict(base.model.timm_kwargs)}
     plain = timm.create_model(mk["name"], pretrained=False, num_classes=len(classes),
                               **mk["timm_kwargs"]).eval()
     n_plain = count_params(plain)

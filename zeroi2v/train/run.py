@@ -16,17 +16,12 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import collate_videos
+from ..data.annotations import read_class_names
 from ..files import folder_lock, remove_stale_temporaries
 from ..models.artefact import load_weights_into
+from ..models.video_vit import count_params
 from . import dist as zdist
-from .build import (
-    build_model,
-    build_test_dataset,
-    build_train_dataset,
-    count_params,
-    dataset_num_classes,
-    read_class_names,
-)
+from .build import build_model, build_test_dataset, build_train_dataset, dataset_num_classes
 from .checkpoint import (
     CHECKPOINTS,
     base_weights_digest,

@@ -1,9 +1,10 @@
 """Image weights (OpenAI CLIP, open_clip, timm) from a local file into a timm ViT (docs/method.md §6).
 
-The key mapping is timm's own: :func:`timm.models.vision_transformer.checkpoint_filter_fn`
-recognises OpenAI CLIP (``visual.*``, via timm's ``_convert_openai_clip``; ``visual.proj`` becomes
-``head.weight``), open_clip models with a timm trunk (``visual.trunk.*``) and plain timm state
-dicts, and resamples the position embedding when the image size differs.
+The key mapping is timm's own, the one the model's family names (``Family.image_filter_path``).
+For ViTs, :func:`timm.models.vision_transformer.checkpoint_filter_fn` recognises OpenAI CLIP
+(``visual.*``, via timm's ``_convert_openai_clip``; ``visual.proj`` becomes ``head.weight``),
+open_clip models with a timm trunk (``visual.trunk.*``) and plain timm state dicts, and
+resamples the position embedding when the image size differs (refused here unless asked).
 """
 from __future__ import annotations
 
@@ -15,33 +16,10 @@ import torch
 from torch import nn
 
 from ..files import PathLike, check_state_dict, read_state_dict
-from ..models.families import family_of
-from ..models.video_vit import ZeroI2VViT
+from .families import family_of
 
 _HEAD_PREFIXES = ("head.",)
 _ADAPTER_KEY = re.compile(r"\.adapter\.")
-
-
-def _vit_filter():
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    return checkpoint_filter_fn
-
-
-def _eva_filter():
-    from timm.models.eva import checkpoint_filter_fn
-
-    return checkpoint_filter_fn
-
-
-def _beit_filter():
-    from timm.models.beit import checkpoint_filter_fn
-
-    return checkpoint_filter_fn
-
-
-# timm's own key conversion per model family (OpenAI CLIP, open_clip, EVA, BEiT layouts ...)
-_FILTERS = {"vit": _vit_filter, "eva": _eva_filter, "beit": _beit_filter}
 
 
 def load_clip_weights(backbone_or_name: Union[str, nn.Module], path: PathLike, *,
@@ -69,7 +47,7 @@ def load_clip_weights(backbone_or_name: Union[str, nn.Module], path: PathLike, *
     if isinstance(backbone_or_name, str):
         import timm
 
-        from ..models.timm_args import check_model_name, check_timm_kwargs
+        from .timm_args import check_model_name, check_timm_kwargs
 
         num_classes = timm_kwargs.pop("num_classes", 0)
         check_model_name(backbone_or_name, "load_clip_weights")
@@ -77,7 +55,7 @@ def load_clip_weights(backbone_or_name: Union[str, nn.Module], path: PathLike, *
         model = timm.create_model(backbone_or_name, pretrained=False, num_classes=num_classes,
                                   **timm_kwargs)
         target = model
-    elif isinstance(backbone_or_name, ZeroI2VViT):
+    elif isinstance(getattr(backbone_or_name, "backbone", None), nn.Module):  # a ZeroI2VViT
         model, target = backbone_or_name, backbone_or_name.backbone
     elif isinstance(backbone_or_name, nn.Module):
         model = target = backbone_or_name
@@ -93,7 +71,7 @@ def load_image_state_dict(vit: nn.Module, state_dict: dict, path: PathLike = "<s
                           resample: bool = False) -> None:
     """Convert ``state_dict`` with timm's filter for the model's family and load it into ``vit``
     (checked, see above)."""
-    checkpoint_filter_fn = _FILTERS[family_of(vit).name]()
+    checkpoint_filter_fn = family_of(vit).image_filter()
     path = os.fspath(path)
     if not resample:
         _check_sizes(vit, state_dict, path)
