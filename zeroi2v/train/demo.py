@@ -185,7 +185,8 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
     (out / "classes.txt").write_text("\n".join(classes) + "\n")
 
     # ---- 4. parameters and throughput (merged ZeroI2V vs the plain timm ViT, same frames)
-    mk = {"name": base.model.name, "timm_kwargs": dict(base.model.timm_kwargs)}
+    mk = {"name": base.model.name, "timm_kwargs": dict(base.model.timm_kwargs),
+          "num_frames": base.model.num_frames}
     plain = timm.create_model(mk["name"], pretrained=False, num_classes=len(classes),
                               **mk["timm_kwargs"]).eval()
     n_plain = count_params(plain)
