@@ -331,3 +331,34 @@ def test_loading_a_hybrid_builds_its_parameters_on_meta():
         assert (real + w).is_meta
         with pytest.raises(RuntimeError, match="meta"):  # a write into a real tensor is not
             real.copy_(w)                                 # turned into one into a meta copy
+
+
+class ToyViT(timm.models.vision_transformer.VisionTransformer):
+    """A 'new' timm family for the test below: a ViT subclass zeroi2v has never seen."""
+
+
+def test_a_new_family_is_one_entry():
+    """Everything zeroi2v needs to know about a family (classes, attention, image-key filter,
+    merge rules) is one Family; registering it is the whole change."""
+    from zeroi2v.models import families
+
+    fam = families.register_family(families.Family(
+        "toy", f"{__name__}.ToyViT", ("timm.models.vision_transformer.Block",),
+        next(f for f in families.FAMILIES if f.name == "vit").forward_tokens,  # ViT's tokens
+        "timm.models.vision_transformer.checkpoint_filter_fn",
+        attention_paths=("timm.layers.Attention",)))
+    try:
+        toy = ToyViT(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=4,
+                     num_classes=0, qkv_bias=False)
+        m = create_video_model(toy, 4, 3, head_offsets=[1, -1, 0, 0]).eval()
+        assert m.family == "toy" and m.family_rules is fam
+        x = torch.randn(2, 3, 4, 32, 32)
+        merged = merge_adapters(m)
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x), m(x), rtol=1e-5, atol=1e-5)
+        # its merge rules apply: no bias keyword of its own, so none is recorded
+        assert "qkv_bias" not in (merged.config.timm_kwargs or {})
+        with pytest.raises(ValueError, match="a family named 'toy' exists already"):
+            families.register_family(fam)
+    finally:
+        families.FAMILIES.remove(fam)
