@@ -10,14 +10,13 @@ Public API:
     merge_adapters         fold adapters into the frozen linears -> plain ViT + STDHA
     PRESETS                official head-offset layouts
 """
+from ._version import __version__
 from .models.artefact import load_model
 from .models.config import ZeroI2VConfig
 from .models.merge import merge_adapters
 from .models.video_vit import ZeroI2VViT, create_video_model
 from .offsets import PRESETS, resolve_offsets, source_frames
 from .ops.stdha import available_backends, register_backend, stdha_attention, stdha_reference
-
-__version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "resolve_offsets", "source_frames", "stdha_attention", "stdha_reference",

@@ -170,8 +170,7 @@ def _check_rebuilds(model, config: ZeroI2VConfig) -> None:
 
 
 def _version() -> str:
-    # cycle: zeroi2v/__init__ imports this module before it defines __version__
-    from .. import __version__
+    from .._version import __version__
 
     return f"zeroi2v {__version__}"
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..files import PathLike, atomic_dir, atomic_torch_save, replace_symlink
 from ..models.artefact import (
+    SHA_KEY,
     TRAINING_STATE_FILE,
     WEIGHTS_FILE,
     Artefact,
@@ -107,8 +108,6 @@ def find_checkpoint(path: PathLike) -> Path:
 def verify_checkpoint(folder: PathLike) -> Optional[str]:
     """``None`` if the checkpoint folder is complete and its files match the SHA-256 its
     ``config.json`` records, else what is wrong (reads the files, loads nothing)."""
-    from ..models.artefact import SHA_KEY
-
     try:
         art = read_artefact(folder)
     except (ValueError, FileNotFoundError) as e:

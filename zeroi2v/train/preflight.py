@@ -6,21 +6,26 @@ videos decoded, nothing allocated that scales with the request.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 from torch import nn
 
+from ..data.annotations import read_annotations
+from ..data.decoders import decoder_status
+from ..data.video_io import open_video
 from ..limits import check_bytes
+from ..models import timm_spec
+from ..models.video_vit import parameter_count
+from ..offsets import check_offsets, resolve_offsets
+from .build import model_config
 
 
 def preflight(cfg, model: Optional[nn.Module] = None, datasets: Optional[dict] = None) -> None:
     """Cross-field checks before any work starts: the model exists in timm and takes the kwargs,
     the head offsets fit the heads and the frame count, the image size matches the data, the
     annotation files exist and their labels make a model and a batch that fit in memory."""
-    from ..models import timm_spec
-    from ..offsets import check_offsets, resolve_offsets
-
     mcfg, dcfg = cfg.model, cfg.data
     vit = None
     if model is None:
@@ -65,10 +70,6 @@ def _check_annotations(cfg) -> Optional[tuple[int, str, int]]:
     they list: none found is an error (``data.root`` is wrong), some missing is said once (they
     are then handled by ``data.on_error``; with ``raise`` it is an error). Returns ``(label,
     file, line)`` of the largest label."""
-    import os
-
-    from ..data.annotations import read_annotations
-
     d, n_classes = cfg.data, cfg.model.num_classes
     best = None
     for key, root in (("train_ann", d.root), ("val_ann", d.val_root or d.root)):
@@ -108,11 +109,6 @@ def _probe_decoder(cfg) -> None:
     """Decode one frame of a real video of the data with ``data.decoder``, so that a decoder
     that cannot read these files stops the run now, not ten videos into the first epoch. Up to
     three files are tried (one damaged file is the on_error setting's business)."""
-    import os
-
-    from ..data.annotations import read_annotations
-    from ..data.video_io import open_video
-
     d = cfg.data
     tried = []
     for rel, _ in read_annotations(d.train_ann)[:50]:
@@ -127,8 +123,6 @@ def _probe_decoder(cfg) -> None:
         if len(tried) == 3:
             break
     if tried:
-        from ..data.decoders import decoder_status
-
         usable = [k for k, v in decoder_status().items() if v is None]
         raise ValueError(f"data.decoder={d.decoder} could not read {len(tried)} of the training "
                          f"videos ({tried[0]}); decoders usable here: {usable}: check the files "
@@ -148,9 +142,6 @@ def _check_memory(cfg: dict, vit: nn.Module, largest: Optional[tuple[int, str, i
     """The model (its parameters, plus gradients and AdamW moments of what trains) and a
     lower bound of one training batch (the input clips and one activation per block) must fit
     the memory limit. Both are refused with the numbers and the setting to change."""
-    from ..models.video_vit import parameter_count
-    from .build import model_config
-
     mcfg, dcfg, tcfg = cfg.model, cfg.data, cfg.train
     num_classes = mcfg.num_classes or (largest[0] + 1 if largest else 1)
     config = model_config(mcfg, num_classes)

@@ -17,9 +17,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..data import collate_videos
 from ..data.annotations import read_class_names
-from ..files import folder_lock, remove_stale_temporaries
+from ..files import atomic_write_text, folder_lock, remove_stale_temporaries
 from ..models.artefact import load_weights_into
-from ..models.video_vit import count_params
+from ..models.video_vit import count_params, fused_adapters_active
+from ..ops.stdha import auto_backend
 from . import dist as zdist
 from .build import build_model, build_test_dataset, build_train_dataset, dataset_num_classes
 from .checkpoint import (
@@ -193,8 +194,6 @@ def start_run(cfg: RunConfig, info, resume: Optional[Path], datasets: Optional[d
     if resume is not None:
         start_epoch, ckpt_rng = _resume(run, resume)
     if info.is_main:
-        from ..files import atomic_write_text
-
         atomic_write_text(out_dir / "config.yaml", dump_config(cfg))
         if changes:
             text = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes)
@@ -293,9 +292,6 @@ def steps_per_epoch(n_batches: int, batch_size: int, accum: int) -> int:
 
 def setup_summary(run: TrainingRun, resume: Optional[Path]) -> tuple[str, dict]:
     """What the run is about to do, as text for the console and a record for the log."""
-    from ..models.video_vit import fused_adapters_active
-    from ..ops.stdha import auto_backend
-
     cfg, m = run.cfg, run.model
     t, d = cfg.train, cfg.data
     if t.scale_lr:
