@@ -39,8 +39,8 @@ __all__ = ["DECODERS", "AUTO_ORDER", "VideoDecodeError", "VideoTooLargeError", "
 logger = logging.getLogger("zeroi2v.data")
 
 DECODERS = ("torchcodec", "decord", "pyav")
-#: ``auto``'s preference. benchmarks/results/cpu/data_run_a.json (a loaded VM) did not separate the
-#: three on speed; torchcodec leads as the one that reads every file of the codec matrix.
+#: ``auto``'s preference: torchcodec leads as the one that reads every file of the codec matrix
+#: (tests/test_decoders.py), not for speed (README "Data" has the measured loader throughput).
 AUTO_ORDER = ("torchcodec", "decord", "pyav")
 
 _PIP_HINT = {
