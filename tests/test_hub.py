@@ -360,6 +360,11 @@ def test_push_to_hub_uploads_the_folder_and_a_card(cache, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_model(f"hf-hub:someone/tiny-zeroi2v@{commit}")(x),
                                    model(x), rtol=0, atol=0)
+    # eval/predict take the run's pipeline from the uploaded run_config.yaml
+    from zeroi2v.train.build import load_for_inference
+
+    _, cfg, art = load_for_inference(f"hf-hub:someone/tiny-zeroi2v@{commit}")
+    assert art.run_config_file is not None and cfg.train.epochs == 7 and cfg.data.root is None
 
 
 def test_push_a_merged_model_from_a_folder(tmp_path, cache):
@@ -379,6 +384,30 @@ def test_push_a_merged_model_from_a_folder(tmp_path, cache):
     assert f"base_model: {CLIP_REPO}" in card and "license: apache-2.0" in card
     assert "timm.create_model" in card and "Not recorded with this upload" in card
     assert not (tmp_path / "up" / "run_config.yaml").exists()
+
+
+def test_cli_push_takes_the_run_config_and_eval_results_beside_the_model(tmp_path, monkeypatch,
+                                                                         capsys):
+    import huggingface_hub
+
+    from zeroi2v.train.config import load_config
+
+    folder = tmp_path / "best"
+    _tiny_video().save_pretrained(folder, run_config=load_config(
+        None, ["train.epochs=3", "data.val_ann=/home/me/val.txt"]))
+    (folder / "eval.json").write_text(json.dumps({"top1": 55.5, "mean_class_acc": 50.0,
+                                                  "num_samples": 8, "merged": False}))
+    api = RecordingApi(tmp_path / "up")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
+    assert main(["push", str(folder), "someone/tiny", "--private", "--license", "mit"]) == 0
+    assert 'zeroi2v.load_model("hf-hub:someone/tiny")' in capsys.readouterr().out
+    card = (tmp_path / "up" / "README.md").read_text()
+    assert "55.50" in card and "3 epochs" in card and "license: mit" in card
+    assert "/home/me" not in (tmp_path / "up" / "run_config.yaml").read_text()
+    assert api.calls[0][2]["private"] is True
+    # a model on the Hub is not pushed again from the cache
+    assert main(["push", "hf-hub:someone/tiny", "someone/other"]) == 2
+    assert "push a local model folder" in _one_line(capsys.readouterr().err)
 
 
 def test_push_refuses_a_revision_in_the_id(tmp_path):

@@ -128,6 +128,8 @@ def save_pretrained(model, path: PathLike, *, weights: str = "full",
             else file_digest(base_weights)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trainable}
+    if run_config is not None:  # so a copy on the Hub is fetched with it, and only then
+        info["run_config"] = True
     info.update(extra or {})
     doc = dict(config.to_dict(), artefact=info)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -13,7 +13,7 @@ file, so the Hub adds a way to *find* a file and nothing else:
   (:func:`zeroi2v.interop.load_image_state_dict`). Where the weights came from (repository,
   file, commit, SHA-256) is recorded in the model's config (``pretrained_source``).
 * **Models** (``zeroi2v.load_model("hf-hub:ORG/NAME[@REV]")``): ``config.json``,
-  ``model.safetensors`` and, when the repository has it, ``run_config.yaml``, all of one commit,
+  ``model.safetensors`` and, when the save wrote one, ``run_config.yaml``, all of one commit,
   then :func:`zeroi2v.models.artefact.read_artefact` on the cached folder as on any folder.
 * **Files** (``hf-hub:ORG/NAME[@REV]:path/in/repo``): one file, e.g. an official checkpoint for
   ``zeroi2v import-official``.
@@ -34,6 +34,7 @@ HUB_PREFIX = "hf-hub:"
 #: What a model repository holds (the names of :mod:`zeroi2v.models.artefact`; ``README.md`` is
 #: the model card).
 MODEL_REPO_FILES = ("config.json", "model.safetensors", "run_config.yaml", "README.md")
+MAX_CONFIG_BYTES = 16 << 20
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/\-]*")
 
 
@@ -299,28 +300,32 @@ def source_file(source: dict) -> Optional[Path]:
 def model_folder(hub_id: str) -> Path:
     """The cached snapshot folder of the zeroi2v model ``hf-hub:ORG/NAME[@REV]``: its
     ``config.json`` first (a repository that is not a zeroi2v model is refused before the
-    weights are downloaded), then ``model.safetensors`` and ``run_config.yaml`` (when the
-    repository has one) of the same commit. Nothing is checked beyond that here: the folder
-    goes through :func:`~zeroi2v.models.artefact.read_artefact` like any other."""
+    weights are downloaded), then ``model.safetensors`` and ``run_config.yaml`` (when
+    ``config.json`` records that the save wrote one) of the same commit. Nothing is checked
+    beyond that here: the folder goes through :func:`~zeroi2v.models.artefact.read_artefact`
+    like any other."""
     import json
 
     ref = parse_hub_id(hub_id)
     config = hub_file(ref.repo_id, "config.json", ref.revision, whole_repo=True)
+    if config.stat().st_size > MAX_CONFIG_BYTES:  # a model config is a few kB; read it whole
+        raise ValueError(f"{hub_id}: its config.json has {config.stat().st_size:,} bytes, not a "
+                         "zeroi2v model config")
     try:
-        fmt = json.loads(config.read_text()).get("format")
+        doc = json.loads(config.read_text())
+        fmt, info = doc.get("format"), doc.get("artefact")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        fmt = None
+        fmt = info = None
     if fmt != "zeroi2v":
         raise ValueError(f"{hub_id} is not a zeroi2v model (its config.json is not a zeroi2v "
                          "model config): a timm image model is loaded with "
                          "create_video_model(name, pretrained=True)")
     commit = commit_of(config, "config.json") or ref.revision  # one save: config and weights
     hub_file(ref.repo_id, "model.safetensors", commit, whole_repo=True)
-    try:
-        hub_file(ref.repo_id, "run_config.yaml", commit)
-    except HubError as e:  # optional; offline, an uncached one cannot be told from none
-        if e.kind not in ("no_file", "not_cached"):
-            raise
+    # run_config.yaml only where config.json says the save wrote one: asking the Hub for a file
+    # that may not exist costs the client's retries (~25 s) whenever the network is down
+    if isinstance(info, dict) and info.get("run_config") is True:
+        hub_file(ref.repo_id, "run_config.yaml", commit, whole_repo=True)
     return config.parent
 
 
