@@ -206,6 +206,31 @@ def test_run_config_pretrained_true_and_trainable_checkpoints(cache, tmp_path):
         torch.testing.assert_close(load_model(tmp_path / "ckpt")(x), model(x), rtol=0, atol=0)
 
 
+def test_a_run_from_hub_weights_saves_trainable_checkpoints_that_name_them(cache, tmp_path):
+    """``model.pretrained: true`` end to end: the run trains from the cached weights, its
+    trainable-only checkpoints record the Hub file, and resuming checks it."""
+    from test_train import ColourVideos, tiny_cfg
+
+    from zeroi2v.models.artefact import read_artefact
+    from zeroi2v.train.engine import train
+
+    sd = _image_weights(seed=7)
+    commit = add_to_cache(cache, CLIP_REPO, {"model.safetensors": _bytes(sd, tmp_path)})
+    over = {"model.name": TAG, "model.pretrained": "true", "train.save_full": "false",
+            "data.size": 16}
+    ds, val = ColourVideos(n=8), ColourVideos(n=4, seed=1)
+    res = train(tiny_cfg(tmp_path / "run", **over, **{"train.epochs": 1}),
+                datasets={"train": ds, "val": val})
+    assert torch.equal(res["model"].backbone.state_dict()["pos_embed"], sd["pos_embed"])
+    art = read_artefact(tmp_path / "run" / "last")
+    assert art.weights == "trainable"
+    assert (art.base_weights["repo_id"], art.base_weights["revision"]) == (CLIP_REPO, commit)
+    assert art.config.pretrained_source["revision"] == commit
+    res2 = train(tiny_cfg(tmp_path / "run", **over, **{"train.epochs": 2}), resume="auto",
+                 datasets={"train": ds, "val": val})
+    assert res2["epoch"] == 2
+
+
 # ----------------------------------------------------------------------------- models
 
 

@@ -418,8 +418,9 @@ def _base_weights(art: Artefact, pretrained: Optional[PathLike]) -> str:
     path = Path(pretrained) if pretrained is not None else Path(want.get("path", ""))
     if pretrained is None and not path.is_file() and want.get("repo_id"):
         # weights from the Hub: the same file, through this machine's Hub cache
-        ref = hub.parse_hub_id(f"{hub.HUB_PREFIX}{want['repo_id']}@{want.get('revision')}:"
-                               f"{want.get('filename')}", file=True)
+        rev = f"@{want['revision']}" if want.get("revision") else ""
+        ref = hub.parse_hub_id(f"{hub.HUB_PREFIX}{want['repo_id']}{rev}:{want.get('filename')}",
+                               file=True)
         path = hub.hub_file(ref.repo_id, ref.filename, ref.revision)
     if not path.is_file():
         raise FileNotFoundError(
