@@ -210,7 +210,6 @@ def test_a_run_from_hub_weights_saves_trainable_checkpoints_that_name_them(cache
     """``model.pretrained: true`` end to end: the run trains from the cached weights, its
     trainable-only checkpoints record the Hub file, and resuming checks it."""
     from test_train import ColourVideos, tiny_cfg
-
     from zeroi2v.models.artefact import read_artefact
     from zeroi2v.train.engine import train
 
