@@ -6,13 +6,16 @@
     zeroi2v merge   MODEL --out DIR                    fold the adapters: a plain ViT + STDHA
     zeroi2v predict MODEL VIDEO [--topk 5] [--class-names FILE]
     zeroi2v export  MODEL --out FILE [--format onnx|pt2] [--dynamic-batch]
-    zeroi2v import-official CKPT --out DIR [--head-offsets ...]
+    zeroi2v import-official CKPT --out DIR [--head-offsets ...] [--merge]
+    zeroi2v push    MODEL ORG/NAME [--private] [--eval results.json]   upload to the Hub
     zeroi2v demo    [--out demo_out] [--epochs N] [--seed S] [--quick]
     zeroi2v config  [CONFIG.yaml] [--set ...]          print the resolved config
 
 MODEL is a saved model folder (``config.json`` + ``model.safetensors``, as written by
 ``save_pretrained``, ``merge``, ``import-official``), its ``model.safetensors``, a training
-checkpoint folder (``OUT/last``, ``OUT/best``) or a training output folder (its ``last``).
+checkpoint folder (``OUT/last``, ``OUT/best``), a training output folder (its ``last``) or a
+model on the Hugging Face Hub, ``hf-hub:ORG/NAME[@REVISION]`` (through the Hub's cache; the same
+checks as a folder). CKPT of ``import-official`` may be ``hf-hub:ORG/REPO[@REV]:path/file.pth``.
 Data: ``zeroi2v prepare SRC DST [--short-side 256] [--fps F] [--workers N]`` re-encodes a video
 tree for training (:mod:`zeroi2v.data.prepare`).
 
@@ -53,7 +56,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 _MODEL_HELP = ("saved model folder (config.json + model.safetensors), its .safetensors, a "
-               "training checkpoint folder, or a training output folder (its 'last')")
+               "training checkpoint folder, a training output folder (its 'last'), or "
+               "hf-hub:ORG/NAME[@REVISION] (a model on the Hugging Face Hub)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import-official",
                        help="convert an official (mmaction2) ZeroI2V checkpoint into a saved model")
-    p.add_argument("checkpoint", metavar="CKPT", help="official .pth (read without running code)")
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="official .pth (read without running code), or a file on the Hugging "
+                        "Face Hub: hf-hub:ORG/REPO[@REVISION]:path/to/file.pth")
     p.add_argument("--out", required=True, help="folder for the saved model (new or empty)")
     p.add_argument("--head-offsets", default=None,
                    help="preset name or comma-separated ints; required unless the checkpoint is "
@@ -134,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the recipe's (1.0 for SSv2, 0.5 otherwise)")
     p.add_argument("--num-heads", type=int, default=None, help="default: from --head-offsets")
     p.add_argument("--model-name", default=None, help="timm architecture (default: CLIP ViT)")
+    p.add_argument("--merge", action="store_true",
+                   help="fold the adapters before saving (a plain ViT + STDHA, as `merge`)")
+
+    # -- the Hugging Face Hub (zeroi2v/models/hub_push.py)
+    p = sub.add_parser("push", help="upload a saved model to the Hugging Face Hub, with a "
+                                    "generated model card")
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("repo_id", metavar="ORG/NAME", help="model repository (created if needed)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, help="branch to push to (default main)")
+    p.add_argument("--eval", dest="eval_results", default=None,
+                   help="results JSON of `zeroi2v eval` for the card (default: MODEL/eval.json "
+                        "when there is one)")
+    p.add_argument("--license", default=None,
+                   help="the card's licence (default: the image weights' licence, when known)")
+    p.add_argument("--message", default=None, help="commit message")
 
     p = sub.add_parser("export", help="export a (merged) model for other runtimes: ONNX or "
                                       "torch.export")
@@ -336,11 +358,14 @@ def cmd_eval(args) -> int:
 
 def _eval_out(args) -> Path:
     """The results JSON of ``eval`` (its siblings share the stem), checked like every --out;
-    the default, ``eval.json`` beside the model, is the evaluation's own and is replaced."""
-    if args.out is None:
+    the default, ``eval.json`` beside the model, is the evaluation's own and is replaced (for a
+    model on the Hub: ``./eval.json``, checked like an --out)."""
+    out = Path(args.out) if args.out is not None else None
+    if out is None and _is_hub_id(args.checkpoint):  # nothing is written into the Hub's cache
+        out = Path("eval.json")
+    elif out is None:
         src = Path(args.checkpoint)
         return (src if src.is_dir() else src.parent) / "eval.json"
-    out = Path(args.out)
     stem = out.with_suffix("")
     _new_output_files([out] + [stem.with_name(stem.name + s) for s in
                                ("_confusion.png", "_per_class.csv", "_per_class.md")],
@@ -385,7 +410,8 @@ def cmd_merge(args) -> int:
         raise ValueError(f"{args.checkpoint} is already a merged model")
     merged = merge_adapters(model)
     err = merged_vs_unmerged_error(model, merged)
-    _save_new(merged, out, run_config=cfg, extra={"merged_from": str(art.folder)})
+    _save_new(merged, out, run_config=cfg, extra={"merged_from": _model_source(args.checkpoint,
+                                                                                art.folder)})
     n_img = image_model_params(model.config)
     added = count_params(merged.backbone) - n_img
     t = Table(title="merge")
@@ -491,13 +517,22 @@ def cmd_import_official(args) -> int:
     """Official mmaction2 checkpoint -> a saved model folder that eval/merge/predict accept."""
     from .interop import load_official_checkpoint
     from .models.artefact import load_model
+    from .models.merge import merge_adapters
     from .models.video_vit import count_params
 
     out = _new_output_folder(args.out)
-    model = load_official_checkpoint(args.checkpoint, head_offsets=_offsets_arg(args.head_offsets),
+    path, extra = args.checkpoint, {"imported_from": str(args.checkpoint)}
+    if _is_hub_id(path):  # the file through the Hub's cache; its commit and hash recorded
+        from .models import hub
+
+        path, record = hub.file_from_hub(path)
+        extra = {"imported_from": hub.pinned_id(record), "imported_sha256": record["sha256"]}
+    model = load_official_checkpoint(path, head_offsets=_offsets_arg(args.head_offsets),
                                      adapter_scale=args.adapter_scale, num_heads=args.num_heads,
                                      model_name=args.model_name)
-    _save_new(model, out, extra={"imported_from": str(args.checkpoint)})
+    if args.merge and not model.merged:
+        model = merge_adapters(model, inplace=True)
+    _save_new(model, out, extra=extra)
     rebuilt = load_model(out)  # self-check: the folder rebuilds the same model
     print(f"converted {args.checkpoint} -> {out} ({count_params(rebuilt):,} parameters, "
           f"{rebuilt.num_frames} frames, head offsets {list(rebuilt.head_offsets)}, "
@@ -545,6 +580,46 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _is_hub_id(x) -> bool:
+    from .models.hub import is_hub_id
+
+    return is_hub_id(x)
+
+
+def _model_source(arg: str, folder: Path) -> str:
+    """What a model was read from, for the record: the folder, or the Hub id pinned to the
+    commit its files came from."""
+    if not _is_hub_id(arg):
+        return str(folder)
+    from .models import hub
+
+    ref = hub.parse_hub_id(arg)
+    return str(hub.HubRef(ref.repo_id, hub.commit_of(folder / "config.json", "config.json")
+                          or ref.revision))
+
+
+def cmd_push(args) -> int:
+    """A saved model (with its run config and eval.json, when beside it) -> a Hub repository."""
+    from .models.hub import is_hub_id
+    from .models.hub_push import push_to_hub
+    from .train.build import load_for_inference
+
+    if is_hub_id(args.model):
+        raise ValueError(f"{args.model} is on the Hub already: push a local model folder")
+    model, cfg, art = load_for_inference(args.model)
+    results = args.eval_results
+    if results is None and (art.folder / "eval.json").is_file():
+        results = art.folder / "eval.json"
+    info = push_to_hub(model, args.repo_id, run_config=cfg if art.run_config_file else None,
+                       eval_results=results, private=args.private or None,
+                       revision=args.revision, commit_message=args.message,
+                       license=args.license)
+    url = getattr(info, "commit_url", None) or getattr(info, "oid", None) or info
+    print(f"pushed {art.folder} -> hf-hub:{args.repo_id} ({url}); load it with "
+          f"zeroi2v.load_model(\"hf-hub:{args.repo_id}\")")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from .data.prepare import run_prepare
 
@@ -553,7 +628,7 @@ def cmd_prepare(args) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "predict": cmd_predict,
             "demo": cmd_demo, "config": cmd_config, "import-official": cmd_import_official,
-            "export": cmd_export, "prepare": cmd_prepare}
+            "export": cmd_export, "prepare": cmd_prepare, "push": cmd_push}
 
 
 def _user_errors() -> tuple:

@@ -108,10 +108,17 @@ def load_official_checkpoint(
     :meth:`ZeroI2VViT.set_num_frames` to re-target a model afterwards).
     ``model_name`` picks the timm architecture instead of the CLIP ViT built from the shapes.
 
+    ``path`` may also be a file on the Hugging Face Hub, ``"hf-hub:ORG/REPO[@REV]:path/file.pth"``
+    (through the Hub's cache, :func:`zeroi2v.models.hub.file_from_hub`; read like a local file).
+
     Errors (``ValueError``, naming ``path``): not a checkpoint; not the official layout (names
     the first missing key); a key whose shape differs from the model's (names the key and both
     shapes).
     """
+    from ..models.hub import file_from_hub, is_hub_id
+
+    if is_hub_id(path):
+        path = file_from_hub(path)[0]
     path = os.fspath(path)
     sd = read_state_dict(path)
     return build_from_official_state_dict(

@@ -44,6 +44,7 @@ from ..files import (
     safetensors_header,
     unwrap_state_dict,
 )
+from . import hub
 from .config import FORMAT, FORMAT_VERSION, ZeroI2VConfig
 from .video_vit import ZeroI2VViT, load_image_weights
 
@@ -128,6 +129,8 @@ def save_pretrained(model, path: PathLike, *, weights: str = "full",
             else file_digest(base_weights)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trainable}
+    if run_config is not None:  # so a copy on the Hub is fetched with it, and only then
+        info["run_config"] = True
     info.update(extra or {})
     doc = dict(config.to_dict(), artefact=info)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -181,10 +184,14 @@ def _version() -> str:
 def read_artefact(path: PathLike) -> Artefact:
     """Read ``config.json`` (or the safetensors metadata) of a saved model.
 
-    ``path``: the folder, its ``config.json`` or its ``model.safetensors``. Everything that is not
-    such a model gets a ``ValueError`` (``FileNotFoundError`` if absent) naming the path and what
-    it is instead (a zeroi2v 0.1 pickle, an official checkpoint, ...).
+    ``path``: the folder, its ``config.json`` or its ``model.safetensors``, or a model on the
+    Hugging Face Hub, ``"hf-hub:ORG/NAME[@REVISION]"`` (its files come through the Hub's cache,
+    :func:`zeroi2v.models.hub.model_folder`, and are then read as this folder). Everything that
+    is not such a model gets a ``ValueError`` (``FileNotFoundError`` if absent) naming the path
+    and what it is instead (a zeroi2v 0.1 pickle, an official checkpoint, ...).
     """
+    if hub.is_hub_id(path):  # the Hub only finds the folder; what follows checks it as any
+        path = hub.model_folder(path)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model not found: {p}")
@@ -290,7 +297,8 @@ def load_model(path: PathLike, *, pretrained: Optional[PathLike] = None,
     """Rebuild the :class:`~zeroi2v.ZeroI2VViT` saved at ``path`` (eval mode).
 
     ``path`` is the folder written by :meth:`~zeroi2v.ZeroI2VViT.save_pretrained` (or a training
-    checkpoint folder), its ``config.json`` or its ``model.safetensors``. ``pretrained`` is the
+    checkpoint folder), its ``config.json`` or its ``model.safetensors``, or
+    ``"hf-hub:ORG/NAME[@REVISION]"`` (a model pushed with ``push_to_hub``). ``pretrained`` is the
     image file of a checkpoint that holds only its trainable tensors (default: the file it
     names). Errors name the file and the problem; nothing from the files is executed, and the
     weights are checked before use (:func:`read_weights`).
@@ -398,6 +406,12 @@ def _check_dtypes(own: dict, got: dict, source: str) -> None:
 def _base_weights(art: Artefact, pretrained: Optional[PathLike]) -> str:
     want = art.base_weights or {}
     path = Path(pretrained) if pretrained is not None else Path(want.get("path", ""))
+    if pretrained is None and not path.is_file() and want.get("repo_id"):
+        # weights from the Hub: the same file, through this machine's Hub cache
+        rev = f"@{want['revision']}" if want.get("revision") else ""
+        ref = hub.parse_hub_id(f"{hub.HUB_PREFIX}{want['repo_id']}{rev}:{want.get('filename')}",
+                               file=True)
+        path = hub.hub_file(ref.repo_id, ref.filename, ref.revision)
     if not path.is_file():
         raise FileNotFoundError(
             f"{art.folder} holds only the trainable tensors; the frozen backbone comes from "

@@ -33,6 +33,24 @@ def _fail(msg: str) -> None:
     raise ValueError(f"model config: {msg}")
 
 
+#: The keys of ``pretrained_source`` and their types (what a loader records; see the field).
+SOURCE_KEYS = {"timm_name": str, "repo_id": str, "filename": str, "revision": str, "file": str,
+               "sha256": str, "size": int}
+
+
+def _check_source(src: Any) -> dict:
+    if not isinstance(src, Mapping):
+        _fail(f"pretrained_source must be a mapping, got {type(src).__name__}")
+    for k, v in src.items():
+        if k not in SOURCE_KEYS:
+            _fail(f"pretrained_source: unknown key {k!r}{closest(str(k), SOURCE_KEYS)}; known: "
+                  f"{list(SOURCE_KEYS)}")
+        want = SOURCE_KEYS[k]
+        if isinstance(v, bool) or not isinstance(v, want) or (want is str and len(v) > 4096):
+            _fail(f"pretrained_source.{k} must be a {want.__name__}, got {v!r}")
+    return dict(src)
+
+
 @dataclass(frozen=True)
 class ZeroI2VConfig:
     """The single description of a ZeroI2V model (the spirit of timm's ``PretrainedCfg``).
@@ -56,6 +74,11 @@ class ZeroI2VConfig:
             the model is a plain ViT with STDHA.
         head_dropout: dropout before the classifier (training only).
         class_names: optional, one per class.
+        pretrained_source: where the image weights the backbone started from came from, as
+            recorded when they were loaded (:data:`SOURCE_KEYS`): a timm tag on the Hugging Face
+            Hub (``timm_name``, ``repo_id``, ``filename``, ``revision``: the commit) or a local
+            ``file`` (its name only), with ``sha256`` and ``size``. Provenance only: nothing is
+            fetched from it. ``None`` when unknown (left out of ``config.json``).
         format_version: of the saved layout; files of a newer version are refused.
     """
 
@@ -71,6 +94,7 @@ class ZeroI2VConfig:
     merged: bool = False
     head_dropout: float = 0.5
     class_names: Optional[tuple[str, ...]] = None
+    pretrained_source: Optional[Mapping[str, Any]] = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -132,6 +156,8 @@ class ZeroI2VConfig:
             if len(names) != self.num_classes:
                 _fail(f"{len(names)} class names for {self.num_classes} classes")
             set_("class_names", tuple(names))
+        if self.pretrained_source is not None:
+            set_("pretrained_source", _check_source(self.pretrained_source))
 
     # ------------------------------------------------------------------ properties
     def adapters_of(self, block: int) -> tuple[str, ...]:
@@ -145,6 +171,10 @@ class ZeroI2VConfig:
         d = {"format": FORMAT}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name == "pretrained_source":
+                if v is None:  # files of models without a recorded source stay as they were
+                    continue
+                v = dict(v)
             if isinstance(v, tuple):
                 v = [list(x) if isinstance(x, tuple) else x for x in v]
             d[f.name] = v

@@ -64,7 +64,7 @@ ALLOWED = tuple(sorted(_ALLOWED_SPEC))
 #: Keys refused with a reason of their own (everything not in ALLOWED is refused anyway).
 _DOORS = {
     "checkpoint_path": "it makes timm load that file",
-    "pretrained": "pretrained weights come from model.pretrained (a local file)",
+    "pretrained": "image weights come from model.pretrained (true, a local file or hf-hub:...)",
     "pretrained_cfg": "it makes timm fetch weights or configs",
     "pretrained_cfg_overlay": "it makes timm fetch weights or configs",
     "pretrained_strict": "it concerns timm loading weights, which zeroi2v does itself",

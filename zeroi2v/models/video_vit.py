@@ -142,6 +142,40 @@ class ZeroI2VViT(nn.Module):
 
         return save_pretrained(self, path, **kwargs)
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Save the model with a generated model card into the Hub repository ``repo_id``
+        (``ORG/NAME``); see :func:`zeroi2v.models.hub_push.push_to_hub`."""
+        from .hub_push import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    def load_pretrained(self, source: Union[bool, str, os.PathLike] = True) -> dict:
+        """Load image weights into the backbone (adapters, temporal embedding and head are left
+        as they are) and record where they came from in :attr:`config` (``pretrained_source``).
+
+        ``source=True``: timm's weights for the tagged model name (``config.model_name``, e.g.
+        ``vit_base_patch16_clip_224.openai``) through the Hugging Face cache
+        (:func:`zeroi2v.models.hub.timm_weights_file`: safetensors first, a pickle only through
+        the restricted reader; ``HF_HUB_OFFLINE=1`` reads the cache alone).
+        ``"hf-hub:ORG/NAME[@REV]:FILE"``: that file of a Hub repository, likewise. A path: a local
+        OpenAI CLIP, open_clip or timm file. Returns the recorded source."""
+        from .hub import resolve_pretrained
+
+        if self.merged:  # checked before anything is fetched
+            raise ValueError("the model is merged (its linears hold folded adapters): load image "
+                             "weights before merging")
+        return self.load_pretrained_file(*resolve_pretrained(source, self._spec.model_name))
+
+    def load_pretrained_file(self, path, record: dict) -> dict:
+        """What :meth:`load_pretrained` does once the file is found: load the image weights in
+        the local file ``path`` into the backbone and record ``record`` as their source."""
+        if self.merged:
+            raise ValueError("the model is merged (its linears hold folded adapters): load image "
+                             "weights before merging")
+        load_image_weights(self.backbone, path)
+        self._spec = self._spec.replace(pretrained_source=record)
+        return record
+
     # ------------------------------------------------------------------ parts
     def adapted_linears(self) -> list[AdaptedLinear]:
         return [m for m in self.backbone.modules() if isinstance(m, AdaptedLinear)]
@@ -336,6 +370,7 @@ def create_video_model(
     head_dropout: float = ZeroI2VConfig.head_dropout,
     class_names: Optional[Sequence[str]] = None,
     fused_adapters: Optional[bool] = None,
+    pretrained: bool = False,
     **timm_kwargs,
 ) -> ZeroI2VViT:
     """Build a ZeroI2V video model from a timm ViT name or instance.
@@ -345,13 +380,32 @@ def create_video_model(
     checked first and then *copied* (the caller's model is never modified); its timm name and
     construction kwargs are recovered and verified (:func:`zeroi2v.models.timm_spec.describe`),
     so the result can be saved and rebuilt; where they cannot be recovered the model works but
-    :meth:`ZeroI2VViT.save_pretrained` refuses it. ``pretrained_file`` is a local
-    timm/safetensors/CLIP checkpoint loaded into the image model before conversion (no network).
+    :meth:`ZeroI2VViT.save_pretrained` refuses it. ``pretrained=True`` loads timm's weights for
+    a tagged name (``"vit_base_patch16_clip_224.openai"``) from the Hugging Face cache,
+    downloading them there once (safetensors first; no code runs; ``HF_HUB_OFFLINE=1`` uses the
+    cache alone); ``pretrained_file`` is a local timm/safetensors/CLIP checkpoint instead. Either
+    way ``model.config.pretrained_source`` records the file (repository, commit, SHA-256)
+    (:meth:`ZeroI2VViT.load_pretrained`).
     ``head_offsets`` defaults to ``"auto"`` (:func:`zeroi2v.offsets.auto_offsets`).
     ``fused_adapters``: see :meth:`ZeroI2VViT.set_fused_adapters`.
     """
     import copy
 
+    if not isinstance(pretrained, bool):
+        raise ValueError(f"pretrained= is True or False (timm's weights for the tagged model name,"
+                         f" from the Hub), got {pretrained!r}; a local file goes in "
+                         "pretrained_file=")
+    if pretrained and pretrained_file is not None:
+        raise ValueError("pass pretrained=True (timm's weights from the Hub) or pretrained_file="
+                         " (a local file), not both")
+    if pretrained and not isinstance(model, str):
+        raise ValueError("pretrained=True needs a timm model name with a tag (e.g. "
+                         "'vit_base_patch16_clip_224.openai'): an instance keeps its own weights")
+    found = None
+    if pretrained or pretrained_file is not None:  # found (or fetched) before anything is built
+        from .hub import resolve_pretrained
+
+        found = resolve_pretrained(True if pretrained else pretrained_file, model)
     if isinstance(model, str):
         # kwargs that are classes or functions build a model but cannot be saved as JSON
         check_timm_kwargs(timm_kwargs, "create_video_model", allow_classes=True)
@@ -380,9 +434,9 @@ def create_video_model(
         num_classes=num_classes, head_offsets=head_offsets, adapter_ratio=adapter_ratio,
         adapter_scale=adapter_scale, adapter_dropout=adapter_dropout, head_dropout=head_dropout,
         class_names=class_names)
-    if pretrained_file is not None:
-        load_image_weights(backbone, pretrained_file)
     video = ZeroI2VViT(backbone, config)
+    if found is not None:
+        video.load_pretrained_file(*found)
     if fused_adapters is not None:
         video.set_fused_adapters(fused_adapters)
     return video

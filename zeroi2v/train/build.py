@@ -11,7 +11,7 @@ import torch
 
 from ..models.artefact import Artefact, load_from_artefact, read_artefact
 from ..models.config import ZeroI2VConfig
-from ..models.video_vit import ZeroI2VViT, load_image_weights
+from ..models.video_vit import ZeroI2VViT
 from .config import ModelSection, RunConfig, deep_update, load_config
 
 
@@ -28,19 +28,26 @@ def model_config(m: ModelSection, num_classes: int,
         class_names=tuple(class_names) if class_names is not None else None)
 
 
-def build_model(m: ModelSection, num_classes: int, pretrained: Optional[str] = None,
+def build_model(m: ModelSection, num_classes: int, pretrained: Union[bool, str, None] = None,
                 load_pretrained: bool = True,
                 class_names: Optional[Sequence[str]] = None) -> ZeroI2VViT:
-    """A :class:`ZeroI2VViT` from the ``model`` section (``pretrained`` overrides its path)."""
+    """A :class:`ZeroI2VViT` from the ``model`` section (``pretrained`` overrides
+    ``model.pretrained``: ``True`` for timm's weights of the tagged name from the Hub cache, a
+    local file, or ``hf-hub:ORG/NAME:FILE``; see :meth:`ZeroI2VViT.load_pretrained`)."""
+    from ..models import hub
+
     config = model_config(m, num_classes, class_names)
-    path = pretrained if pretrained is not None else m.pretrained
-    if path is not None and load_pretrained and not os.path.isfile(path):
+    source = pretrained if pretrained is not None else m.pretrained
+    source = None if source is False or not load_pretrained else source
+    if isinstance(source, str) and not hub.is_hub_id(source) and not os.path.isfile(source):
         raise FileNotFoundError(
-            f"pretrained image-model file not found: {path} (set model.pretrained or --pretrained)"
-        )
+            f"pretrained image-model file not found: {source} (set model.pretrained or "
+            "--pretrained)")
+    # found (or fetched from the Hub) before the model is built: a missing file fails at once
+    found = hub.resolve_pretrained(source, m.name) if source is not None else None
     model = ZeroI2VViT.from_config(config)
-    if path is not None and load_pretrained:
-        load_image_weights(model.backbone, path)
+    if found is not None:
+        model.load_pretrained_file(*found)
     if m.train_backbone:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -77,11 +84,16 @@ def load_for_inference(path: Union[str, os.PathLike], pretrained: Optional[str] 
                        ) -> tuple[ZeroI2VViT, RunConfig, Artefact]:
     """``(model, run config, artefact)`` for any saved model: a folder written by
     ``save_pretrained``/``merge``/``import-official``, a training checkpoint folder (or a run's
-    output folder: its ``last`` checkpoint), or their ``model.safetensors``/``config.json``."""
+    output folder: its ``last`` checkpoint), their ``model.safetensors``/``config.json``, or a
+    model on the Hub, ``hf-hub:ORG/NAME[@REVISION]``."""
+    from ..models.hub import is_hub_id
     from .checkpoint import find_checkpoint
 
-    p = Path(path)
-    art = read_artefact(find_checkpoint(p) if p.is_dir() else p)
+    if is_hub_id(path):  # hf-hub:ORG/NAME[@REV]: read_artefact fetches it through the cache
+        art = read_artefact(path)
+    else:
+        p = Path(path)
+        art = read_artefact(find_checkpoint(p) if p.is_dir() else p)
     model = load_from_artefact(art, pretrained=pretrained, device=device)
     return model, run_config_for(art), art
 

@@ -216,5 +216,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
-def base_weights_digest(path: Optional[Union[str, os.PathLike]]) -> Optional[dict]:
-    return None if path is None else file_digest(path)
+def base_weights_digest(pretrained: Union[bool, str, os.PathLike, None],
+                        source: Optional[dict] = None) -> Optional[dict]:
+    """``{"path", "size", "sha256"}`` of the image file a run's frozen weights come from:
+    ``model.pretrained`` when it is a local file; for weights from the Hub (``true`` or
+    ``hf-hub:...``) the cached file that ``source`` (the model's ``pretrained_source``) names,
+    plus its repository, file and commit, so that a checkpoint moved to another machine finds
+    it again through the Hub's cache."""
+    from ..models import hub
+
+    if pretrained is None or pretrained is False:
+        return None
+    if pretrained is True or hub.is_hub_id(pretrained):
+        if not source or not source.get("repo_id"):
+            raise ValueError("the model records no Hub source for model.pretrained")
+        return dict(file_digest(hub.source_file(source)),
+                    **{k: source[k] for k in ("repo_id", "filename", "revision")})
+    return file_digest(pretrained)

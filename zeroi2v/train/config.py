@@ -51,6 +51,7 @@ from pydantic_core import PydanticCustomError
 from ..errors import closest
 from ..files import plain
 from ..models.config import ZeroI2VConfig as _M
+from ..models.hub import check_pretrained
 from ..models.timm_args import check_model_name, check_timm_kwargs
 
 
@@ -81,7 +82,9 @@ class ModelSection(_Section):
     """A ZeroI2VConfig (same defaults) plus where the image weights come from."""
 
     name: str = "vit_base_patch16_clip_quickgelu_224"  # ZeroI2VConfig.model_name
-    pretrained: Optional[str] = None            # local image-model checkpoint (no network)
+    # image weights: true (timm's for the tagged name, via the Hugging Face cache), a local file,
+    # hf-hub:ORG/NAME[@REV]:FILE, or false/null (none); see zeroi2v/models/hub.py
+    pretrained: Union[bool, str, None] = None
     timm_kwargs: dict[str, Any] = {}            # timm.create_model kwargs (img_size, depth ...)
     num_frames: PositiveInt = 8
     head_offsets: Union[str, list[int]] = _M.head_offsets  # preset name or one int per head
@@ -101,6 +104,11 @@ class ModelSection(_Section):
     @classmethod
     def _timm_kwargs(cls, v):
         return _as_key_error(check_timm_kwargs, v, "model")
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained(cls, v):
+        return _as_key_error(check_pretrained, v, "model.pretrained")
 
 
 class DataSection(_Section):

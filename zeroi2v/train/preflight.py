@@ -16,7 +16,7 @@ from ..data.annotations import read_annotations
 from ..data.decoders import decoder_status
 from ..data.video_io import open_video
 from ..limits import check_bytes
-from ..models import timm_spec
+from ..models import hub, timm_spec
 from ..models.video_vit import parameter_count
 from ..offsets import check_offsets, resolve_offsets
 from .build import model_config
@@ -47,6 +47,14 @@ def preflight(cfg, model: Optional[nn.Module] = None, datasets: Optional[dict] =
                 f"data.size is {dcfg.size} but {mcfg.name} takes {img[0]}x{img[1]} images: "
                 f"set data.size: {img[0]}, or model.timm_kwargs.img_size: {dcfg.size} (with a "
                 "pretrained file, its position embedding must match)")
+    if mcfg.pretrained is True or hub.is_hub_id(mcfg.pretrained):
+        try:  # fetched into the Hub's cache now (once): no network and no cache fails here
+            hub.resolve_pretrained(mcfg.pretrained, mcfg.name)
+        except (ValueError, FileNotFoundError) as e:
+            kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+            raise kind(f"model.pretrained: {e}") from None
+    elif mcfg.pretrained and not Path(mcfg.pretrained).is_file():
+        raise FileNotFoundError(f"model.pretrained: image-model file not found: {mcfg.pretrained}")
     largest = None
     if not (datasets or {}).get("train"):
         if not dcfg.train_ann:
@@ -56,8 +64,6 @@ def preflight(cfg, model: Optional[nn.Module] = None, datasets: Optional[dict] =
             if path and not Path(path).is_file():
                 raise FileNotFoundError(f"data.{key}: annotation file not found: {path}")
         largest = _check_annotations(cfg)
-    if mcfg.pretrained and not Path(mcfg.pretrained).is_file():
-        raise FileNotFoundError(f"model.pretrained: image-model file not found: {mcfg.pretrained}")
     if dcfg.class_names and not Path(dcfg.class_names).is_file():
         raise FileNotFoundError(f"data.class_names: file not found: {dcfg.class_names}")
     if vit is not None:

@@ -252,7 +252,8 @@ def build_run(cfg: RunConfig, info, datasets: dict, model) -> TrainingRun:
     if full_save == "auto":
         full_save = not m.pretrained or m.train_backbone
     full_save = bool(full_save)
-    base = None if full_save else base_weights_digest(m.pretrained)
+    base = None if full_save else base_weights_digest(m.pretrained,
+                                                      model.config.pretrained_source)
     if not full_save and base is None:
         raise ValueError("train.save_full=false needs model.pretrained (the frozen weights of a "
                          "trainable-only checkpoint come from that file)")
