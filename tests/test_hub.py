@@ -385,9 +385,9 @@ def test_push_to_hub_uploads_the_folder_and_a_card(cache, tmp_path):
         torch.testing.assert_close(load_model(f"hf-hub:someone/tiny-zeroi2v@{commit}")(x),
                                    model(x), rtol=0, atol=0)
     # eval/predict take the run's pipeline from the uploaded run_config.yaml
-    from zeroi2v.train.build import load_for_inference
+    from zeroi2v.train.build import load_model_and_run_config
 
-    _, cfg, art = load_for_inference(f"hf-hub:someone/tiny-zeroi2v@{commit}")
+    _, cfg, art = load_model_and_run_config(f"hf-hub:someone/tiny-zeroi2v@{commit}")
     assert art.run_config_file is not None and cfg.train.epochs == 7 and cfg.data.root is None
 
 

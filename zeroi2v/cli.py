@@ -204,7 +204,7 @@ def _load_model_for(args, merge: bool = False):
     """``(model, run config)`` for the MODEL argument, with ``--set`` applied to the run config
     (a different ``model.num_frames`` re-targets the model)."""
     from .models.merge import merge_adapters
-    from .train.build import load_for_inference
+    from .train.build import load_model_and_run_config
     from .train.config import apply_overrides
 
     path = args.checkpoint if hasattr(args, "checkpoint") else args.model
@@ -216,7 +216,7 @@ def _load_model_for(args, merge: bool = False):
                 f"--set {key}: does not apply to a trained model (its architecture, weights and "
                 "training settings come from MODEL); only data.*, eval.*, model.num_frames, "
                 "train.amp and train.batch_size can be changed")
-    model, cfg, _ = load_for_inference(path, pretrained=getattr(args, "pretrained", None))
+    model, cfg, _ = load_model_and_run_config(path, pretrained=getattr(args, "pretrained", None))
     if merge and not model.merged:
         model = merge_adapters(model, inplace=True).eval()
     print(f"model: {model.config.summary()}", file=sys.stderr)
@@ -402,10 +402,10 @@ def cmd_merge(args) -> int:
 
     from .models.merge import merge_adapters, merged_vs_unmerged_error
     from .models.video_vit import count_params, image_model_params
-    from .train.build import load_for_inference
+    from .train.build import load_model_and_run_config
 
     out = _new_output_folder(args.out)
-    model, cfg, art = load_for_inference(args.checkpoint, pretrained=args.pretrained)
+    model, cfg, art = load_model_and_run_config(args.checkpoint, pretrained=args.pretrained)
     if model.merged:
         raise ValueError(f"{args.checkpoint} is already a merged model")
     merged = merge_adapters(model)
@@ -602,11 +602,11 @@ def cmd_push(args) -> int:
     """A saved model (with its run config and eval.json, when beside it) -> a Hub repository."""
     from .models.hub import is_hub_id
     from .models.hub_push import push_to_hub
-    from .train.build import load_for_inference
+    from .train.build import load_model_and_run_config
 
     if is_hub_id(args.model):
         raise ValueError(f"{args.model} is on the Hub already: push a local model folder")
-    model, cfg, art = load_for_inference(args.model)
+    model, cfg, art = load_model_and_run_config(args.model)
     results = args.eval_results
     if results is None and (art.folder / "eval.json").is_file():
         results = art.folder / "eval.json"

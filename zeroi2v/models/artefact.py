@@ -304,10 +304,10 @@ def load_model(path: PathLike, *, pretrained: Optional[PathLike] = None,
     weights are checked before use (:func:`read_weights`).
     """
     art = read_artefact(path)
-    return load_from_artefact(art, pretrained=pretrained, device=device, dtype=dtype)
+    return model_from_artefact(art, pretrained=pretrained, device=device, dtype=dtype)
 
 
-def load_from_artefact(art: Artefact, *, pretrained: Optional[PathLike] = None,
+def model_from_artefact(art: Artefact, *, pretrained: Optional[PathLike] = None,
                        device: Union[str, torch.device] = "cpu",
                        dtype: Optional[torch.dtype] = None):
     """The model an :class:`Artefact` describes, its weights loaded (see :func:`load_model`)."""

@@ -4,10 +4,10 @@
     train(cfg, resume=None)        AdamW + warm-up/cosine, AMP, accumulation, DDP, resumable checkpoints
     evaluate(model, dataset, ...)  top-1/top-5/mean class accuracy, softmax averaged over views
     build_model(cfg.model, k)      a ZeroI2VViT from a config's model section
-    load_for_inference(path)       (model, run config) of a saved model or training checkpoint
+    load_model_and_run_config(path)       (model, run config) of a saved model or training checkpoint
     run_demo(...)                  the synthetic image-only vs STDHA demo
 """
-from .build import build_model, load_for_inference
+from .build import build_model, load_model_and_run_config
 from .config import DEFAULTS, RunConfig, apply_overrides, load_config
 from .engine import train
 from .evaluation import evaluate, write_eval_report
@@ -22,5 +22,5 @@ def run_demo(*args, **kwargs):
 
 
 __all__ = ["DEFAULTS", "RunConfig", "load_config", "apply_overrides", "train", "evaluate",
-           "write_eval_report", "build_model", "load_for_inference", "classification_metrics",
+           "write_eval_report", "build_model", "load_model_and_run_config", "classification_metrics",
            "build_optimizer", "build_scheduler", "param_groups", "run_demo"]

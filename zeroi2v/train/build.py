@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..models.artefact import Artefact, load_from_artefact, read_artefact
+from ..models.artefact import Artefact, model_from_artefact, read_artefact
 from ..models.config import ZeroI2VConfig
 from ..models.video_vit import ZeroI2VViT
 from .config import ModelSection, RunConfig, deep_update, load_config
@@ -79,7 +79,7 @@ def run_config_for(art: Artefact) -> RunConfig:
     return load_config(None, base=deep_update(base or {}, restated))
 
 
-def load_for_inference(path: Union[str, os.PathLike], pretrained: Optional[str] = None,
+def load_model_and_run_config(path: Union[str, os.PathLike], pretrained: Optional[str] = None,
                        device: Union[str, torch.device] = "cpu"
                        ) -> tuple[ZeroI2VViT, RunConfig, Artefact]:
     """``(model, run config, artefact)`` for any saved model: a folder written by
@@ -87,14 +87,14 @@ def load_for_inference(path: Union[str, os.PathLike], pretrained: Optional[str] 
     output folder: its ``last`` checkpoint), their ``model.safetensors``/``config.json``, or a
     model on the Hub, ``hf-hub:ORG/NAME[@REVISION]``."""
     from ..models.hub import is_hub_id
-    from .checkpoint import find_checkpoint
+    from .checkpoint import checkpoint_folder
 
     if is_hub_id(path):  # hf-hub:ORG/NAME[@REV]: read_artefact fetches it through the cache
         art = read_artefact(path)
     else:
         p = Path(path)
-        art = read_artefact(find_checkpoint(p) if p.is_dir() else p)
-    model = load_from_artefact(art, pretrained=pretrained, device=device)
+        art = read_artefact(checkpoint_folder(p) if p.is_dir() else p)
+    model = model_from_artefact(art, pretrained=pretrained, device=device)
     return model, run_config_for(art), art
 
 

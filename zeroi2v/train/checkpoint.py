@@ -95,7 +95,7 @@ def _epoch_of(folder: Path) -> tuple:
         return (-1, 0)
 
 
-def find_checkpoint(path: PathLike) -> Path:
+def checkpoint_folder(path: PathLike) -> Path:
     """A training checkpoint folder: ``path`` itself, or ``path/last`` for a run's output folder."""
     p = Path(path)
     if p.is_dir() and not (p / TRAINING_STATE_FILE).is_file() and (p / "last").exists():
@@ -137,7 +137,7 @@ def saved_run_config(path: PathLike):
 
     from .config import load_config
 
-    art = read_artefact(find_checkpoint(path))
+    art = read_artefact(checkpoint_folder(path))
     if art.run_config_file is None:
         raise ValueError(f"{art.folder} has no run_config.yaml: it is a saved model, not a "
                          "training checkpoint to resume")
@@ -150,7 +150,7 @@ def saved_run_config(path: PathLike):
 
 def read_training_checkpoint(path: PathLike) -> tuple[Artefact, dict]:
     """``(artefact, training state)`` of a checkpoint folder written by :func:`save_checkpoint`."""
-    art = read_artefact(find_checkpoint(path))
+    art = read_artefact(checkpoint_folder(path))
     state_file = art.training_state_file
     if state_file is None:
         raise ValueError(f"{art.folder} is a saved model, not a training checkpoint (no "

@@ -26,7 +26,7 @@ from .build import build_model, build_test_dataset, build_train_dataset, dataset
 from .checkpoint import (
     CHECKPOINTS,
     base_weights_digest,
-    find_checkpoint,
+    checkpoint_folder,
     newest_intact_checkpoint,
     read_training_checkpoint,
     saved_run_config,
@@ -150,7 +150,7 @@ def resume_path(resume: Optional[str], out_dir: Path) -> Optional[Path]:
             raise FileNotFoundError(f"nothing to resume: {out_dir} has no checkpoint "
                                     f"({out_dir / 'last'} is missing)")
         resume = str(out_dir / "last")
-    folder = find_checkpoint(resume)
+    folder = checkpoint_folder(resume)
     problem = verify_checkpoint(folder)
     if problem is not None:
         run_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS else out_dir
