@@ -4,7 +4,7 @@
     train(cfg, resume=None)        AdamW + warm-up/cosine, AMP, accumulation, DDP, resumable checkpoints
     evaluate(model, dataset, ...)  top-1/top-5/mean class accuracy, softmax averaged over views
     build_model(cfg.model, k)      a ZeroI2VViT from a config's model section
-    load_model_and_run_config(path)       (model, run config) of a saved model or training checkpoint
+    load_model_and_run_config(path)  (model, run config, artefact) of a saved model or checkpoint
     run_demo(...)                  the synthetic image-only vs STDHA demo
 """
 from .build import build_model, load_model_and_run_config
