@@ -33,6 +33,10 @@ from .runtime import (
 )
 
 
+#: The least time between two redraws of curves.png.
+CURVES_EVERY_S = 30.0
+
+
 def train(cfg: RunConfig, resume: Optional[str] = None,
           on_epoch_end: Optional[Callable[[int, dict], bool]] = None,
           datasets: Optional[dict] = None, model: Optional[nn.Module] = None,
@@ -112,7 +116,12 @@ def _validate_and_save(run: TrainingRun, epoch: int, rec: dict) -> Optional[dict
     run.board.record(rec)
     if run.info.is_main:
         print(epoch_line(epoch + 1, run.epochs, rec, val), flush=True)
-        plot_curves(run.log.records(), run.out_dir / "curves.png")
+        # redrawn every epoch, but at most every CURVES_EVERY_S seconds (a plot costs ~0.2 s,
+        # which 30 one-second epochs of the demo would feel) and always after the last one
+        now = time.monotonic()
+        if now - run.curves_drawn >= CURVES_EVERY_S or epoch + 1 == run.epochs:
+            plot_curves(run.log.records(), run.out_dir / "curves.png")
+            run.curves_drawn = now
     _save_epoch(run, epoch, val)
     return val
 

@@ -70,6 +70,7 @@ class TrainingRun:
     base: Optional[dict]
     step: int = 0
     best: Optional[dict] = None
+    curves_drawn: float = float("-inf")  # time.monotonic() of the last curves.png
 
     @property
     def device(self) -> torch.device:
