@@ -32,7 +32,6 @@ from .runtime import (
     interrupt_requested,
 )
 
-
 #: The least time between two redraws of curves.png.
 CURVES_EVERY_S = 30.0
 
