@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zeroi2v.ops import registry
 from zeroi2v.ops import stdha as ops
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -18,7 +19,7 @@ T, OFFSETS = 2, (1, -1)
 
 def _backends():
     ops.available_backends()  # load the optional ones
-    return sorted(ops._BACKENDS.values(), key=lambda b: b.name)
+    return sorted(registry._BACKENDS.values(), key=lambda b: b.name)
 
 
 def _devices():

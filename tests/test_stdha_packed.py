@@ -13,7 +13,7 @@ ks = pytest.importorskip("zeroi2v.kernels.stdha")
 
 from _helpers import rel_err  # noqa: E402
 from zeroi2v.nn import STDHAttention  # noqa: E402
-from zeroi2v.ops import stdha as ops  # noqa: E402
+from zeroi2v.ops import registry  # noqa: E402
 from zeroi2v.ops.stdha import stdha_attention, stdha_attention_packed, stdha_reference  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,8 +52,8 @@ def test_packed_entry_calls_a_registered_packed_function(monkeypatch):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return stdha_reference(q, k, v, t, offsets, scale).transpose(1, 2).contiguous()
 
-    monkeypatch.setattr(ops, "_BACKENDS", dict(ops._BACKENDS))
-    ops.register_backend("spy", fn, packed=packed)
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    registry.register_backend("spy", fn, packed=packed)
     qkv = _qkv(4, 5, 2, 8).detach()
     out = stdha_attention_packed(qkv, 2, (1, 0), backend="spy", scale=0.5)
     assert calls == [("packed", (4, 5, 3, 2, 8), 2, (1, 0), 0.5)]

@@ -12,6 +12,7 @@ ks = pytest.importorskip("zeroi2v.kernels.stdha")
 
 from _helpers import TOL  # noqa: E402
 from zeroi2v.offsets import source_frames  # noqa: E402
+from zeroi2v.ops import registry  # noqa: E402
 from zeroi2v.ops import stdha as ops  # noqa: E402
 from zeroi2v.ops.stdha import stdha_attention, stdha_attention_packed, stdha_reference  # noqa: E402
 
@@ -307,8 +308,8 @@ def test_torch_compile_fullgraph_cpu():
 
 def test_dispatch_registration():
     assert "triton" in ops.available_backends()
-    b = ops._BACKENDS["triton"]
-    assert b.priority == 10
+    b = registry._BACKENDS["triton"]
+    assert b.priority == registry.PRIORITIES["triton"] == 10
     x = torch.randn(2, 2, 4, 64)
     # auto never picks triton for CPU tensors, and says why
     chosen, why = ops.explain_backend(x, x, x, needs_grad=False)
@@ -415,7 +416,7 @@ def test_gpu_deterministic_backward(dtype):
 def test_gpu_auto_picks_triton_and_matches_torch():
     leaves, (q, k, v) = make_qkv(2, 8, 12, 197, 64, torch.bfloat16, "fused",
                                  device=torch.device("cuda"))
-    assert ops._pick_backend("auto", q, k, v, True, 0.0).name == "triton"
+    assert ops.explain_backend(q, k, v, needs_grad=True)[0] == "triton"
     out = stdha_attention(q, k, v, 8, "vit_b")
     ref = stdha_attention(q, k, v, 8, "vit_b", backend="torch")
     assert rel(out, ref.float()) < 1e-2

@@ -7,9 +7,9 @@ The adapter is ``adapter(x) = x + s * fc2(dropout(fc1(x)))`` with ``fc1 = (A, a)
 ``(W, b)``, in one of two arrangements:
 
 * **adapter -> linear** (T adapter before ``qkv``, MLP adapter before ``fc1``):
-  :class:`AdapterLinearFunction` computes ``linear(adapter(x))``.
+  :class:`AdapterThenLinearFunction` computes ``linear(adapter(x))``.
 * **linear -> adapter** (S adapter after ``proj``, MLP-out adapter after ``fc2``):
-  :class:`LinearAdapterFunction` computes ``adapter(linear(x))``.
+  :class:`LinearThenAdapterFunction` computes ``adapter(linear(x))``.
 
 Unfused, one adapter is ``fc1`` (writes u), dropout (writes d and the mask), ``fc2`` (writes an
 M x C tensor), ``* s`` (another M x C) and ``x + ...`` (another M x C); its backward again
@@ -73,20 +73,17 @@ refuse weights that require grad).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .. import settings
+from ..ops.registry import FusedAdapter, register_fused_adapter
 from ._triton import dot, interpreting, upcast_dots
 
-__all__ = ["AdapterLinearFunction", "LinearAdapterFunction", "fused_gemm",
-           "resolve_strategy", "check_frozen", "STRATEGIES", "SUPPORTED_DTYPES"]
+__all__ = ["AdapterThenLinearFunction", "LinearThenAdapterFunction", "fused_gemm",
+           "SUPPORTED_DTYPES"]
 
-STRATEGIES = ("auto", "residual", "dual")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -274,14 +271,7 @@ def fused_gemm(out: torch.Tensor, *, res=None, a1=None, b1=None, a2=None, b2=Non
     return out
 
 
-# --------------------------------------------------------------------------------------- helpers
-def check_frozen(*ts):
-    for t in ts:
-        if t is not None and t.requires_grad:
-            raise ValueError("fused adapter ops give no gradient to the frozen linear: its weight "
-                             "and bias must not require grad (use the unfused modules)")
-
-
+# --------------------------------------------------------------------------------------- autograd
 def _keep_scale(p: float, mask) -> float:
     return 1.0 / (1.0 - p) if mask is not None else 1.0
 
@@ -290,15 +280,10 @@ def _masked(u, mask):
     return u if mask is None else u * mask
 
 
-def resolve_strategy(strategy: Optional[str]) -> str:
-    s = strategy or settings.adapter_strategy()
-    if s not in STRATEGIES:
-        raise ValueError(f"unknown fused-adapter strategy {s!r}; expected one of {STRATEGIES}")
-    return s
-
-
 # ------------------------------------------------------------------------ adapter -> frozen linear
-class AdapterLinearFunction(torch.autograd.Function):
+class AdapterThenLinearFunction(torch.autograd.Function):
+    """``linear(adapter(x))`` (the adapter before the frozen linear: qkv, fc1)."""
+
     @staticmethod
     def forward(ctx, x, A, a, B, b2, W, b, scale, p, mask, strategy):
         ks = scale * _keep_scale(p, mask)
@@ -346,7 +331,9 @@ class AdapterLinearFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------ frozen linear -> adapter
-class LinearAdapterFunction(torch.autograd.Function):
+class LinearThenAdapterFunction(torch.autograd.Function):
+    """``adapter(linear(x))`` (the adapter after the frozen linear: proj, fc2)."""
+
     @staticmethod
     def forward(ctx, x, W, b, A, a, B, b2, scale, p, mask, strategy):
         ks = scale * _keep_scale(p, mask)
@@ -392,3 +379,7 @@ class LinearAdapterFunction(torch.autograd.Function):
                     dz = fused_gemm(torch.empty_like(dy), res=dy, a2=du, b2=A.t().contiguous())
                     dx = torch.mm(dz, W)                       # frozen GEMM, cuBLAS
         return dx, None, None, dA, da, dB, db2, None, None, None, None
+
+
+register_fused_adapter(FusedAdapter(adapter_then_linear=AdapterThenLinearFunction.apply,
+                                    linear_then_adapter=LinearThenAdapterFunction.apply))

@@ -36,10 +36,10 @@ Eager calls go through :class:`STDHATritonFunction` / :class:`STDHATritonPackedF
 ``torch.compile`` the ``torch.library`` custom ops ``zeroi2v::stdha_triton_fwd`` /
 ``zeroi2v::stdha_triton_packed_fwd`` (fake impls and autograd registered; their backwards are
 ``..._bwd`` ops) are traced as opaque nodes. Importing this module registers the ``"triton"``
-backend of :func:`zeroi2v.ops.stdha.stdha_attention` (priority 10; ``"auto"`` picks it for CUDA
-fp16/bf16 inputs only). Without Triton the import raises ``ImportError``, which the dispatch reads
-as "backend absent". CPU tensors work through the Triton interpreter (``TRITON_INTERPRET=1``),
-which is how CI tests the kernels.
+backend of :func:`zeroi2v.ops.stdha.stdha_attention` (its rank: ``PRIORITIES`` in
+:mod:`zeroi2v.ops.registry`; ``"auto"`` picks it for CUDA fp16/bf16 inputs only). Without Triton
+the import raises ``ImportError``, which the registry reads as "backend absent". CPU tensors work
+through the Triton interpreter (``TRITON_INTERPRET=1``), which is how CI tests the kernels.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"zeroi2v.kernels.stdha needs Triton: {exc}") from exc
 
 from ..offsets import HeadOffsets, resolve_offsets
-from ..ops.stdha import Capabilities, register_backend
+from ..ops.registry import Capabilities, register_backend
 from ._triton import dot, interpreting, upcast_dots
 
 __all__ = [
@@ -938,5 +938,5 @@ def _packed_backend(qkv, num_frames, offsets, scale):
     return stdha_triton_packed(qkv, num_frames, offsets, scale)
 
 
-register_backend("triton", _backend, caps=CAPABILITIES, priority=10, packed=_packed_backend,
+register_backend("triton", _backend, caps=CAPABILITIES, packed=_packed_backend,
                  check=_device_check)
