@@ -75,10 +75,11 @@ class _Recorder:
 def stdha_launches(dtype: torch.dtype, head_dim: int):
     """(kernel name, args, kwargs) of the four STDHA kernels at ViT-B/16 shapes (B*T = 64,
     N = 197, packed qkv views as in STDHAttention), forward and backward."""
-    import zeroi2v.kernels.stdha as ks
+    import zeroi2v.kernels.stdha_launch as ks
 
     calls: list = []
-    names = ("_fwd_kernel", "_bwd_pre_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+    names = ("stdha_fwd_kernel", "stdha_bwd_pre_kernel", "stdha_bwd_dq_kernel",
+             "stdha_bwd_dkdv_kernel")
     saved = {n: getattr(ks, n) for n in names}
     saved_interp = ks.interpreting
     try:
