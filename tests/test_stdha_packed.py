@@ -18,6 +18,7 @@ from zeroi2v.ops import registry  # noqa: E402
 from zeroi2v.ops.stdha import stdha_attention, stdha_attention_packed, stdha_reference  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.any_device  # benchmarks/gpu_check.py runs these on the GPU
 
 
 def _qkv(bt, n, h, d, dtype=torch.float32, seed=0):
