@@ -1,34 +1,29 @@
-"""The one command to run first on a GPU (sized for a short H200 session): build, test, time.
+"""The one command to run first on a GPU: build, run the gpu-marked tests, time the benchmark cases.
 
     python benchmarks/gpu_check.py              # on the GPU machine, from the repository root
     python benchmarks/gpu_check.py --dry-run    # the steps and their time budgets, no GPU needed
     python benchmarks/gpu_check.py --smoke      # every benchmark step on tiny CPU shapes (Triton
                                                 # interpreter): checks the wiring, times nothing real
 
-Steps run in order, each in its own process with its own time budget; the whole run ends within
-``--deadline`` seconds (default 470, compilation included). A step that fails, overruns (it is
-killed) or cannot run here is recorded as such and the next one starts, so one bad kernel never
-costs the session. The extension build starts first, in the background, while the Triton tests
-run; the steps that need it wait for it. Benchmarks wait for the build to finish so that the
-compiler does not compete with kernel launches for the CPU.
+A thin runner: the tests are pytest's (every ``@pytest.mark.gpu`` / ``any_device`` test), the
+cases and their work counts are ``bench_cases.py``'s. Each step runs in its own process with its
+own time budget, and the whole run ends within ``--deadline`` seconds; a step that fails, overruns
+or cannot run here is recorded as such and the next one starts. The extension builds in the
+background from the start; the steps that need it wait for it, and benchmarks wait for it to end
+so that the compiler does not compete with them for the CPU.
 
 Outputs (``--out``, default ``$OUT`` when set, else ``benchmarks/results/gpu/``), rewritten after
-every step so an interrupted run still leaves its results:
-
-* ``gpu_check.json``  machine (GPU, driver, torch, triton, commit), measured ceilings (device copy
-  TB/s, bf16 GEMM TFLOP/s), every step's status and output tail, every benchmark row (median ms
-  from CUDA events with L2 flushed, TFLOP/s and TB/s of the useful work, peak memory, error
-  against the reference where one applies);
-* ``gpu_check.md``    the same as tables;
-* ``gpu_check.log``   the full output of every step.
-
-A one-screen summary, with the issue's targets marked, is printed last. Needs only what the GPU
-machine has (torch, triton, timm, pytest; pytest-xdist and pytest-timeout are used when present).
+every step: ``gpu_check.json`` (GPU, driver, torch, triton, commit, measured copy and GEMM
+ceilings, every step's status and output tail, every benchmark row: median ms from CUDA events
+with L2 flushed, TFLOP/s and TB/s of the useful work, peak memory, error against the reference),
+``gpu_check.md`` (the same as tables) and ``gpu_check.log`` (every step's full output). A
+one-screen summary with the issue's targets is printed last.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import glob
 import hashlib
 import json
@@ -41,349 +36,265 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_DEADLINE = 470.0  # seconds for the whole run; the session's budget is 8 minutes
 SMOKE_BUDGET_SCALE = 4    # --smoke: the interpreter on shared CPUs is slower than any GPU step
+MARKERS = "gpu or any_device"
 
 
-# ----------------------------------------------------------------------------- the steps
-@dataclass
-class Step:
-    name: str
-    budget: float            # seconds, compilation included
-    what: str
-    kind: str                # "command" (a subprocess) or "bench" (a function of this file)
-    needs_build: bool = False
-    background: bool = False
-    command: Optional[Callable[[Args], list]] = None
-    env: Optional[Callable[[Args], dict]] = None
-
-
-def _gpu_test_files(exclude=()):
-    """Test files holding @pytest.mark.gpu tests (found by reading them: importing every test
-    module would need packages the GPU machine lacks, e.g. decord)."""
-    files = []
+def gpu_test_files(exclude=()) -> list[str]:
+    """Test files with tests of MARKERS (read, not imported: the GPU machine may lack packages
+    other test modules import)."""
+    out = []
     for path in sorted(glob.glob(os.path.join(ROOT, "tests", "test_*.py"))):
         with open(path) as f:
-            if "mark.gpu" in f.read() and os.path.basename(path) not in exclude:
-                files.append(os.path.relpath(path, ROOT))
-    return files
+            text = f.read()
+        if ("mark.gpu" in text or "mark.any_device" in text) and \
+                os.path.basename(path) not in exclude:
+            out.append(os.path.relpath(path, ROOT))
+    return out
 
 
-def _pytest_cmd(args, files, marker="gpu", workers=6):
+def _pytest(files, workers):
     # -v: one line per test as it ends, so a step killed at its budget still shows its progress
-    cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *files]
-    if marker:
-        cmd += ["-m", marker]
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", "-m", MARKERS,
+           *files]
     if _importable("xdist") and workers > 1:
         cmd += ["-n", str(workers)]
-    if _importable("pytest_timeout"):
-        cmd += ["--timeout", "120"]
-    return cmd
+    return cmd + (["--timeout", "120"] if _importable("pytest_timeout") else [])
 
 
-def _build_env(args):
-    env = {"TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a"),
-           "MAX_JOBS": os.environ.get("MAX_JOBS", str(max(1, (os.cpu_count() or 2) // 2)))}
-    if os.path.exists("/usr/local/cuda/bin/nvcc") and "CUDA_HOME" not in os.environ:
-        env["CUDA_HOME"] = "/usr/local/cuda"
-    return env
-
-
-STEPS = [
-    Step("env", 20, "GPU, driver, versions, commit; device copy and bf16 GEMM ceilings", "bench"),
-    Step("build", 240, "python setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0a), in the "
-         "background", "command", background=True,
-         command=lambda a: [sys.executable, "setup.py", "build_ext", "--inplace"], env=_build_env),
-    Step("tests_triton", 130, "every gpu-marked test of the Triton STDHA and fused-adapter files "
-         "(fp16/bf16 grid vs float64, backward, determinism, torch.compile), and the packed-path "
-         "tests on CUDA tensors", "command",
-         command=lambda a: _pytest_cmd(a, _gpu_test_files(exclude=("test_stdha_cuda.py",)))),
-    Step("bench_stdha", 80, "STDHA fwd and fwd+bwd, ViT-B/16 B*T 64/256 N 197, ViT-L/14 H 16 "
-         "N 257 T 32: triton (packed), triton on views, shift-copy + SDPA, SDPA without shift",
-         "bench"),
-    Step("bench_flex", 45, "FlexAttention with a per-head frame mask, same shapes (compiled)",
-         "bench"),
-    Step("bench_adapter", 50, "fused vs unfused adapter linears (qkv, proj, fc1, fc2, block), "
-         "fwd+bwd time and peak memory", "bench"),
-    Step("bench_train", 40, "one ViT-B/16 8-frame training step, fused vs unfused adapters",
-         "bench"),
-    Step("tests_cuda", 40, "every gpu-marked test of the CUDA extension", "command",
-         needs_build=True,
-         command=lambda a: _pytest_cmd(a, ["tests/test_stdha_cuda.py"], workers=1),
-         env=lambda a: {"ZEROI2V_REQUIRE_CUDA_EXT": "1"}),
-    Step("bench_cuda", 20, "CUDA STDHA forward vs triton / SDPA, fp16 and bf16", "bench",
-         needs_build=True),
-    Step("bench_inference", 30, "merged ZeroI2V ViT-B/16 (triton, cuda) vs the plain timm ViT, "
-         "8 clips x 8 frames, bf16", "bench"),
-]
-STEP_NAMES = [s.name for s in STEPS]
-# test_stdha_packed.py holds no gpu mark but runs on CUDA tensors when there are some
-PACKED_TESTS = "tests/test_stdha_packed.py"
-
-
-def _importable(mod):
+def _importable(mod) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(mod) is not None
 
 
-# ----------------------------------------------------------------------------- measuring
-class Ctx:
-    """Device, dtype, sizes and timer of a benchmark step (GPU, or tiny CPU shapes for --smoke)."""
+@dataclass
+class Step:
+    name: str
+    budget: float            # seconds, compilation included
+    what: str
+    command: Optional[list] = None  # a subprocess; None: the benchmark cases of this step
+    env: dict = field(default_factory=dict)
+    needs_build: bool = False
+    background: bool = False
 
-    def __init__(self, smoke: bool, rows_path: str, deadline: float):
-        import torch
 
-        self.smoke = smoke
-        self.device = "cpu" if smoke else "cuda"
-        self.half = torch.float32 if smoke else torch.bfloat16
-        self.fp16 = torch.float32 if smoke else torch.float16
-        self.rows_path = rows_path
-        self.deadline = deadline
+BUILD_ENV = {"TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a"),
+             "MAX_JOBS": os.environ.get("MAX_JOBS", str(max(1, (os.cpu_count() or 2) // 2)))}
+if os.path.exists("/usr/local/cuda/bin/nvcc") and "CUDA_HOME" not in os.environ:
+    BUILD_ENV["CUDA_HOME"] = "/usr/local/cuda"
 
-    def time_left(self):
-        return self.deadline - time.time()
+STEPS = [
+    Step("env", 20, "GPU, driver, versions, commit; device copy and bf16 GEMM ceilings"),
+    Step("build", 240, "python setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0a)",
+         [sys.executable, "setup.py", "build_ext", "--inplace"], BUILD_ENV, background=True),
+    Step("tests_triton", 130, "the gpu-marked tests of the Triton STDHA and fused-adapter files, "
+         "and the packed-path tests on CUDA tensors",
+         _pytest(gpu_test_files(exclude=("test_stdha_cuda.py",)), workers=6)),
+    Step("bench_stdha", 80, "STDHA fwd and fwd+bwd, ViT-B/16 and ViT-L/14 shapes: triton "
+         "(packed), triton on views, shift-copy + SDPA, SDPA without shift"),
+    Step("bench_flex", 45, "FlexAttention with a per-head frame mask, same shapes (compiled)"),
+    Step("bench_adapter", 50, "fused vs unfused adapter linears (block, qkv, proj, fc1, fc2), "
+         "fwd+bwd time and peak memory"),
+    Step("bench_train", 40, "one ViT-B/16 8-frame training step, fused vs unfused adapters"),
+    Step("tests_cuda", 40, "the gpu-marked tests of the CUDA extension",
+         _pytest(["tests/test_stdha_cuda.py"], workers=1), {"ZEROI2V_REQUIRE_CUDA_EXT": "1"},
+         needs_build=True),
+    Step("bench_cuda", 20, "CUDA STDHA forward vs triton / SDPA, bf16 and fp16",
+         needs_build=True),
+    Step("bench_inference", 30, "merged ZeroI2V ViT-B/16 (triton, cuda) vs the plain timm ViT, "
+         "8 clips x 8 frames, bf16"),
+]
+STEP_NAMES = [s.name for s in STEPS]
 
-    def ms(self, fn):
-        """Median milliseconds of ``fn()``: CUDA events with L2 flushed between runs (triton's
-        do_bench) on a GPU; a few wall-clock runs for --smoke."""
-        if self.smoke:  # one call: the interpreter is slow and the number means nothing
-            t = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t) * 1e3
-        import torch
-        from triton.testing import do_bench
 
+# ----------------------------------------------------------------------------- benchmark cases
+def _ms(fn, smoke):
+    """Median ms of ``fn()``: CUDA events with L2 flushed (triton's do_bench); one wall-clock
+    call for --smoke (the interpreter's time means nothing)."""
+    if smoke:
+        t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
-        return float(do_bench(fn, warmup=10, rep=60, return_mode="median"))
+        return (time.perf_counter() - t) * 1e3
+    import torch
+    from triton.testing import do_bench
 
-    def peak_mb(self, fn):
-        """Peak memory of one ``fn()`` above what was allocated before it (MiB; None on CPU)."""
-        if self.smoke:
-            return None
+    fn()
+    torch.cuda.synchronize()
+    return float(do_bench(fn, warmup=10, rep=60, return_mode="median"))
+
+
+def _rates(flops, nbytes, ms):
+    return {"flops": flops, "bytes": nbytes,
+            "tflops": flops / (ms * 1e-3) / 1e12 if flops and ms else None,
+            "tbps": nbytes / (ms * 1e-3) / 1e12 if nbytes and ms else None}
+
+
+def _attention(impl, shape, mode, dtype, device, smoke):
+    import bench_cases as bc
+
+    fn, reference = bc.attention_case(impl, *shape, mode, dtype, device, compile_flex=not smoke)
+    out, expected = reference()
+    err = float(((out - expected).norm() / expected.norm().clamp_min(1e-30)).item())
+    if not err < 2e-2:  # never time a wrong kernel
+        return {"err": err, "note": "WRONG: not timed"}
+    ms = _ms(fn, smoke)
+    return {"ms": ms, "err": err, **_rates(*bc.attention_work(*shape[:5], mode), ms)}
+
+
+def _training(case, flops, nbytes, smoke):
+    """Warm-up (compilation, autotuning), then the peak memory of one step above what was
+    allocated before it (MiB; None on CPU) and the median time of a step."""
+    step, zero_grads = case[:2]
+    peak = None
+    for _ in range(0 if smoke else 2):
+        step()
+        zero_grads()
+    if not smoke:
         import torch
 
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        fn()
+        step()
+        zero_grads()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = _ms(lambda: (step(), zero_grads()), smoke)
+    return {"ms": ms, "peak_mb": peak, **_rates(flops, nbytes, ms)}
 
-    def free(self):
-        """Give cached device memory back between cases (peak-memory numbers start clean)."""
-        if not self.smoke:
-            import gc
 
+#: Shapes per attention step, most important first (a step cut at its budget keeps those).
+ATTN_PLAN = {"bench_stdha": ("vitb16_bt64", "vitb16_bt256", "vitl14_t32_bt64"),
+             "bench_flex": ("vitb16_bt64", "vitl14_t32_bt64", "vitb16_bt256"),
+             "bench_cuda": ("vitb16_bt64", "vitb16_bt256", "vitl14_t32_bt64")}
+
+
+def cases(step: str, smoke: bool):
+    """``(group, impl, fields, measure)`` of every case of a benchmark step; ``measure()`` returns
+    the row's measured fields or raises ``bench_cases.Unavailable``."""
+    import torch
+
+    import bench_cases as bc
+
+    dev = "cpu" if smoke else "cuda"
+    half, fp16 = (torch.float32, torch.float32) if smoke else (torch.bfloat16, torch.float16)
+    if step == "env":
+        yield "env", "info", {}, lambda: {"env": env_info(smoke)}
+    elif step in ATTN_PLAN:
+        shapes = ({"tiny": bc.AttnShape(1, 2, 2, 17, 32, (1, -1))} if smoke else
+                  {k: bc.ATTN_SHAPES[k] for k in ATTN_PLAN[step]})
+        impls, modes, dtypes = {
+            "bench_stdha": (("sdpa_no_shift", "triton", "triton_views", "stdha_torch"),
+                            ("fwd", "fwdbwd"), (half,)),
+            "bench_flex": (("flex",), ("fwd", "fwdbwd"), (half,)),
+            "bench_cuda": (("sdpa_no_shift", "cuda", "triton_views"), ("fwd",), (half, fp16)),
+        }[step]
+        for dt in dtypes:
+            prefix = f"cuda-{str(dt)[6:]}-" if step == "bench_cuda" else "stdha-"
+            for name, s in shapes.items():
+                for mode in modes:
+                    for impl in impls:
+                        yield (f"{prefix}{name}-{mode}", impl,
+                               dict(shape=[s.batch_frames, s.heads, s.tokens, s.head_dim],
+                                    T=s.frames, mode=mode, dtype=str(dt)[6:]),
+                               lambda i=impl, s=s, m=mode, d=dt: _attention(i, s, m, d, dev, smoke))
+    elif step == "bench_adapter":
+        # blocks first: they carry the targets, and compile / autotune what single sites reuse
+        plan = ([("tiny", "block"), ("tiny", "qkv"), ("tiny", "proj")] if smoke else
+                [("vitb16", "block"), ("vitl14", "block")] + [("vitb16", s) for s in bc.ADAPTER_SITES])
+        for width, site in plan:
+            for impl in bc.ADAPTER_IMPLS:
+                def measure(w=width, s=site, i=impl):
+                    case = bc.adapter_case(w, s, i, fp16, dev)
+                    return dict(_training(case, *bc.adapter_work(w, s), smoke),
+                                saved_mb=bc.saved_mb(case[2]))
+                yield f"adapter-{width}-{site}", impl, {}, measure
+    elif step == "bench_train":
+        clips, frames = (1, 2) if smoke else (8, 8)
+        flops = None if smoke else bc.vit_train_flops(197, clips * frames, 768, 12, 192)
+        for impl in bc.ADAPTER_IMPLS:
+            yield ("train-vitb16-8f", impl, dict(clips=clips, frames=frames),
+                   lambda i=impl: _training(bc.train_step_case(i, clips, frames, dev, fp16,
+                                                               tiny=smoke), flops, None, smoke))
+    elif step == "bench_inference":
+        clips, frames = (1, 2) if smoke else (8, 8)
+        flops = None if smoke else bc.vit_forward_flops(197, clips * frames, 768, 12)
+
+        def infer(impl):
+            ms = _ms(bc.inference_case(impl, clips, frames, dev, half, tiny=smoke), smoke)
+            return {"ms": ms, **_rates(flops, None, ms)}
+        for impl in bc.INFERENCE_IMPLS:
+            yield ("inference-vitb16-8f", impl, dict(clips=clips, frames=frames),
+                   lambda i=impl: infer(i))
+
+
+def run_cases(step, smoke, rows_path, deadline):
+    """Inside a step's process: measure each case and append its row (a failing case is
+    recorded and the next one runs)."""
+    import gc
+
+    from bench_cases import Unavailable
+
+    for group, impl, fields, measure in cases(step, smoke):
+        row = dict(group=group, impl=impl, **fields)
+        if deadline - time.time() < 4:
+            row["note"] = "skipped: step out of time"
+        else:
+            try:
+                row.update(measure())
+            except Unavailable as exc:
+                row["note"] = f"unavailable: {exc}"
+            except Exception as exc:  # noqa: BLE001 - recorded, the next case runs
+                row["note"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"  {group:28} {impl:16} {_fmt(row.get('ms'), '9.4f')} ms {row.get('note', '')}",
+              flush=True)
+        if not smoke:  # peak-memory numbers start clean
             import torch
 
             gc.collect()
             torch.cuda.empty_cache()
 
-    def row(self, **row):
-        with open(self.rows_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        ms = row.get("ms")
-        print(f"  {row.get('group', ''):28} {row.get('impl', ''):16} "
-              f"{'' if ms is None else f'{ms:9.4f} ms'} {row.get('note', '')}", flush=True)
 
-
-def _rate(x, ms):
-    return None if (x is None or ms is None or ms <= 0) else x / (ms * 1e-3) / 1e12
-
-
-def _rel(a, b):
-    return float(((a - b).norm() / b.norm().clamp_min(1e-30)).item())
-
-
-def _tiny_attention_shapes():
-    return {"tiny": (1, 2, 2, 17, 32, (1, -1))}
-
-
-def _case(ctx, group, impl, run, min_left=4.0, **fields):
-    """Run one benchmark case and record its row: ``run()`` returns the measured fields, or
-    raises (Unavailable: recorded as such; anything else: recorded as an error, and the step
-    goes on with its next case)."""
-    from bench_cases import Unavailable
-
-    row = dict(group=group, impl=impl, **fields)
-    if ctx.time_left() < min_left:
-        return ctx.row(**row, note="skipped: step out of time")
-    try:
-        row.update(run())
-    except Unavailable as exc:
-        row["note"] = f"unavailable: {exc}"
-    except Exception as exc:  # noqa: BLE001 - recorded, the next case runs
-        row["note"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
-    ctx.row(**row)
-
-
-def _attention_rows(ctx, impls, shapes, modes, group_prefix, dtype, compile_flex=True):
-    from bench_cases import attention_case, attention_work
-
-    def run(impl, B, T, H, N, D, offsets, mode):
-        fn, reference = attention_case(impl, B, T, H, N, D, offsets, mode, dtype, ctx.device,
-                                       compile_flex=compile_flex)
-        out, expected = reference()
-        err = _rel(out, expected)
-        if not err < 2e-2:  # never time a wrong kernel
-            return dict(err=err, note="WRONG: not timed")
-        ms = ctx.ms(fn)
-        flops, nbytes = attention_work(B, T, H, N, D, mode, elem=2)
-        return dict(ms=ms, err=err, flops=flops, bytes=nbytes, tflops=_rate(flops, ms),
-                    tbps=_rate(nbytes, ms))
-
-    for shape, (B, T, H, N, D, offsets) in shapes.items():
-        for mode in modes:
-            for impl in impls:
-                # _case calls the lambda before the loop moves on, hence noqa: B023
-                _case(ctx, f"{group_prefix}{shape}-{mode}", impl,
-                      lambda: run(impl, B, T, H, N, D, offsets, mode), min_left=3.0,  # noqa: B023
-                      shape=[B * T, H, N, D], T=T, mode=mode, dtype=str(dtype).split(".")[-1])
-
-
-def bench_env(ctx):
+def env_info(smoke):
     import torch
 
     info = dict(python=platform.python_version(), torch=torch.__version__,
-                torch_cuda=torch.version.cuda, commit=_commit(), source_sha256=source_hash())
+                torch_cuda=torch.version.cuda, commit=commit(), source_sha256=source_hash())
     try:
         import triton
 
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        r = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,clocks.max.sm,"
-                            "clocks.max.mem", "--format=csv,noheader"], capture_output=True,
-                           text=True, timeout=20)
+    if shutil.which("nvidia-smi"):
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                            "clocks.max.sm,clocks.max.mem", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
         info["nvidia_smi"] = r.stdout.strip() or r.stderr.strip()
         if r.returncode == 0 and r.stdout.strip():
             info["driver"] = r.stdout.split(",")[1].strip()
-    if not ctx.smoke:
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
-                    sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
-                    l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
-        # ceilings: a device-to-device copy (bytes read + written), a bf16 GEMM on random data
-        n = 2**29  # 1 GiB of bf16
-        x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty_like(x)
-        ms = ctx.ms(lambda: y.copy_(x))
-        info["copy_tbps"] = 2 * n * 2 / (ms * 1e-3) / 1e12
-        del x, y
-        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        ms = ctx.ms(lambda: a @ b)
-        info["gemm_bf16_tflops"] = 2 * 8192**3 / (ms * 1e-3) / 1e12
-    else:
-        info["gpu"] = "none (smoke run on CPU)"
-    ctx.row(group="env", impl="info", note="", **{"env": info})
+    if smoke:
+        return dict(info, gpu="none (smoke run on CPU)")
+    p = torch.cuda.get_device_properties(0)
+    info.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
+                sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1))
+    x = torch.randn(2, 2**29, device="cuda", dtype=torch.bfloat16)  # a 1 GiB copy: 2 GiB moved
+    info["copy_tbps"] = 2 * x[0].nbytes / (_ms(lambda: x[1].copy_(x[0]), False) * 1e-3) / 1e12
+    a = torch.randn(2, 8192, 8192, device="cuda", dtype=torch.bfloat16)
+    info["gemm_bf16_tflops"] = 2 * 8192**3 / (_ms(lambda: a[0] @ a[1], False) * 1e-3) / 1e12
+    return info
 
 
-def bench_stdha(ctx):
-    from bench_cases import ATTN_SHAPES
-
-    shapes = _tiny_attention_shapes() if ctx.smoke else {
-        k: ATTN_SHAPES[k] for k in ("vitb16_bt64", "vitb16_bt256", "vitl14_t32_bt64")}
-    _attention_rows(ctx, ["sdpa_no_shift", "triton", "triton_views", "stdha_torch"], shapes,
-                    ["fwd", "fwdbwd"], "stdha-", ctx.half)
-
-
-def bench_flex(ctx):
-    from bench_cases import ATTN_SHAPES
-
-    shapes = _tiny_attention_shapes() if ctx.smoke else {
-        k: ATTN_SHAPES[k] for k in ("vitb16_bt64", "vitl14_t32_bt64", "vitb16_bt256")}
-    _attention_rows(ctx, ["flex"], shapes, ["fwd", "fwdbwd"], "stdha-", ctx.half,
-                    compile_flex=not ctx.smoke)
-
-
-def bench_cuda(ctx):
-    from bench_cases import ATTN_SHAPES
-
-    shapes = _tiny_attention_shapes() if ctx.smoke else {
-        k: ATTN_SHAPES[k] for k in ("vitb16_bt64", "vitb16_bt256", "vitl14_t32_bt64")}
-    for dtype in (ctx.half, ctx.fp16):
-        _attention_rows(ctx, ["sdpa_no_shift", "cuda", "triton_views"], shapes, ["fwd"],
-                        f"cuda-{str(dtype).split('.')[-1]}-", dtype)
-
-
-def _train_like(ctx, step, zero_grads):
-    """Warm-up (compilation, autotuning), then peak memory and median time of step + zero_grads."""
-    for _ in range(0 if ctx.smoke else 2):
-        step()
-        zero_grads()
-    return ctx.peak_mb(lambda: (step(), zero_grads())), ctx.ms(lambda: (step(), zero_grads()))
-
-
-def bench_adapter(ctx):
-    from bench_cases import ADAPTER_IMPLS, ADAPTER_SITES, adapter_case, adapter_work, saved_mb
-
-    # blocks first: they carry the targets, and compile / autotune what the single sites reuse
-    plan = ([("tiny", "block"), ("tiny", "qkv"), ("tiny", "proj")] if ctx.smoke else
-            [("vitb16", "block"), ("vitl14", "block")] + [("vitb16", s) for s in ADAPTER_SITES])
-
-    def run(width, site, impl):
-        step, zero_grads, forward = adapter_case(width, site, impl, ctx.fp16, ctx.device)
-        peak, ms = _train_like(ctx, step, zero_grads)
-        flops, nbytes = adapter_work(width, site)
-        return dict(ms=ms, peak_mb=peak, saved_mb=saved_mb(forward), flops=flops, bytes=nbytes,
-                    tflops=_rate(flops, ms), tbps=_rate(nbytes, ms))
-
-    for width, site in plan:
-        for impl in ADAPTER_IMPLS:
-            _case(ctx, f"adapter-{width}-{site}", impl, lambda: run(width, site, impl))  # noqa: B023
-            ctx.free()
-
-
-def bench_train(ctx):
-    from bench_cases import ADAPTER_IMPLS, train_step_case, vit_train_flops
-
-    clips, frames = (1, 2) if ctx.smoke else (8, 8)
-
-    def run(impl):
-        peak, ms = _train_like(ctx, *train_step_case(impl, clips, frames, ctx.device, ctx.fp16,
-                                                     tiny=ctx.smoke)[:2])
-        flops = None if ctx.smoke else vit_train_flops(197, clips * frames, 768, 12, 192)
-        return dict(ms=ms, peak_mb=peak, flops=flops, tflops=_rate(flops, ms))
-
-    for impl in ADAPTER_IMPLS:
-        _case(ctx, "train-vitb16-8f", impl, lambda: run(impl), min_left=6.0, clips=clips,  # noqa: B023
-              frames=frames)
-        ctx.free()
-
-
-def bench_inference(ctx):
-    from bench_cases import INFERENCE_IMPLS, inference_case, vit_forward_flops
-
-    clips, frames = (1, 2) if ctx.smoke else (8, 8)
-
-    def run(impl):
-        ms = ctx.ms(inference_case(impl, clips, frames, ctx.device, ctx.half, tiny=ctx.smoke))
-        flops = None if ctx.smoke else vit_forward_flops(197, clips * frames, 768, 12)
-        return dict(ms=ms, flops=flops, tflops=_rate(flops, ms))
-
-    for impl in INFERENCE_IMPLS:
-        _case(ctx, "inference-vitb16-8f", impl, lambda: run(impl), clips=clips, frames=frames)  # noqa: B023
-        ctx.free()
-
-
-BENCHES = {"env": bench_env, "bench_stdha": bench_stdha, "bench_flex": bench_flex,
-           "bench_cuda": bench_cuda, "bench_adapter": bench_adapter, "bench_train": bench_train,
-           "bench_inference": bench_inference}
-BASELINES = ("sdpa_no_shift", "unfused", "plain_timm_vit")
-
-
-# ----------------------------------------------------------------------------- provenance
-def _commit():
+def commit():
     if os.environ.get("ZEROI2V_COMMIT"):
         return os.environ["ZEROI2V_COMMIT"]
     try:
@@ -399,13 +310,12 @@ def _commit():
 
 
 def source_hash():
-    """sha256 over the package, native and benchmark sources (path + content, sorted): identifies
-    the code a run measured where the copied tree has no .git."""
+    """sha256 over the package, native and benchmark sources (path + content, sorted): names the
+    code a run measured where the copied tree has no .git."""
     h = hashlib.sha256()
     pats = ("zeroi2v/**/*.py", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.cuh", "csrc/**/*.h",
             "benchmarks/*.py", "tests/*.py", "setup.py")
-    files = sorted({p for pat in pats for p in glob.glob(os.path.join(ROOT, pat), recursive=True)})
-    for path in files:
+    for path in sorted({p for pat in pats for p in glob.glob(os.path.join(ROOT, pat), recursive=True)}):
         h.update(os.path.relpath(path, ROOT).encode())
         with open(path, "rb") as f:
             h.update(f.read())
@@ -413,35 +323,21 @@ def source_hash():
 
 
 # ----------------------------------------------------------------------------- the runner
-@dataclass
-class Result:
-    name: str
-    status: str = "pending"      # ok, failed, timeout, skipped, error
-    seconds: float = 0.0
-    budget: float = 0.0
-    note: str = ""
-    tail: str = ""
-    rows: list = field(default_factory=list)
-
-
-class Args:
-    pass
-
-
-def _run_process(cmd, env, log_path, timeout):
-    """Run ``cmd`` (own process group) with output to ``log_path``; kill it at ``timeout``.
-    Returns (returncode or None on timeout, seconds)."""
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+def _start(cmd, env, log_path):
+    """``cmd`` in its own process group (so that it can be killed whole), output to the log."""
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            rc = proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
-    return rc, time.time() - t0
+
+
+def _wait(proc, timeout):
+    """Return code, or None after killing the process group at ``timeout`` seconds."""
+    try:
+        return proc.wait(timeout=max(0.1, timeout))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
 
 
 def _tail(path, n=3000):
@@ -452,381 +348,245 @@ def _tail(path, n=3000):
         return ""
 
 
-def _pytest_note(text):
+def pytest_note(text):
     """(summary line, failed test ids) of pytest output; without a summary (the run was killed),
     counts of the per-test result lines so far."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    summary = next((ln.strip("= ") for ln in reversed(lines) if ln.startswith("=")
-                    and any(w in ln for w in (" passed", " failed", " error", " skipped",
-                                              "no tests ran"))), "")
-    failed = [ln.split(" ", 1)[1].split(" - ")[0] for ln in lines
-              if ln.startswith(("FAILED ", "ERROR "))]
-    if not summary:
-        counts = {w: sum(f" {w.upper()}" in ln for ln in lines) for w in ("passed", "failed",
-                                                                          "skipped", "error")}
-        summary = "killed before the end; so far " + ", ".join(f"{n} {w}" for w, n in
-                                                               counts.items() if n)
-        failed = [ln.split(" FAILED ", 1)[1].split()[0] for ln in lines if " FAILED " in ln
-                  and "::" in ln.split(" FAILED ", 1)[1]]
-    return summary, failed
+    summary = next((ln.strip("= ") for ln in reversed(lines) if ln.startswith("=") and any(
+        w in ln for w in (" passed", " failed", " error", " skipped", "no tests ran"))), "")
+    if summary:
+        return summary, [ln.split(" ", 1)[1].split(" - ")[0] for ln in lines
+                         if ln.startswith(("FAILED ", "ERROR "))]
+    counts = {w: sum(f" {w.upper()}" in ln for ln in lines)
+              for w in ("passed", "failed", "skipped", "error")}
+    return ("killed before the end; so far " + ", ".join(f"{n} {w}" for w, n in counts.items() if n),
+            [ln.split(" FAILED ", 1)[1].split()[0] for ln in lines
+             if " FAILED " in ln and "::" in ln.split(" FAILED ", 1)[1]])
 
 
 class Runner:
     def __init__(self, args):
-        self.args = args
-        self.t0 = time.time()
+        self.args, self.t0 = args, time.time()
         self.deadline = self.t0 + args.deadline
         self.work = tempfile.mkdtemp(prefix="gpu_check_")
-        self.results = {s.name: Result(s.name, budget=s.budget) for s in STEPS}
-        self.env_info = {}
-        self.build_proc = None
-        self.out = args.out
-        os.makedirs(self.out, exist_ok=True)
-        self.log_path = os.path.join(self.out, "gpu_check.log")
+        self.results = {s.name: dict(name=s.name, status="pending", seconds=0.0, budget=s.budget,
+                                     note="", tail="", rows=[]) for s in STEPS}
+        self.env_info, self.build = {}, None
+        os.makedirs(args.out, exist_ok=True)
+        self.log_path = os.path.join(args.out, "gpu_check.log")
         open(self.log_path, "w").close()
 
-    # -- helpers
-    def left(self):
-        return self.deadline - time.time()
-
     def _env(self, extra=None):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + HERE + os.pathsep + env.get("PYTHONPATH", "")
-        env["PYTHONUNBUFFERED"] = "1"
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
         if self.args.smoke:
             env["TRITON_INTERPRET"] = "1"
-        env.update(extra or {})
-        return env
-
-    def _append_log(self, name, path):
-        with open(self.log_path, "a") as log:
-            log.write(f"\n===== {name} =====\n")
-            log.write(_tail(path, 10**7))
+        return dict(env, **(extra or {}))
 
     def _say(self, msg):
         print(f"[gpu_check {time.time() - self.t0:6.1f}s] {msg}", flush=True)
 
-    # -- steps
-    def _extension_ok(self):
-        """Whether zeroi2v._C imports here with its CUDA kernel; (ok, message)."""
-        try:
-            r = subprocess.run([sys.executable, "-c", "import zeroi2v._C as c; "
-                                "assert c.WITH_CUDA, 'built without CUDA'; print('imports')"],
-                               cwd=ROOT, env=self._env(), capture_output=True, text=True,
-                               timeout=60)
-        except subprocess.TimeoutExpired:
-            return False, "import check timed out"
-        return r.returncode == 0, ("zeroi2v._C imports" if r.returncode == 0
-                                   else f"zeroi2v._C does not import: {r.stderr[-300:]}")
+    def _finish(self, res, log, rc, secs):
+        with open(self.log_path, "a") as f:
+            f.write(f"\n===== {res['name']} =====\n{_tail(log, 10**7)}")
+        bad = [r for r in res["rows"] if str(r.get("note", "")).startswith(("error", "WRONG"))]
+        if bad:
+            res["note"] = f"{len(bad)} case(s) with errors or wrong results"
+        res.update(seconds=round(secs, 1), tail=_tail(log),
+                   status="timeout" if rc is None else "ok" if rc == 0 and not bad else "failed")
+        self._say(f"{res['name']}: {res['status']} in {secs:.0f} s {res['note']}")
+        self.write()
 
     def start_build(self, step):
         res = self.results[step.name]
-        if self.args.smoke:
-            res.status, res.note = "skipped", "smoke run"
-            return
-        if step.name not in self.args.steps:
-            ok, msg = self._extension_ok()
-            res.status, res.note = ("prebuilt" if ok else "skipped"), f"not selected; {msg}"
-            return
-        log = os.path.join(self.work, "build.log")
-        self._say(f"build: started in the background (budget {step.budget:.0f} s)")
-        self.build_log = open(log, "w")
-        self.build_started = time.time()
-        self.build_proc = subprocess.Popen(step.command(self.args), cwd=ROOT,
-                                           env=self._env(step.env(self.args)),
-                                           stdout=self.build_log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
-        res.status = "running"
+        if self.args.smoke or step.name not in self.args.steps:
+            # not built here: the steps that need it find out (test_stdha_cuda fails loudly)
+            res.update(status="skipped", note="smoke run" if self.args.smoke else "not selected")
+        else:
+            self._say(f"build: started in the background (budget {step.budget:.0f} s)")
+            log = os.path.join(self.work, "build.log")
+            self.build = (step, log, time.time(), _start(step.command, self._env(step.env), log))
+            res["status"] = "running"
 
     def wait_build(self):
-        """Block until the background build ends (or its budget / the deadline runs out)."""
+        """Wait for the background build (at most its budget); False if it failed here."""
         res = self.results["build"]
-        if self.build_proc is None or res.status != "running":
-            return res.status in ("ok", "prebuilt")
-        step = next(s for s in STEPS if s.name == "build")
-        limit = min(self.build_started + step.budget, self.deadline) - time.time()
-        try:
-            rc = self.build_proc.wait(timeout=max(0.1, limit))
-        except subprocess.TimeoutExpired:
-            os.killpg(self.build_proc.pid, signal.SIGKILL)
-            self.build_proc.wait()
-            rc = None
-        self.build_log.close()
-        log = self.build_log.name
-        res.seconds = time.time() - self.build_started
-        res.tail = _tail(log)
-        self._append_log("build", log)
-        if rc == 0:  # the extension must import and hold the CUDA kernel
-            ok, res.note = self._extension_ok()
-            res.status = "ok" if ok else "failed"
-        else:
-            res.status = "timeout" if rc is None else "failed"
-            res.note = res.note or ("killed at its budget" if rc is None else f"exit code {rc}")
-        self._say(f"build: {res.status} in {res.seconds:.0f} s {res.note}")
-        self.write()
-        return res.status == "ok"
+        if self.build is not None:
+            step, log, started, proc = self.build
+            self.build = None
+            rc = _wait(proc, min(started + step.budget, self.deadline) - time.time())
+            res["note"] = "" if rc == 0 else "killed at its budget" if rc is None else f"exit {rc}"
+            self._finish(res, log, rc, time.time() - started)
+        return res["status"] not in ("failed", "timeout") and not self.args.smoke
 
     def run_step(self, step):
-        res = self.results[step.name]
-        if step.name not in self.args.steps:
-            res.status, res.note = "skipped", "not selected"
-            return
-        if self.args.smoke and step.kind == "command":
-            res.status, res.note = "skipped", "smoke run"
-            return
-        if step.needs_build and not self.wait_build():
-            res.status = "skipped"
-            res.note = f"needs the extension; build {self.results['build'].status}"
-            self._say(f"{step.name}: skipped ({res.note})")
-            return
-        if step.kind == "bench" and step.name != "env" and not self.args.smoke:
+        res, smoke = self.results[step.name], self.args.smoke
+        skip = ("not selected" if step.name not in self.args.steps else
+                "smoke run" if smoke and step.command else
+                f"needs the extension; build {self.results['build']['status']}"
+                if step.needs_build and not self.wait_build() else None)
+        if skip is None and step.command is None and step.name != "env" and not smoke:
             self.wait_build()  # keep the compiler off the CPU while timing
-        budget = min(step.budget * (SMOKE_BUDGET_SCALE if self.args.smoke else 1), self.left())
-        if budget < 5:
-            res.status, res.note = "skipped", "out of time (global deadline)"
-            self._say(f"{step.name}: skipped ({res.note})")
-            return
+        budget = min(step.budget * (SMOKE_BUDGET_SCALE if smoke else 1), self.deadline - time.time())
+        if skip is None and budget < 5:
+            skip = "out of time (global deadline)"
+        if skip:
+            res.update(status="skipped", note=skip)
+            return self._say(f"{step.name}: skipped ({skip})")
         self._say(f"{step.name}: {step.what} (budget {budget:.0f} s)")
-        log = os.path.join(self.work, f"{step.name}.log")
-        if step.kind == "command":
-            cmd = step.command(self.args)
-            rc, secs = _run_process(cmd, self._env(step.env(self.args) if step.env else None),
-                                    log, budget)
-            is_pytest = "pytest" in cmd
-            if is_pytest:
-                res.note, failed = _pytest_note(_tail(log, 2000000))
-            if step.name == "tests_triton" and rc is not None and budget - secs > 10:
-                # the packed-path tests hold no gpu mark; here they run on CUDA tensors
-                plog = os.path.join(self.work, "tests_packed.log")
-                rc2, secs2 = _run_process(_pytest_cmd(self.args, [PACKED_TESTS], marker=None,
-                                                      workers=1), self._env(), plog,
-                                          budget - secs)
-                with open(log, "a") as f:
-                    f.write("\n" + _tail(plog, 10**7))
-                secs += secs2
-                summary2, failed2 = _pytest_note(_tail(plog, 2000000))
-                res.note += f"; {PACKED_TESTS}: {summary2}"
-                failed += failed2
-                rc = None if rc2 is None else (rc or rc2)
-            if is_pytest and failed:
-                res.rows = [{"failed": failed}]
+        log, rows = (os.path.join(self.work, f"{step.name}.{x}") for x in ("log", "jsonl"))
+        t0 = time.time()
+        if step.command:
+            rc = _wait(_start(step.command, self._env(step.env), log), budget)
+            res["note"], failed = pytest_note(_tail(log, 2000000))
+            res["rows"] = [{"failed": failed}] if failed else []
         else:
-            rows_path = os.path.join(self.work, f"{step.name}.jsonl")
-            cmd = [sys.executable, os.path.abspath(__file__), "--run-step", step.name,
-                   "--rows", rows_path, "--step-deadline", str(time.time() + budget - 2)]
-            if self.args.smoke:
-                cmd.append("--smoke")
-            rc, secs = _run_process(cmd, self._env(), log, budget)
-            res.rows = _read_rows(rows_path)
-            if step.name == "env":
-                for r in res.rows:
-                    self.env_info.update(r.get("env", {}))
-        bad = [r for r in res.rows if str(r.get("note", "")).startswith(("error", "WRONG"))]
-        if bad:
-            res.note = f"{len(bad)} case(s) with errors or wrong results"
-        res.seconds = secs
-        res.tail = _tail(log)
-        res.status = "timeout" if rc is None else ("ok" if rc == 0 and not bad else "failed")
-        self._append_log(step.name, log)
-        self._say(f"{step.name}: {res.status} in {secs:.0f} s {res.note}")
-        self.write()
+            cmd = [sys.executable, os.path.abspath(__file__), "--run-step", step.name, "--rows",
+                   rows, "--step-deadline", str(time.time() + budget - 2)] + (["--smoke"] * smoke)
+            rc = _wait(_start(cmd, self._env(), log), budget)
+            res["rows"] = [json.loads(ln) for ln in _tail(rows, 10**9).splitlines() if ln.strip()]
+            for r in res["rows"]:
+                self.env_info.update(r.get("env", {}))
+            res["rows"] = [r for r in res["rows"] if "env" not in r]
+        self._finish(res, log, rc, time.time() - t0)
 
     def run(self):
         for step in STEPS:
-            if step.background:
-                self.start_build(step)
-        for step in STEPS:
-            if not step.background:
-                self.run_step(step)
-        if self.build_proc is not None:
-            self.wait_build()
+            (self.start_build if step.background else self.run_step)(step)
+        self.wait_build()
         self.write()
         print(summary(self.report()), flush=True)
         shutil.rmtree(self.work, ignore_errors=True)
 
-    # -- outputs
     def report(self):
-        return dict(
-            tool="benchmarks/gpu_check.py", version=1,
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            smoke=self.args.smoke, deadline_s=self.args.deadline,
-            elapsed_s=round(time.time() - self.t0, 1), env=self.env_info,
-            steps=[dict(name=r.name, status=r.status, seconds=round(r.seconds, 1),
-                        budget=r.budget, note=r.note, tail=r.tail,
-                        rows=[x for x in r.rows if "env" not in x])
-                   for r in self.results.values()])
+        return dict(tool="benchmarks/gpu_check.py", version=2,
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    smoke=self.args.smoke, deadline_s=self.args.deadline,
+                    elapsed_s=round(time.time() - self.t0, 1), env=self.env_info,
+                    steps=list(self.results.values()))
 
     def write(self):
         rep = self.report()
-        with open(os.path.join(self.out, "gpu_check.json"), "w") as f:
+        with open(os.path.join(self.args.out, "gpu_check.json"), "w") as f:
             json.dump(rep, f, indent=1)
-        with open(os.path.join(self.out, "gpu_check.md"), "w") as f:
+        with open(os.path.join(self.args.out, "gpu_check.md"), "w") as f:
             f.write(markdown(rep))
 
 
-def _read_rows(path):
-    rows = []
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    rows.append(json.loads(line))
-    except OSError:
-        pass
-    return rows
-
-
 # ----------------------------------------------------------------------------- reports
-def _with_ratios(rows):
-    """Each row's median time over its group's baseline (sdpa_no_shift / unfused / plain)."""
-    base = {}
-    for r in rows:
-        if r.get("impl") in BASELINES and r.get("ms"):
-            base[r["group"]] = r["ms"]
-    for r in rows:
-        b = base.get(r.get("group"))
-        r["x_baseline"] = (r["ms"] / b) if (b and r.get("ms")) else None
-    return rows
+BASELINES = ("sdpa_no_shift", "unfused", "plain_timm_vit")
+#: The issue's targets: (claim, groups, field, numerator impl, denominator impl, target), one
+#: line per matching group; a target of None is reported, not judged.
+TARGETS = [
+    ("STDHA fwd+bwd / SDPA-no-shift", "stdha-*-fwdbwd", "ms", "triton", "sdpa_no_shift", "<= 1.05"),
+    ("shift-copy+SDPA / STDHA fwd+bwd", "stdha-*-fwdbwd", "ms", "stdha_torch", "triton", ">= 1.3"),
+    *[(f"adapter block unfused/{i} time", "adapter-*-block", "ms", "unfused", i, ">= 1.25")
+      for i in ("fused_residual", "fused_dual")],
+    *[(f"adapter block {i}/unfused peak memory", "adapter-*-block", "peak_mb", i, "unfused",
+       "<= 0.80") for i in ("fused_residual", "fused_dual")],
+    *[(f"train step unfused/{i}", "train-*", "ms", "unfused", i, None)
+      for i in ("fused_residual", "fused_dual")],
+    *[(f"inference {i} / plain timm ViT", "inference-*", "ms", i, "plain_timm_vit", None)
+      for i in ("merged_triton", "merged_cuda")],
+]
 
 
 def _fmt(x, spec):
     return "–" if x is None else format(x, spec)
 
 
+def _rows(rep):
+    return [r for s in rep["steps"] for r in s["rows"] if "group" in r]
+
+
+def targets(rep):
+    """(claim, value, target, met: True/False/None) for every target and matching group."""
+    rows, out = _rows(rep), []
+    for claim, pattern, key, num, den, target in TARGETS:
+        head, tail = pattern.split("*")
+        for g in sorted({r["group"] for r in rows if fnmatch.fnmatch(r["group"], pattern)}):
+            got = {r["impl"]: r.get(key) for r in rows if r["group"] == g}
+            v = got[num] / got[den] if got.get(num) and got.get(den) else None
+            ok = None if v is None or target is None else (
+                v <= float(target[3:]) if target.startswith("<=") else v >= float(target[3:]))
+            out.append((f"{claim}, {g[len(head):len(g) - len(tail)]}", v, target or "(report)",
+                        ok))
+    return out
+
+
 def markdown(rep):
     env = rep.get("env", {})
-    lines = [
-        "# gpu_check results",
-        "",
-        f"Written by `python benchmarks/gpu_check.py` on {rep['date']} "
-        f"({'SMOKE RUN on CPU: wiring only, no real timings' if rep['smoke'] else 'GPU run'}).",
-        "",
-        "| | |", "|---|---|",
-        f"| GPU | {env.get('gpu', '?')} (sm {env.get('capability', '?')}, "
-        f"{env.get('sms', '?')} SMs, {env.get('memory_gib', '?')} GiB) |",
-        f"| driver | {env.get('driver', '?')} |",
-        f"| torch / CUDA | {env.get('torch', '?')} / {env.get('torch_cuda', '?')} |",
-        f"| triton | {env.get('triton', '?')} |",
-        f"| python | {env.get('python', '?')} |",
-        f"| commit | {env.get('commit', '?')} |",
-        f"| source sha256 | {env.get('source_sha256', '?')} |",
-        f"| ceilings | copy {_fmt(env.get('copy_tbps'), '.2f')} TB/s, bf16 GEMM "
-        f"{_fmt(env.get('gemm_bf16_tflops'), '.0f')} TFLOP/s (measured here) |",
-        f"| elapsed | {rep['elapsed_s']} s of {rep['deadline_s']} s |",
-        "",
-        "## Steps", "",
-        "| step | status | seconds | budget | note |", "|---|---|---|---|---|",
-    ]
+    lines = ["# gpu_check results", "",
+             f"Written by `python benchmarks/gpu_check.py` on {rep['date']} "
+             f"({'SMOKE RUN on CPU: wiring only, no real timings' if rep['smoke'] else 'GPU run'}).",
+             "", "| | |", "|---|---|",
+             f"| GPU | {env.get('gpu', '?')} (sm {env.get('capability', '?')}, "
+             f"{env.get('sms', '?')} SMs, {env.get('memory_gib', '?')} GiB) |",
+             *[f"| {label} | {env.get(key, '?')} |" for label, key in (
+                 ("driver", "driver"), ("torch", "torch"), ("CUDA (torch)", "torch_cuda"),
+                 ("triton", "triton"), ("python", "python"), ("commit", "commit"),
+                 ("source sha256", "source_sha256"))],
+             f"| ceilings | copy {_fmt(env.get('copy_tbps'), '.2f')} TB/s, bf16 GEMM "
+             f"{_fmt(env.get('gemm_bf16_tflops'), '.0f')} TFLOP/s (measured here) |",
+             f"| elapsed | {rep['elapsed_s']} s of {rep['deadline_s']} s |",
+             "", "## Steps", "", "| step | status | seconds | budget | note |",
+             "|---|---|---|---|---|"]
     for s in rep["steps"]:
-        note = s["note"].replace("|", "/")
-        if s["rows"] and "failed" in s["rows"][0]:
-            note += " — failed: " + ", ".join(s["rows"][0]["failed"][:20])
-        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {s['budget']:.0f} | {note} |")
+        failed = next((r["failed"] for r in s["rows"] if "failed" in r), [])
+        note = s["note"] + (" — failed: " + ", ".join(failed[:20]) if failed else "")
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {s['budget']:.0f} | "
+                     f"{note.replace('|', '/')} |")
+    lines += ["", "## Targets", "", "| | claim | value | target |", "|---|---|---|---|"]
+    lines += [f"| {'–' if ok is None else 'MET' if ok else 'MISS'} | {claim} | {_fmt(v, '.3f')} | "
+              f"{target.replace('|', '/')} |" for claim, v, target, ok in targets(rep)]
     for s in rep["steps"]:
         rows = [r for r in s["rows"] if "group" in r]
         if not rows:
             continue
+        base = {r["group"]: r["ms"] for r in rows if r["impl"] in BASELINES and r.get("ms")}
         lines += ["", f"## {s['name']}", "",
                   "Median ms (CUDA events, L2 flushed); TFLOP/s and TB/s of the useful work "
                   "(same for every implementation of a group); × = time / the group's baseline.",
-                  "",
-                  "| group | impl | ms | TFLOP/s | TB/s | × baseline | peak MiB | rel. err | note |",
+                  "", "| group | impl | ms | TFLOP/s | TB/s | × baseline | peak MiB | rel. err | note |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for r in _with_ratios(rows):
+        for r in rows:
+            x = r["ms"] / base[r["group"]] if r.get("ms") and r["group"] in base else None
             lines.append(
                 f"| {r['group']} | {r['impl']} | {_fmt(r.get('ms'), '.4f')} | "
-                f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('tbps'), '.2f')} | "
-                f"{_fmt(r.get('x_baseline'), '.3f')} | {_fmt(r.get('peak_mb'), '.0f')} | "
-                f"{_fmt(r.get('err'), '.1e')} | {str(r.get('note', '')).replace('|', '/')} |")
+                f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('tbps'), '.2f')} | {_fmt(x, '.3f')} | "
+                f"{_fmt(r.get('peak_mb'), '.0f')} | {_fmt(r.get('err'), '.1e')} | "
+                f"{str(r.get('note', '')).replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
-def _ratio(rows, group, num, den):
-    ms = {r["impl"]: r.get("ms") for r in rows if r.get("group") == group}
-    a, b = ms.get(num), ms.get(den)
-    return (a / b) if (a and b) else None
-
-
-def targets(rep):
-    """The issue's targets against what was measured: (claim, value, target, ok)."""
-    rows = [r for s in rep["steps"] for r in s["rows"] if "group" in r]
-    groups = sorted({r["group"] for r in rows})
-    out = []
-    for g in groups:
-        if not (g.startswith("stdha-") and g.endswith("-fwdbwd")):
-            continue
-        shape = g[len("stdha-"):-len("-fwdbwd")]
-        v = _ratio(rows, g, "triton", "sdpa_no_shift")
-        out.append((f"STDHA fwd+bwd / SDPA-no-shift, {shape}", v, "<= 1.05",
-                    None if v is None else v <= 1.05))
-        v = _ratio(rows, g, "stdha_torch", "triton")
-        out.append((f"shift-copy+SDPA / STDHA fwd+bwd, {shape}", v, ">= 1.3",
-                    None if v is None else v >= 1.3))
-    for g in groups:
-        if not (g.startswith("adapter-") and g.endswith("-block")):
-            continue
-        width = g.split("-")[1]
-        ms = {r["impl"]: r for r in rows if r.get("group") == g}
-        u = ms.get("unfused", {})
-        for impl in ("fused_residual", "fused_dual"):
-            f = ms.get(impl, {})
-            v = (u["ms"] / f["ms"]) if (u.get("ms") and f.get("ms")) else None
-            out.append((f"adapter block speed-up unfused/{impl}, {width}", v, ">= 1.25",
-                        None if v is None else v >= 1.25))
-            pu, pf = u.get("peak_mb"), f.get("peak_mb")
-            v = (1 - pf / pu) if (pu and pf) else None
-            out.append((f"adapter block memory saved by {impl}, {width}", v, ">= 0.20",
-                        None if v is None else v >= 0.20))
-    for impl in ("fused_residual", "fused_dual"):
-        v = _ratio(rows, "train-vitb16-8f", "unfused", impl)
-        out.append((f"train step speed-up unfused/{impl}", v, "(report)", None))
-    for impl in ("merged_triton", "merged_cuda"):
-        v = _ratio(rows, "inference-vitb16-8f", impl, "plain_timm_vit")
-        out.append((f"inference {impl} / plain timm ViT", v, "≈ 1", None))
-    return out
-
-
 def summary(rep):
-    env = rep.get("env", {})
-    lines = ["", "=" * 78,
-             f"zeroi2v gpu_check  {env.get('gpu', '?')}  driver {env.get('driver', '?')}  "
-             f"torch {env.get('torch', '?')}  triton {env.get('triton', '?')}",
-             f"commit {str(env.get('commit', '?'))[:40]}  elapsed {rep['elapsed_s']} s / "
-             f"{rep['deadline_s']} s  ceilings: copy {_fmt(env.get('copy_tbps'), '.2f')} TB/s, "
-             f"bf16 GEMM {_fmt(env.get('gemm_bf16_tflops'), '.0f')} TFLOP/s",
-             f"{'step':16} {'status':8} {'s':>5} {'budget':>6}  note"]
-    for s in rep["steps"]:
-        lines.append(f"{s['name']:16} {s['status']:8} {s['seconds']:5.0f} {s['budget']:6.0f}  "
-                     f"{s['note'][:60]}")
-    lines.append("targets:")
-    for claim, v, target, ok in targets(rep):
-        mark = "  --" if ok is None else (" MET" if ok else "MISS")
-        lines.append(f"  {mark} {claim:52} {_fmt(v, '.3f'):>7}  {target}")
-    if rep["smoke"]:
-        lines.append("SMOKE RUN: CPU, tiny shapes, interpreter; the numbers mean nothing.")
-    lines.append("=" * 78)
-    return "\n".join(lines)
+    """One screen: the machine in a line, then the markdown's steps and targets."""
+    env, md = rep.get("env", {}), markdown(rep)
+    steps = md[md.index("## Steps"):].split("\n## bench", 1)[0]
+    return (f"gpu_check: {env.get('gpu', '?')}, driver {env.get('driver', '?')}, torch "
+            f"{env.get('torch', '?')}, triton {env.get('triton', '?')}, commit "
+            f"{env.get('commit', '?')}, {rep['elapsed_s']} s of {rep['deadline_s']} s"
+            + (" (SMOKE RUN: CPU, tiny shapes, interpreter; the numbers mean nothing)"
+               if rep["smoke"] else "") + "\n\n" + steps.rstrip())
 
 
 # ----------------------------------------------------------------------------- entry
 def dry_run(args):
-    total = 0.0
     print(f"gpu_check steps (deadline {args.deadline:.0f} s for the whole run):")
     print(f"  {'step':16} {'budget s':>8}  runs")
     for s in STEPS:
-        fg = not s.background
-        total += s.budget if fg else 0
-        tag = " [background, from t=0]" if s.background else (" [after build]" if s.needs_build else "")
+        tag = " [background, from t=0]" if s.background else " [after build]" if s.needs_build else ""
         sel = "" if s.name in args.steps else "  (not selected)"
         print(f"  {s.name:16} {s.budget:8.0f}  {s.what}{tag}{sel}")
-    files = _gpu_test_files()
-    print(f"gpu-marked test files: {', '.join(files)} (+ {PACKED_TESTS}, all of it)")
-    for f in files + [PACKED_TESTS, "setup.py"]:
+    files = gpu_test_files()
+    print(f"test files ({MARKERS}): {', '.join(files)}")
+    for f in files + ["setup.py"]:
         if not os.path.exists(os.path.join(ROOT, f)):
             raise SystemExit(f"gpu_check: error: {f} is missing")
+    total = sum(s.budget for s in STEPS if not s.background)
     print(f"foreground budgets: {total:.0f} s; build (background): "
-          f"{next(s.budget for s in STEPS if s.background):.0f} s; every step is also cut at "
-          f"the {args.deadline:.0f} s deadline")
+          f"{next(s.budget for s in STEPS if s.background):.0f} s; every step is also cut at the "
+          f"{args.deadline:.0f} s deadline")
     print(f"outputs: {args.out}/gpu_check.json, gpu_check.md, gpu_check.log")
     if total > args.deadline:
         raise SystemExit(f"gpu_check: error: budgets ({total:.0f} s) do not fit the deadline")
@@ -846,7 +606,8 @@ def parse_args(argv=None):
                     help=f"run only these ({', '.join(STEP_NAMES)})")
     ap.add_argument("--source-hash", action="store_true",
                     help="print the source sha256 a run records, and exit")
-    ap.add_argument("--run-step", choices=sorted(BENCHES), help=argparse.SUPPRESS)
+    ap.add_argument("--run-step", choices=[s.name for s in STEPS if not s.command],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--rows", help=argparse.SUPPRESS)
     ap.add_argument("--step-deadline", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -861,29 +622,21 @@ def main(argv=None):
     args = parse_args(argv)
     if args.source_hash:
         print(source_hash())
-        return 0
-    if args.dry_run:
+    elif args.dry_run:
         dry_run(args)
-        return 0
-    if args.run_step:  # inside a step's own process
+    elif args.run_step:  # inside a step's own process
         if args.smoke:
             os.environ["TRITON_INTERPRET"] = "1"
         sys.path[:0] = [ROOT, HERE]
-        ctx = Ctx(args.smoke, args.rows, args.step_deadline or time.time() + 60)
+        run_cases(args.run_step, args.smoke, args.rows, args.step_deadline or time.time() + 60)
+    else:
         if not args.smoke:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise SystemExit("gpu_check: error: no CUDA GPU (use --dry-run or --smoke)")
-        BENCHES[args.run_step](ctx)
-        return 0
-    if not args.smoke:
-        r = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                           capture_output=True, text=True)
-        if r.stdout.strip() != "True":
-            raise SystemExit("gpu_check: error: no CUDA GPU visible to torch here; use --dry-run "
-                             "(list the steps) or --smoke (CPU wiring check)")
-    Runner(args).run()
+            r = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                               capture_output=True, text=True)
+            if r.stdout.strip() != "True":
+                raise SystemExit("gpu_check: error: no CUDA GPU visible to torch here; use "
+                                 "--dry-run (list the steps) or --smoke (CPU wiring check)")
+        Runner(args).run()
     return 0
 
 

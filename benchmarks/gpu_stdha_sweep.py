@@ -5,7 +5,7 @@
 For each ViT shape and kernel, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) is
 checked for correctness against the ``"torch"`` backend and timed with ``triton.testing.do_bench``
 (median ms); the other kernels keep their table defaults. The best candidate per (shape, kernel)
-is printed last: copy it into ``zeroi2v.kernels.stdha.CONFIGS`` if it beats the default clearly on
+is printed last: copy it into ``zeroi2v.kernels.stdha_launch.CONFIGS`` if it beats the default clearly on
 every shape. Needs CUDA; prints nothing it did not measure.
 """
 import argparse
@@ -29,7 +29,7 @@ def main(argv=None):
 
     from bench_cases import ATTN_SHAPES
     from zeroi2v import stdha_attention
-    from zeroi2v.kernels import stdha as ks
+    from zeroi2v.kernels import stdha_launch as ks
 
     dtype = getattr(torch, args.dtype)
     shapes = {k: ATTN_SHAPES[k] for k in ("vitb16_bt256", "vitl14_t32_bt64")}

@@ -10,9 +10,9 @@ Triton kernel on the same q/k/v views), ``triton`` (its packed path) and the bas
 ``INNER`` calls then one synchronisation; ``extra_info`` holds the per-call median time and the
 TFLOP/s of the useful work.
 
-The result decides ``zeroi2v.kernels.cuda.CUDA_BACKEND_PRIORITY``: raise it above Triton's (10)
-only if ``cuda`` is faster here on the target GPU. ``ZEROI2V_STDHA_BLOCK_M=64|128`` (read once
-per process) forces the CUDA kernel's query-tile height for tuning runs.
+The result decides ``PRIORITIES["cuda"]`` in ``zeroi2v/ops/registry.py``: raise it above
+Triton's only if ``cuda`` is faster here on the target GPU. ``ZEROI2V_STDHA_BLOCK_M=64|128``
+(read once per process) forces the CUDA kernel's query-tile height for tuning runs.
 """
 import pytest
 import torch

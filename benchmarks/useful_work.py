@@ -4,7 +4,7 @@
 
 A kernel tiles each (frame, head) score matrix N x N into blocks; padded rows and columns past N
 are computed and thrown away. Useful fraction = N^2 / (rows computed x columns computed), from
-the launch configs of ``zeroi2v.kernels.stdha`` (head_dim 64) and the tiling of the CUDA kernel
+the launch configs of ``zeroi2v.kernels.stdha_launch`` (head_dim 64) and the tiling of the CUDA kernel
 (csrc/stdha_kernel.cuh: 16-row m tiles per warp, 64-key tiles whose last one is cut at 16
 columns). "before" is the tiling of the previous revision: ragged ends padded to the full block
 (Triton) and no skip of padded 16-row slices (CUDA, 64-row blocks; 128-row blocks pad more).
@@ -25,13 +25,13 @@ def _ceil_to(n: int, b: int) -> int:
 
 
 def rows() -> list[dict]:
-    import zeroi2v.kernels.stdha as ks
+    import zeroi2v.kernels.stdha_launch as ks
 
     out = []
     for n in NS:
         for kind, label in (("fwd", "triton fwd"), ("bwd_dq", "triton bwd dQ"),
                             ("bwd_dkdv", "triton bwd dK/dV")):
-            cfg = ks._config(kind, 64, n, n)
+            cfg = ks.launch_config(kind, 64, n, n)
             bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
             # fwd/dq: a program owns BLOCK_M queries and loops over keys in BLOCK_N steps;
             # dK/dV: a program owns BLOCK_N keys and loops over queries in BLOCK_M steps

@@ -272,7 +272,7 @@ def test_a_shared_adapter_runs_once_per_input(name, kw, slot):
     adapter.drop.register_forward_hook(lambda m, i, o, d=draws: d.append(o))
     model(_video(model)).sum().backward()
     assert len(draws) == 1
-    assert adapter.__dict__.get("_once") is None
+    assert adapter.__dict__.get("_shared_output") is None
     assert adapter.fc1.weight.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():  # and in eval it is still the same function as applying it per linear

@@ -127,6 +127,44 @@ def test_fused_half_precision_cpu(kind, lead, C, r, n_other, strategy, dtype):
             CPU_TOL[dtype])
 
 
+# which of x and the adapter's (A, a, B, b2) want a gradient: the branches of the shared
+# adapter-gradient code of both Functions (frozen adapter, first block's frozen input, ...)
+GRAD_SETS = {"x only": ("x",), "adapter only": ("A", "a", "B", "b2"), "fc1 only": ("A", "a"),
+             "fc2 and x": ("x", "B", "b2"), "A only": ("A",)}
+
+
+@pytest.mark.parametrize("strategy", ["residual", "dual"])
+@pytest.mark.parametrize("wanted", list(GRAD_SETS))
+@pytest.mark.parametrize("kind", ["pre", "post"])
+def test_fused_gives_exactly_the_gradients_asked_for(kind, wanted, strategy):
+    names = GRAD_SETS[wanted]
+    C, r, n_other, p = 32, 8, 64, 0.25
+    gen = torch.Generator().manual_seed(3)
+    adapter, lin = make_pair(kind, C, r, n_other, torch.float64, "cpu", gen, p=p)
+    x = torch.randn(29, C if kind == "pre" else n_other, generator=gen, dtype=torch.float64)
+    mask = torch.rand(29, r, generator=gen) >= p
+    dy = torch.randn(29, n_other if kind == "pre" else C, generator=gen, dtype=torch.float64)
+    grads = []
+    for run in ("ref", "fused"):
+        a = copy.deepcopy(adapter).train()
+        params = dict(A=a.fc1.weight, a=a.fc1.bias, B=a.fc2.weight, b2=a.fc2.bias)
+        for n, t in params.items():
+            t.requires_grad_(n in names)
+        xi = x.clone().requires_grad_("x" in names)
+        if run == "ref":
+            a.drop = FixedMask(mask, p)
+            y = unfused(kind, a, lin, xi)
+        else:
+            y = fused(kind, a.float(), lin.float(), xi.float(), mask=mask, strategy=strategy)
+        y.backward(dy.to(y.dtype))
+        grads.append({n: t.grad for n, t in dict(params, x=xi).items()})
+    ref, got = grads
+    for n in ("x", "A", "a", "B", "b2"):
+        assert (got[n] is None) == (n not in names), n
+        if n in names:
+            assert rel_err(got[n], ref[n]) < 2e-5, n
+
+
 @pytest.mark.parametrize("kind", ["pre", "post"])
 def test_auto_strategy_and_drawn_mask(kind, monkeypatch):
     """Without a mask the op draws one with ``dropout_mask``; the result is the unfused module

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py without a GPU: the dry run, a smoke run of every benchmark step on tiny
-CPU shapes (Triton interpreter), and its report logic on made-up GPU rows."""
+CPU shapes (Triton interpreter), and its report (targets, markdown, summary, pytest notes) on
+made-up GPU rows."""
 import importlib.util
 import json
 import os
@@ -34,8 +35,11 @@ def test_dry_run_lists_every_step_within_the_deadline():
     for step in gc.STEPS:
         assert f"  {step.name} " in r.stdout
     for f in ("tests/test_stdha_triton.py", "tests/test_fused_adapter.py",
-              "tests/test_stdha_cuda.py"):
+              "tests/test_stdha_cuda.py", "tests/test_stdha_packed.py"):
         assert f in r.stdout
+    # the Triton step runs the packed-path tests (marked any_device) with the gpu-marked ones
+    triton = next(s for s in gc.STEPS if s.name == "tests_triton").command
+    assert "tests/test_stdha_packed.py" in triton and "gpu or any_device" in triton
     foreground = sum(s.budget for s in gc.STEPS if not s.background)
     assert foreground <= gc.DEFAULT_DEADLINE <= 480  # the session's 8 minutes
     assert f"foreground budgets: {foreground:.0f} s" in r.stdout
@@ -66,6 +70,9 @@ def test_smoke_run_of_every_benchmark_step(tmp_path):
     for name in ("build", "tests_triton", "tests_cuda"):
         assert steps[name]["status"] == "skipped"
     assert rep["env"]["source_sha256"] and rep["env"]["torch"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    for field in ("| torch | ", "| triton | ", "| commit | ", "| driver | ", "| GPU | "):
+        assert field in md
     rows = {(row["group"], row["impl"]): row for s in rep["steps"] for row in s["rows"]
             if "group" in row}
     for mode in ("fwd", "fwdbwd"):
@@ -114,16 +121,21 @@ def test_report_on_gpu_shaped_rows():
     assert v == pytest.approx(1.04) and ok
     v, ok = got["shift-copy+SDPA / STDHA fwd+bwd, vitb16_bt64"]
     assert v == pytest.approx(1.25) and ok is False
-    v, ok = got["adapter block speed-up unfused/fused_residual, vitb16"]
+    v, ok = got["adapter block unfused/fused_residual time, vitb16"]
     assert v == pytest.approx(10 / 7.5) and ok
-    v, ok = got["adapter block memory saved by fused_dual, vitb16"]
-    assert v == pytest.approx(0.1) and ok is False
-    assert got["inference merged_triton / plain timm ViT"][0] == pytest.approx(1.02)
+    v, ok = got["adapter block fused_dual/unfused peak memory, vitb16"]
+    assert v == pytest.approx(0.9) and ok is False
+    v, ok = got["adapter block fused_residual/unfused peak memory, vitb16"]
+    assert v == pytest.approx(0.75) and ok
+    assert got["inference merged_triton / plain timm ViT, vitb16-8f"] == (pytest.approx(1.02), None)
     md = gc.markdown(rep)
-    assert "| GPU | NVIDIA H200" in md and "tests/test_x.py::test_a" in md
+    for field in ("| GPU | NVIDIA H200", "| driver | 580 |", "| torch | 2.11 |", "| triton | 3.6 |",
+                  "| commit | abc |", "tests/test_x.py::test_a"):
+        assert field in md
     assert "| stdha-vitb16_bt64-fwdbwd | triton | 1.0400 | 96.0 | 0.90 | 1.040 |" in md
     text = gc.summary(rep)
-    assert "MISS shift-copy+SDPA" in text and " MET STDHA fwd+bwd" in text
+    assert "| MISS | shift-copy+SDPA" in text and "| MET | STDHA fwd+bwd" in text
+    assert "NVIDIA H200" in text and "commit abc" in text
     assert len(text.splitlines()) < 40  # one screen
 
 
@@ -133,9 +145,9 @@ def test_pytest_output_is_summarised_even_when_killed():
             "[gw0] [ 40%] PASSED tests/test_a.py::test_y\n"
             "FAILED tests/test_b.py::test_z[N1] - AssertionError: boom\n"
             "========= 1 failed, 1 passed, 3 skipped in 12.0s =========\n")
-    assert gc._pytest_note(done) == ("1 failed, 1 passed, 3 skipped in 12.0s",
+    assert gc.pytest_note(done) == ("1 failed, 1 passed, 3 skipped in 12.0s",
                                      ["tests/test_b.py::test_z[N1]"])
     killed = done.rsplit("FAILED tests", 1)[0] + "[gw1] [ 50%] SKIPPED tests/test_b.py::test_w\n"
-    note, failed = gc._pytest_note(killed)
+    note, failed = gc.pytest_note(killed)
     assert note == "killed before the end; so far 1 passed, 1 failed, 1 skipped"
     assert failed == ["tests/test_b.py::test_z[N1]"]

@@ -105,7 +105,7 @@ def test_loader_refuses_a_library_it_cannot_vouch_for(tmp_path, record, expected
     class Spec:
         origin = str(library)
 
-    reason, warn = _native._check(Spec, record)
+    reason, warn = _native._refusal(Spec, record)
     assert reason is not None and expected in reason and warn
     assert "pip install -e ." in reason and "\n" not in reason
 
@@ -118,7 +118,7 @@ def test_loader_accepts_its_own_record(tmp_path):
     class Spec:
         origin = str(library)
 
-    assert _native._check(Spec, record) == (None, False)
+    assert _native._refusal(Spec, record) == (None, False)
 
 
 def test_mismatched_library_is_not_loaded_and_pure_paths_run(tmp_path):

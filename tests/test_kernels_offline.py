@@ -45,7 +45,7 @@ def test_stdha_triton_kernels_compile_without_spills():
     assert len(rows) == 16
     assert not _spills(rows), _spills(rows)
     for r in rows:
-        if r["arch"] == 90 and r["kernel"] != "_bwd_pre_kernel":
+        if r["arch"] == 90 and r["kernel"] != "stdha_bwd_pre_kernel":
             assert r["wgmma"], r
 
 

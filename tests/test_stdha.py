@@ -242,11 +242,12 @@ def _offset_functions():
            STDHAttention.set_temporal, zeroi2v.create_video_model]
     try:  # Triton is a dependency on Linux; elsewhere its module does not import
         from zeroi2v.kernels import stdha as ks
+        from zeroi2v.kernels import stdha_launch as kl
     except ImportError:
         return fns
-    return fns + [ks.stdha_triton, ks.stdha_triton_packed, ks.stdha_triton_forward,
-                  ks.stdha_triton_backward, ks.stdha_triton_packed_forward,
-                  ks.stdha_triton_packed_backward]
+    return fns + [ks.stdha_triton, ks.stdha_triton_packed, kl.stdha_triton_forward,
+                  kl.stdha_triton_backward, kl.stdha_triton_packed_forward,
+                  kl.stdha_triton_packed_backward]
 
 
 @pytest.mark.parametrize("fn", _offset_functions(), ids=lambda f: f.__qualname__)

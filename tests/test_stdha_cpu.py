@@ -9,13 +9,13 @@ import os
 import pytest
 import torch
 
-import zeroi2v.ops.stdha as ops
 from _helpers import make_qkv, rel_err
 from zeroi2v import PRESETS, create_video_model, stdha_attention, stdha_reference
 from zeroi2v.nn import STDHAttention
+from zeroi2v.ops import registry
 
 try:
-    import zeroi2v.kernels.cpu as cpu_backend
+    import zeroi2v.kernels.native_cpu as cpu_backend
 except ImportError as exc:
     cpu_backend, _IMPORT_ERROR = None, exc
 else:
@@ -93,8 +93,9 @@ def test_large_logits_stay_finite(op):
 def test_auto_picks_cpu_only_without_grad(op, monkeypatch):
     calls = []
     real = cpu_backend.stdha_cpu
-    monkeypatch.setitem(ops._BACKENDS, "cpu", ops.Backend("cpu", lambda *a: calls.append(1) or real(*a),
-                                                        cpu_backend.CAPABILITIES, 5))
+    monkeypatch.setitem(registry._BACKENDS, "cpu",
+                        registry.Backend("cpu", lambda *a: calls.append(1) or real(*a),
+                                         cpu_backend.CAPABILITIES, registry.PRIORITIES["cpu"]))
     q, k, v = (x.float() for x in make_qkv(8, 4, 17, 8, seed=2, fused=True))
     with torch.no_grad():
         out = stdha_attention(q, k, v, 4, (1, 0, -1, 2))

@@ -59,16 +59,15 @@ def test_extension_imports_and_registers_op():
 
 @needs_ext
 def test_backend_registered_with_documented_priority():
-    import zeroi2v.kernels.cuda as cuda_mod
-    from zeroi2v.ops import stdha as ops
+    from zeroi2v.ops import registry
 
     assert "cuda" in zeroi2v_available()
-    b = ops._BACKENDS["cuda"]
-    assert b.priority == cuda_mod.CUDA_BACKEND_PRIORITY
+    b = registry._BACKENDS["cuda"]
+    assert b.priority == registry.PRIORITIES["cuda"]
     # below Triton (10) until a GPU measurement says otherwise
-    assert cuda_mod.CUDA_BACKEND_PRIORITY < 10
+    assert registry.PRIORITIES["cuda"] < registry.PRIORITIES["triton"] == 10
     cpu = torch.randn(2, 2, 5, 64, dtype=torch.float16)
-    x = ops.Inputs.of(cpu, cpu, cpu, needs_grad=False)
+    x = registry.Inputs.of(cpu, cpu, cpu, needs_grad=False)
     assert b.not_supported_reasons(cpu, cpu, cpu, x, auto=True)  # CPU tensors are never picked
 
 
@@ -272,13 +271,13 @@ def test_q_and_kv_token_counts_may_differ():
 def test_auto_dispatch_and_grad_rules():
     if _C is None:
         pytest.skip("zeroi2v._C not built")
-    from zeroi2v.ops import stdha as ops
+    from zeroi2v.ops import registry
 
     q = torch.randn(8, 12, 197, 64, device="cuda", dtype=torch.float16)
-    b = ops._BACKENDS["cuda"]
+    b = registry._BACKENDS["cuda"]
 
     def why(t, grad):
-        return b.not_supported_reasons(t, t, t, ops.Inputs.of(t, t, t, needs_grad=grad))
+        return b.not_supported_reasons(t, t, t, registry.Inputs.of(t, t, t, needs_grad=grad))
 
     assert why(q, False) == []
     assert "inference only" in why(q, True)[0]

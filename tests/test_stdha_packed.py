@@ -10,13 +10,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ks = pytest.importorskip("zeroi2v.kernels.stdha")
+kl = pytest.importorskip("zeroi2v.kernels.stdha_launch")
 
 from _helpers import rel_err  # noqa: E402
 from zeroi2v.nn import STDHAttention  # noqa: E402
-from zeroi2v.ops import stdha as ops  # noqa: E402
+from zeroi2v.ops import registry  # noqa: E402
 from zeroi2v.ops.stdha import stdha_attention, stdha_attention_packed, stdha_reference  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.any_device  # benchmarks/gpu_check.py runs these on the GPU
 
 
 def _qkv(bt, n, h, d, dtype=torch.float32, seed=0):
@@ -52,8 +54,8 @@ def test_packed_entry_calls_a_registered_packed_function(monkeypatch):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return stdha_reference(q, k, v, t, offsets, scale).transpose(1, 2).contiguous()
 
-    monkeypatch.setattr(ops, "_BACKENDS", dict(ops._BACKENDS))
-    ops.register_backend("spy", fn, packed=packed)
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    registry.register_backend("spy", fn, packed=packed)
     qkv = _qkv(4, 5, 2, 8).detach()
     out = stdha_attention_packed(qkv, 2, (1, 0), backend="spy", scale=0.5)
     assert calls == [("packed", (4, 5, 3, 2, 8), 2, (1, 0), 0.5)]
@@ -81,11 +83,11 @@ def test_triton_packed_writes_every_element_and_matches_reference():
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     scale = D ** -0.5
     out = torch.full((T, N, H, D), float("nan"), device=DEV)
-    _, lse = ks.stdha_triton_forward(q, k, v, T, offsets, scale, out=out.transpose(1, 2))
+    _, lse = kl.stdha_triton_forward(q, k, v, T, offsets, scale, out=out.transpose(1, 2))
     dout = torch.randn(T, N, H, D, generator=torch.Generator().manual_seed(1)).to(DEV)
     dqkv = torch.full(qkv.shape, float("nan"), device=DEV)
     dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
-    ks.stdha_triton_backward(dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, T, offsets,
+    kl.stdha_triton_backward(dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, T, offsets,
                              scale, dq=dq, dk=dk, dv=dv)
     assert not out.isnan().any() and not dqkv.isnan().any()
     r = qkv.double().requires_grad_()
@@ -94,9 +96,9 @@ def test_triton_packed_writes_every_element_and_matches_reference():
     ref.backward(dout.double())
     assert rel_err(out, ref) < 1e-5 and rel_err(dqkv, r.grad) < 1e-5
     # the packed launcher allocates and fills the same layouts
-    out2, lse2 = ks.stdha_triton_packed_forward(qkv, T, offsets, scale)
+    out2, lse2 = kl.stdha_triton_packed_forward(qkv, T, offsets, scale)
     assert torch.equal(out2, out) and torch.equal(lse2, lse)
-    assert torch.equal(ks.stdha_triton_packed_backward(dout, qkv, out2, lse2, T, offsets, scale),
+    assert torch.equal(kl.stdha_triton_packed_backward(dout, qkv, out2, lse2, T, offsets, scale),
                        dqkv)
 
 
@@ -157,8 +159,9 @@ def _launches_hidden(log, monkeypatch):
                     log.in_kernel = False
             return launch
 
-    for name in ("_fwd_kernel", "_bwd_pre_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
-        monkeypatch.setattr(ks, name, Hidden(getattr(ks, name)))
+    for name in ("stdha_fwd_kernel", "stdha_bwd_pre_kernel", "stdha_bwd_dq_kernel",
+                 "stdha_bwd_dkdv_kernel"):
+        monkeypatch.setattr(kl, name, Hidden(getattr(kl, name)))
     yield
 
 

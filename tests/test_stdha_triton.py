@@ -9,9 +9,11 @@ import pytest
 import torch
 
 ks = pytest.importorskip("zeroi2v.kernels.stdha")
+kl = pytest.importorskip("zeroi2v.kernels.stdha_launch")
 
 from _helpers import TOL  # noqa: E402
 from zeroi2v.offsets import source_frames  # noqa: E402
+from zeroi2v.ops import registry  # noqa: E402
 from zeroi2v.ops import stdha as ops  # noqa: E402
 from zeroi2v.ops.stdha import stdha_attention, stdha_attention_packed, stdha_reference  # noqa: E402
 
@@ -171,9 +173,9 @@ def test_tails_and_layouts(case):
 
 def test_tile_extent():
     """The rows a kernel computes: full blocks, then the rest in TAIL-row steps."""
-    assert ks.TAIL == 16
-    assert [ks.tile_extent(n, 64) for n in (1, 17, 64, 65, 197, 257)] == [16, 32, 64, 80, 208, 272]
-    assert ks.tile_extent(197, 32) == 208 and ks.tile_extent(100, 64) == 112
+    assert kl.TAIL == 16
+    assert [kl.tile_extent(n, 64) for n in (1, 17, 64, 65, 197, 257)] == [16, 32, 64, 80, 208, 272]
+    assert kl.tile_extent(197, 32) == 208 and kl.tile_extent(100, 64) == 112
 
 
 def test_useful_work_table_is_current():
@@ -199,7 +201,7 @@ def test_useful_work_table_is_current():
 def test_matches_reference(case):
     B, T, H, N, D, offsets, dtype, layout, small = CPU_CASES[case]
     if small:
-        with ks.block_config(**SMALL_BLOCKS):
+        with kl.block_config(**SMALL_BLOCKS):
             check_against_reference(B, T, H, N, D, offsets, dtype, layout)
     else:
         check_against_reference(B, T, H, N, D, offsets, dtype, layout)
@@ -216,11 +218,11 @@ def test_poison_and_lse_and_unread_frames():
     nan = float("nan")
     out = torch.full_like(q, nan)
     lse = torch.full((B * T, H, N), nan, device=DEV)
-    with ks.block_config(**SMALL_BLOCKS):
-        ks.stdha_triton_forward(q, k, v, T, offsets, scale, out=out, lse=lse)
+    with kl.block_config(**SMALL_BLOCKS):
+        kl.stdha_triton_forward(q, k, v, T, offsets, scale, out=out, lse=lse)
         dq, dk, dv = (torch.full_like(q, nan) for _ in range(3))
         delta = torch.full((B * T, H, N), nan, device=DEV)
-        ks.stdha_triton_backward(do, q, k, v, out, lse, T, offsets, scale,
+        kl.stdha_triton_backward(do, q, k, v, out, lse, T, offsets, scale,
                                  dq=dq, dk=dk, dv=dv, delta=delta)
     for name, x in (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv),
                     ("delta", delta)):
@@ -268,15 +270,19 @@ def test_custom_op_opcheck():
                                       "test_faketensor"))
 
 
-def test_custom_op_eager_autograd():
-    """The torch.library op (what torch.compile traces) against the eager autograd.Function."""
+def test_custom_ops_are_what_the_autograd_function_runs():
+    """The torch.library ops (what torch.compile traces) give exactly what the autograd.Function
+    that calls them gives, forward and backward; the ops alone carry no autograd formula."""
     leaves, (q, k, v) = make_qkv(1, 3, 2, 9, 32, torch.float32, "fused", seed=7)
     qkv = leaves[0]
-    out, lse = torch.ops.zeroi2v.stdha_triton_fwd(q, k, v, [2, -1], 3, 0.2)
+    with torch.no_grad():
+        out, lse = torch.ops.zeroi2v.stdha_triton_fwd(q, k, v, [2, -1], 3, 0.2)
     assert not lse.requires_grad
     dout = torch.randn_like(out)
-    (g_op,) = torch.autograd.grad(out, qkv, dout)
-    out_fn = ks.STDHATritonFunction.apply(q, k, v, (2, -1), 3, 0.2)
+    with torch.no_grad():
+        dq, dk, dv = torch.ops.zeroi2v.stdha_triton_bwd(dout, q, k, v, out, lse, [2, -1], 3, 0.2)
+    g_op = torch.stack([dq, dk, dv], dim=2).transpose(1, 3)  # (B*T, N, 3, H, D), as qkv
+    out_fn = ks.STDHATritonFunction.apply(q, k, v, [2, -1], 3, 0.2)
     (g_fn,) = torch.autograd.grad(out_fn, qkv, dout)
     assert torch.equal(out, out_fn) and torch.equal(g_op, g_fn)
     _, (rq, rk, rv) = reference_views(leaves, "fused")
@@ -307,8 +313,8 @@ def test_torch_compile_fullgraph_cpu():
 
 def test_dispatch_registration():
     assert "triton" in ops.available_backends()
-    b = ops._BACKENDS["triton"]
-    assert b.priority == 10
+    b = registry._BACKENDS["triton"]
+    assert b.priority == registry.PRIORITIES["triton"] == 10
     x = torch.randn(2, 2, 4, 64)
     # auto never picks triton for CPU tensors, and says why
     chosen, why = ops.explain_backend(x, x, x, needs_grad=False)
@@ -323,27 +329,27 @@ def test_dispatch_registration():
 def test_bad_inputs():
     x = torch.randn(4, 2, 5, 16, device=DEV)
     with pytest.raises(ValueError):
-        ks.stdha_triton_forward(x, x.half(), x, 2, (1, 0), 0.25)
+        kl.stdha_triton_forward(x, x.half(), x, 2, (1, 0), 0.25)
     with pytest.raises(ValueError):
-        ks.stdha_triton_forward(x, x, x, 2, (2, 0), 0.25)  # |d| >= T
+        kl.stdha_triton_forward(x, x, x, 2, (2, 0), 0.25)  # |d| >= T
     with pytest.raises(ValueError):
-        ks.stdha_triton_forward(x, x, x, 3, (1, 0), 0.25)  # 4 rows, T = 3
+        kl.stdha_triton_forward(x, x, x, 3, (1, 0), 0.25)  # 4 rows, T = 3
     big = torch.randn(2, 1, 3, 160, device=DEV)
     with pytest.raises(ValueError):
-        ks.stdha_triton_forward(big, big, big, 1, (0,), 0.1)
+        kl.stdha_triton_forward(big, big, big, 1, (0,), 0.1)
     with pytest.raises(ValueError):
         stdha_attention(x, x, x, 2, (1, 0), backend="triton", dropout_p=0.1)
 
 
 def test_config_table():
-    cfg = ks._config("fwd", 64, 197, 197)
+    cfg = kl.launch_config("fwd", 64, 197, 197)
     assert cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16
-    assert ks._config("fwd", 64, 1, 1)["BLOCK_M"] == 16
-    with ks.block_config(fwd=dict(BLOCK_M=32)):
-        assert ks._config("fwd", 64, 197, 197)["BLOCK_M"] == 32
-    assert ks._config("fwd", 64, 197, 197) == cfg
+    assert kl.launch_config("fwd", 64, 1, 1)["BLOCK_M"] == 16
+    with kl.block_config(fwd=dict(BLOCK_M=32)):
+        assert kl.launch_config("fwd", 64, 197, 197)["BLOCK_M"] == 32
+    assert kl.launch_config("fwd", 64, 197, 197) == cfg
     with pytest.raises(ValueError):
-        with ks.block_config(nope=dict(BLOCK_M=16)):
+        with kl.block_config(nope=dict(BLOCK_M=16)):
             pass
 
 
@@ -415,7 +421,7 @@ def test_gpu_deterministic_backward(dtype):
 def test_gpu_auto_picks_triton_and_matches_torch():
     leaves, (q, k, v) = make_qkv(2, 8, 12, 197, 64, torch.bfloat16, "fused",
                                  device=torch.device("cuda"))
-    assert ops._pick_backend("auto", q, k, v, True, 0.0).name == "triton"
+    assert ops.explain_backend(q, k, v, needs_grad=True)[0] == "triton"
     out = stdha_attention(q, k, v, 8, "vit_b")
     ref = stdha_attention(q, k, v, 8, "vit_b", backend="torch")
     assert rel(out, ref.float()) < 1e-2

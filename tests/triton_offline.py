@@ -75,10 +75,11 @@ class _Recorder:
 def stdha_launches(dtype: torch.dtype, head_dim: int):
     """(kernel name, args, kwargs) of the four STDHA kernels at ViT-B/16 shapes (B*T = 64,
     N = 197, packed qkv views as in STDHAttention), forward and backward."""
-    import zeroi2v.kernels.stdha as ks
+    import zeroi2v.kernels.stdha_launch as ks
 
     calls: list = []
-    names = ("_fwd_kernel", "_bwd_pre_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+    names = ("stdha_fwd_kernel", "stdha_bwd_pre_kernel", "stdha_bwd_dq_kernel",
+             "stdha_bwd_dkdv_kernel")
     saved = {n: getattr(ks, n) for n in names}
     saved_interp = ks.interpreting
     try:
@@ -120,13 +121,13 @@ def adapter_launches(dtype: torch.dtype):
         for strategy in ("residual", "dual"):
             for mult in (3, 4):  # adapter -> qkv / fc1
                 W, b = rnd(mult * c, c), rnd(mult * c)
-                y = oa.fused_adapter_linear(rnd(m, c, grad=True), A, a, B, b2, W, b, scale=0.5,
-                                            p=0.1, strategy=strategy)
+                y = oa.fused_adapter_then_linear(rnd(m, c, grad=True), A, a, B, b2, W, b,
+                                                 scale=0.5, p=0.1, strategy=strategy)
                 y.backward(torch.ones_like(y))
             for mult in (1, 4):  # proj / fc2 -> adapter
                 W, b = rnd(c, mult * c), rnd(c)
-                y = oa.fused_linear_adapter(rnd(m, mult * c, grad=True), W, b, A, a, B, b2,
-                                            scale=0.5, p=0.1, strategy=strategy)
+                y = oa.fused_linear_then_adapter(rnd(m, mult * c, grad=True), W, b, A, a, B, b2,
+                                                 scale=0.5, p=0.1, strategy=strategy)
                 y.backward(torch.ones_like(y))
     finally:
         fa._gemm_tuned, fa._apply_tuned = saved

@@ -40,7 +40,7 @@ def _read_record(directory: str) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
-def _check(spec, record: Optional[dict]) -> tuple[Optional[str], bool]:
+def _refusal(spec, record: Optional[dict]) -> tuple[Optional[str], bool]:
     """(why the library must not be imported, whether to warn about it) or (None, False)."""
     if record is not None and not record.get("built", False):
         return f"{NAME} was not built at install ({record.get('reason')}); {_FIX}", True
@@ -65,7 +65,7 @@ def _load() -> tuple[Optional[ModuleType], Optional[str]]:
     package = sys.modules[__package__]
     spec = importlib.machinery.PathFinder.find_spec(NAME, list(package.__path__))
     record = _read_record(os.path.dirname(spec.origin) if spec and spec.origin else package.__path__[0])
-    reason, warn = _check(spec, record)
+    reason, warn = _refusal(spec, record)
     if reason is None and getattr(sys.modules.get(NAME), "__file__", None) == spec.origin:
         return sys.modules[NAME], None  # imported directly before the first load()
     if reason is None:

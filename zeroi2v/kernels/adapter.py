@@ -7,9 +7,9 @@ The adapter is ``adapter(x) = x + s * fc2(dropout(fc1(x)))`` with ``fc1 = (A, a)
 ``(W, b)``, in one of two arrangements:
 
 * **adapter -> linear** (T adapter before ``qkv``, MLP adapter before ``fc1``):
-  :class:`AdapterLinearFunction` computes ``linear(adapter(x))``.
+  :class:`AdapterThenLinearFunction` computes ``linear(adapter(x))``.
 * **linear -> adapter** (S adapter after ``proj``, MLP-out adapter after ``fc2``):
-  :class:`LinearAdapterFunction` computes ``adapter(linear(x))``.
+  :class:`LinearThenAdapterFunction` computes ``adapter(linear(x))``.
 
 Unfused, one adapter is ``fc1`` (writes u), dropout (writes d and the mask), ``fc2`` (writes an
 M x C tensor), ``* s`` (another M x C) and ``x + ...`` (another M x C); its backward again
@@ -73,20 +73,17 @@ refuse weights that require grad).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .. import settings
+from ..ops.registry import FusedAdapter, register_fused_adapter
 from ._triton import dot, interpreting, upcast_dots
 
-__all__ = ["AdapterLinearFunction", "LinearAdapterFunction", "fused_gemm",
-           "resolve_strategy", "check_frozen", "STRATEGIES", "SUPPORTED_DTYPES"]
+__all__ = ["AdapterThenLinearFunction", "LinearThenAdapterFunction", "fused_gemm",
+           "SUPPORTED_DTYPES"]
 
-STRATEGIES = ("auto", "residual", "dual")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -274,14 +271,7 @@ def fused_gemm(out: torch.Tensor, *, res=None, a1=None, b1=None, a2=None, b2=Non
     return out
 
 
-# --------------------------------------------------------------------------------------- helpers
-def check_frozen(*ts):
-    for t in ts:
-        if t is not None and t.requires_grad:
-            raise ValueError("fused adapter ops give no gradient to the frozen linear: its weight "
-                             "and bias must not require grad (use the unfused modules)")
-
-
+# --------------------------------------------------------------------------------------- autograd
 def _keep_scale(p: float, mask) -> float:
     return 1.0 / (1.0 - p) if mask is not None else 1.0
 
@@ -290,15 +280,32 @@ def _masked(u, mask):
     return u if mask is None else u * mask
 
 
-def resolve_strategy(strategy: Optional[str]) -> str:
-    s = strategy or settings.adapter_strategy()
-    if s not in STRATEGIES:
-        raise ValueError(f"unknown fused-adapter strategy {s!r}; expected one of {STRATEGIES}")
-    return s
+def _adapter_grads(g, x_in, u, mask, B, scale, ks, need_du, need_A, need_a, need_B, need_b2):
+    """Gradients of the adapter ``x_in + scale * (drop(x_in A^T + a) B^T + b2)`` given ``g``, the
+    gradient of its output (``u = x_in A^T + a``, ``ks = scale / (1 - p)`` with dropout, else
+    ``scale``): ``(du, dA, da, dB, db2)``, each None where not asked for. ``du`` (the gradient of
+    ``u``, dropout applied) is returned when ``need_du`` or needed for ``dA``/``da``; the callers
+    turn it into their input gradient, which is where the two arrangements differ."""
+    du = dA = da = dB = db2 = None
+    if need_B:
+        dB = torch.mm(g.t(), _masked(u, mask)).mul_(ks)        # (C, r)
+    if need_b2:
+        db2 = g.sum(0).mul_(scale)
+    if need_du or need_A or need_a:
+        du = torch.mm(g, B).mul_(ks)                           # (M, r)
+        if mask is not None:
+            du.mul_(mask)
+        if need_A:
+            dA = torch.mm(du.t(), x_in)
+        if need_a:
+            da = du.sum(0)
+    return du, dA, da, dB, db2
 
 
 # ------------------------------------------------------------------------ adapter -> frozen linear
-class AdapterLinearFunction(torch.autograd.Function):
+class AdapterThenLinearFunction(torch.autograd.Function):
+    """``linear(adapter(x))`` (the adapter before the frozen linear: qkv, fc1)."""
+
     @staticmethod
     def forward(ctx, x, A, a, B, b2, W, b, scale, p, mask, strategy):
         ks = scale * _keep_scale(p, mask)
@@ -326,27 +333,17 @@ class AdapterLinearFunction(torch.autograd.Function):
         x, u, mask, A, B, W = ctx.saved_tensors
         need_x, need_A, need_a, need_B, need_b2 = ctx.needs_input_grad[:5]
         ks = ctx.scale * _keep_scale(ctx.p, mask)
-        dx = dA = da = dB = db2 = None
         g = torch.mm(dy, W)                                    # d(adapted x): cuBLAS, M x C
-        if need_B:
-            dB = torch.mm(g.t(), _masked(u, mask)).mul_(ks)    # (C, r)
-        if need_b2:
-            db2 = g.sum(0).mul_(ctx.scale)
-        if need_x or need_A or need_a:
-            du = torch.mm(g, B).mul_(ks)                       # (M, r)
-            if mask is not None:
-                du.mul_(mask)
-            if need_A:
-                dA = torch.mm(du.t(), x)
-            if need_a:
-                da = du.sum(0)
-            if need_x:
-                dx = g.addmm_(du, A)                           # g is ours: in place, one pass
+        du, dA, da, dB, db2 = _adapter_grads(g, x, u, mask, B, ctx.scale, ks, need_x, need_A,
+                                             need_a, need_B, need_b2)
+        dx = g.addmm_(du, A) if need_x else None               # g is ours: in place, one pass
         return dx, dA, da, dB, db2, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------ frozen linear -> adapter
-class LinearAdapterFunction(torch.autograd.Function):
+class LinearThenAdapterFunction(torch.autograd.Function):
+    """``adapter(linear(x))`` (the adapter after the frozen linear: proj, fc2)."""
+
     @staticmethod
     def forward(ctx, x, W, b, A, a, B, b2, scale, p, mask, strategy):
         ks = scale * _keep_scale(p, mask)
@@ -368,27 +365,21 @@ class LinearAdapterFunction(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         need_A, need_a, need_B, need_b2 = ctx.needs_input_grad[3:7]
         ks = ctx.scale * _keep_scale(ctx.p, mask)
-        dx = dA = da = dB = db2 = None
-        if need_B:
-            dB = torch.mm(dy.t(), _masked(u, mask)).mul_(ks)   # (C, r)
-        if need_b2:
-            db2 = dy.sum(0).mul_(ctx.scale)
-        if need_x or need_A or need_a:
-            du = torch.mm(dy, B).mul_(ks)                      # (M, r)
-            if mask is not None:
-                du.mul_(mask)
-            if need_A:
-                dA = torch.mm(du.t(), z)
-            if need_a:
-                da = du.sum(0)
-            if need_x:
-                if ctx.strategy == "dual":
-                    # dx = dy W + du (A W): one Triton GEMM over K = C + r, dz never written
-                    # B operands K-contiguous (tiny weight copies) so every tile load vectorises
-                    awt = torch.mm(W.t(), A.t())               # (K_in, r) = (A W)^T, tiny
-                    dx = fused_gemm(dy.new_empty(dy.shape[0], W.shape[1]),
-                                    a1=dy, b1=W.t().contiguous(), a2=du, b2=awt)
-                else:
-                    dz = fused_gemm(torch.empty_like(dy), res=dy, a2=du, b2=A.t().contiguous())
-                    dx = torch.mm(dz, W)                       # frozen GEMM, cuBLAS
+        du, dA, da, dB, db2 = _adapter_grads(dy, z, u, mask, B, ctx.scale, ks, need_x, need_A,
+                                             need_a, need_B, need_b2)
+        dx = None
+        if need_x:
+            if ctx.strategy == "dual":
+                # dx = dy W + du (A W): one Triton GEMM over K = C + r, dz never written
+                # B operands K-contiguous (tiny weight copies) so every tile load vectorises
+                awt = torch.mm(W.t(), A.t())                   # (K_in, r) = (A W)^T, tiny
+                dx = fused_gemm(dy.new_empty(dy.shape[0], W.shape[1]),
+                                a1=dy, b1=W.t().contiguous(), a2=du, b2=awt)
+            else:
+                dz = fused_gemm(torch.empty_like(dy), res=dy, a2=du, b2=A.t().contiguous())
+                dx = torch.mm(dz, W)                           # frozen GEMM, cuBLAS
         return dx, None, None, dA, da, dB, db2, None, None, None, None
+
+
+register_fused_adapter(FusedAdapter(adapter_then_linear=AdapterThenLinearFunction.apply,
+                                    linear_then_adapter=LinearThenAdapterFunction.apply))

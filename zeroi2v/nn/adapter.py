@@ -2,13 +2,21 @@
 and the adapted linear that carries one next to a frozen layer."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops.adapter import adapted_linear
+
+
+class SharedOutput(NamedTuple):
+    """What :meth:`LinearAdapter.shared_forward` keeps between the readers of one input."""
+
+    input: torch.Tensor
+    output: torch.Tensor
+    readers_left: int
 
 
 class LinearAdapter(nn.Module):
@@ -38,17 +46,22 @@ class LinearAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.scale * self.fc2(self.drop(self.fc1(x)))
 
-    def once(self, x: torch.Tensor, uses: int) -> torch.Tensor:
-        """``self(x)``, computed once for ``uses`` consecutive calls with this same tensor (the
-        linears of one block that read one input): one dropout draw and one autograd node for
-        all of them, as for an adapter placed before the whole attention / MLP."""
-        cached = self.__dict__.get("_once")
-        if cached is not None and cached[0] is x:
-            y, left = cached[1], cached[2] - 1
+    def shared_forward(self, x: torch.Tensor, readers: int) -> torch.Tensor:
+        """``self(x)`` for ``readers`` linears that read the same input one after another (the
+        q, k and v projections of one attention; the two input projections of a SwiGLU MLP).
+
+        The first call computes it; the next ``readers - 1`` calls with this same tensor object
+        get that result back, so all readers see one dropout draw and one autograd node, as for
+        the paper's single adapter before the whole attention / MLP. The module holds
+        :class:`SharedOutput` (input, output, calls left) only while a reader is still to come: no
+        activation outlives the last one. A call with another tensor starts over.
+        """
+        pending = getattr(self, "_shared_output", None)
+        if pending is not None and pending.input is x:
+            y, left = pending.output, pending.readers_left - 1
         else:
-            y, left = self(x), uses - 1
-        # keep the pair only while someone is still to read it (no activation outlives the call)
-        self.__dict__["_once"] = (x, y, left) if left > 0 else None
+            y, left = self(x), readers - 1
+        self._shared_output = SharedOutput(x, y, left) if left > 0 else None
         return y
 
     @torch.no_grad()
@@ -78,7 +91,7 @@ class AdaptedLinear(nn.Module):
     an attention with separate projections; the two input projections of a SwiGLU MLP): it is a
     submodule of the first (``shared=False``) and only referenced by the others (``shared=True``),
     so it is one set of parameters, stored once. ``sites`` is how many linears share it: the
-    adapter then runs once per input for all of them (:meth:`LinearAdapter.once`: one dropout
+    adapter then runs once per input for all of them (:meth:`LinearAdapter.shared_forward`: one dropout
     mask, as for one adapter before the whole attention / MLP) and those linears take the plain
     path, not the fused op.
     """
@@ -111,7 +124,8 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sites > 1:  # the adapter runs once for all its linears (plain path, not fused)
-            return F.linear(self.get_adapter().once(x, self.sites), self.weight, self.bias)
+            return F.linear(self.get_adapter().shared_forward(x, self.sites), self.weight,
+                            self.bias)
         return adapted_linear(x, self.weight, self.bias, self.get_adapter(), self.position,
                               fused=self.fused)
 

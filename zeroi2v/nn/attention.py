@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..offsets import HeadOffsets, check_offsets, resolve_offsets
-from ..ops.stdha import stdha_attention, stdha_attention_packed
+from ..ops.stdha import qkv_views, stdha_attention, stdha_attention_packed
 
 _REUSED = ("qkv", "q_proj", "k_proj", "v_proj", "q_bias", "v_bias", "q_norm", "k_norm", "norm",
            "gate", "attn_drop", "proj", "proj_drop", "relative_position_bias_table")
@@ -190,7 +190,7 @@ class STDHAttention(_STDHABase):
                                        dropout_p=self.attn_drop.p if self.training else 0.0,
                                        backend=self.backend, inplace_kv=True)
         else:  # normalised q, k are new tensors
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = qkv_views(qkv)
             x = self._attend(self.q_norm(q), self.k_norm(k), v, t)
         return self._output(x, gate)
 
@@ -225,7 +225,7 @@ class STDHEvaAttention(_STDHABase):
             qkv = self.qkv(x)
             if self.q_bias is not None:
                 qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            q, k, v = qkv.reshape(bt, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = qkv_views(qkv.reshape(bt, n, 3, self.num_heads, -1))
         else:
             q, k, v = (p(x).reshape(bt, n, self.num_heads, -1).transpose(1, 2)
                        for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -267,7 +267,7 @@ class STDHBeitAttention(_STDHABase):
         qkv = self.qkv(x)
         if self.q_bias is not None:
             qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        q, k, v = qkv.reshape(bt, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv_views(qkv.reshape(bt, n, 3, self.num_heads, -1))
         bias = self.rel_pos_bias()
         if shared_rel_pos_bias is not None:
             bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias

@@ -14,8 +14,9 @@ Two implementations, the same mathematics:
   what runs on CPU, at inference and in float32 by default, and what the fused ops are tested
   against;
 * ``"fused"`` — one ``autograd.Function`` per (adapter, linear) pair over the Triton GEMM of
-  :mod:`zeroi2v.kernels.adapter`: fewer passes over the activations and lower peak memory in
-  training.
+  :mod:`zeroi2v.kernels.adapter`, which registers itself with :mod:`zeroi2v.ops.registry` when
+  imported (this module never imports it): fewer passes over the activations and lower peak
+  memory in training.
 
 ``fused=None`` (automatic) takes the fused op when training on CUDA in float16/bfloat16 (autocast
 included) and the pair allows it; ``True`` takes it wherever it can run (also on CPU through the
@@ -30,23 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import settings
+from .registry import FusedAdapter, fused_adapter
 
 POSITIONS = ("before", "after")
+STRATEGIES = ("auto", "residual", "dual")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _kernels():
-    """The fused kernels module, or None without Triton (imported once)."""
-    if not _KERNELS:
-        try:
-            from ..kernels import adapter as ka
-        except ImportError:
-            ka = None
-        _KERNELS.append(ka)
-    return _KERNELS[0]
-
-
-_KERNELS: list = []
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -83,7 +72,7 @@ def fused_not_supported_reasons(x: torch.Tensor, weight: torch.Tensor,
     """Why the fused op does not apply to this (adapter, linear) pair and input (empty: it does).
     ``automatic`` adds the conditions of the automatic mode (training on CUDA in fp16/bf16)."""
     out = []
-    if _kernels() is None:
+    if fused_adapter() is None:
         out.append("Triton is not available")
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         out.append("the linear is trained (the fused op gives frozen weights no gradient)")
@@ -100,11 +89,8 @@ def fused_not_supported_reasons(x: torch.Tensor, weight: torch.Tensor,
             out.append("not on CUDA")
         if dt not in (torch.float16, torch.bfloat16):
             out.append("not float16/bfloat16")
-    elif not x.is_cuda:
-        from ..kernels._triton import interpreting
-
-        if not interpreting():
-            out.append("CPU tensors run only in Triton's interpreter (TRITON_INTERPRET=1)")
+    elif not x.is_cuda and not settings.triton_interpret():
+        out.append("CPU tensors run only in Triton's interpreter (TRITON_INTERPRET=1)")
     return out
 
 
@@ -138,7 +124,7 @@ def _prepare(x, tensors, mask, p, training, r):
     return x2, lead, tensors, mask
 
 
-def _check_shapes(C, A, a, B, b2):
+def _check_adapter_shapes(C, A, a, B, b2):
     r = A.shape[0]
     if A.shape != (r, C) or a.shape != (r,) or B.shape != (C, r) or b2.shape != (C,):
         raise ValueError(f"adapter shapes A {tuple(A.shape)}, a {tuple(a.shape)}, B "
@@ -146,7 +132,23 @@ def _check_shapes(C, A, a, B, b2):
     return r
 
 
-def fused_adapter_linear(x, A, a, B, b2, W, b=None, *, scale: float, p: float = 0.0,
+def check_frozen_linear(*ts) -> None:
+    """The fused ops give the frozen linear no gradient: refuse a weight or bias that wants one."""
+    for t in ts:
+        if t is not None and t.requires_grad:
+            raise ValueError("fused adapter ops give no gradient to the frozen linear: its weight "
+                             "and bias must not require grad (use the unfused modules)")
+
+
+def resolve_strategy(strategy: Optional[str]) -> str:
+    """``strategy``, else ``ZEROI2V_ADAPTER_STRATEGY``; one of :data:`STRATEGIES`."""
+    s = strategy or settings.adapter_strategy()
+    if s not in STRATEGIES:
+        raise ValueError(f"unknown fused-adapter strategy {s!r}; expected one of {STRATEGIES}")
+    return s
+
+
+def fused_adapter_then_linear(x, A, a, B, b2, W, b=None, *, scale: float, p: float = 0.0,
                          training: bool = True, mask: Optional[torch.Tensor] = None,
                          strategy: Optional[str] = None) -> torch.Tensor:
     """``F.linear(adapter(x), W, b)`` with ``adapter(x) = x + scale * (drop(x A^T + a) B^T + b2)``,
@@ -155,24 +157,24 @@ def fused_adapter_linear(x, A, a, B, b2, W, b=None, *, scale: float, p: float = 
     ``x`` is ``(..., C)``; ``A (r, C)``, ``a (r)``, ``B (C, r)``, ``b2 (C)`` are the adapter's fc1
     and fc2; ``W (N, C)``, ``b (N)`` the frozen linear (no gradient). Dropout with probability
     ``p`` when ``training``; ``mask`` (bool, ``(..., r)``, True = keep) replaces the random draw.
-    ``strategy``: ``"auto"``/``"residual"``/``"dual"`` (:mod:`zeroi2v.kernels.adapter`; default
-    ``ZEROI2V_ADAPTER_STRATEGY``, else ``"auto"``).
+    ``strategy``: ``"auto"``/``"residual"``/``"dual"`` (how the work is split:
+    :mod:`zeroi2v.kernels.adapter`; default ``ZEROI2V_ADAPTER_STRATEGY``, else ``"auto"``).
     """
-    ka = _require()
-    strategy = ka.resolve_strategy(strategy)
+    impl = _require()
+    strategy = resolve_strategy(strategy)
     C = x.shape[-1]
-    r = _check_shapes(C, A, a, B, b2)
+    r = _check_adapter_shapes(C, A, a, B, b2)
     if W.shape[1] != C or (b is not None and b.shape != (W.shape[0],)):
         raise ValueError(f"linear weight {tuple(W.shape)} does not take inputs of dim {C}")
-    ka.check_frozen(W, b)
+    check_frozen_linear(W, b)
     x2, lead, (A, a, B, b2, W, b), mask = _prepare(x, [A, a, B, b2, W, b], mask, p, training, r)
     with torch.autocast(x2.device.type, enabled=False):
-        y = ka.AdapterLinearFunction.apply(x2, A, a, B, b2, W, b, float(scale), float(p), mask,
-                                           "dual" if strategy == "dual" else "residual")
+        y = impl.adapter_then_linear(x2, A, a, B, b2, W, b, float(scale), float(p), mask,
+                                     "dual" if strategy == "dual" else "residual")
     return y.reshape(*lead, W.shape[0])
 
 
-def fused_linear_adapter(x, W, b, A, a, B, b2, *, scale: float, p: float = 0.0,
+def fused_linear_then_adapter(x, W, b, A, a, B, b2, *, scale: float, p: float = 0.0,
                          training: bool = True, mask: Optional[torch.Tensor] = None,
                          strategy: Optional[str] = None) -> torch.Tensor:
     """``adapter(F.linear(x, W, b))``: ``z + scale * (drop(z A^T + a) B^T + b2)``, ``z = x W^T + b``,
@@ -180,34 +182,34 @@ def fused_linear_adapter(x, W, b, A, a, B, b2, *, scale: float, p: float = 0.0,
 
     ``x`` is ``(..., K)``; ``W (C, K)``, ``b (C)`` the frozen linear (no gradient); ``A (r, C)``,
     ``a (r)``, ``B (C, r)``, ``b2 (C)`` the adapter. ``p``/``training``/``mask``/``strategy`` as in
-    :func:`fused_adapter_linear`.
+    :func:`fused_adapter_then_linear`.
     """
-    ka = _require()
-    strategy = ka.resolve_strategy(strategy)
+    impl = _require()
+    strategy = resolve_strategy(strategy)
     C = W.shape[0]
     if x.shape[-1] != W.shape[1] or (b is not None and b.shape != (C,)):
         raise ValueError(f"linear weight {tuple(W.shape)} does not take inputs of dim {x.shape[-1]}")
-    r = _check_shapes(C, A, a, B, b2)
-    ka.check_frozen(W, b)
+    r = _check_adapter_shapes(C, A, a, B, b2)
+    check_frozen_linear(W, b)
     x2, lead, (W, b, A, a, B, b2), mask = _prepare(x, [W, b, A, a, B, b2], mask, p, training, r)
     with torch.autocast(x2.device.type, enabled=False):
-        y = ka.LinearAdapterFunction.apply(x2, W, b, A, a, B, b2, float(scale), float(p), mask,
-                                           strategy)
+        y = impl.linear_then_adapter(x2, W, b, A, a, B, b2, float(scale), float(p), mask,
+                                     strategy)
     return y.reshape(*lead, C)
 
 
-def _require():
-    ka = _kernels()
-    if ka is None:
+def _require() -> FusedAdapter:
+    impl = fused_adapter()
+    if impl is None:
         raise ValueError("the fused adapter ops need Triton, which is not available")
-    return ka
+    return impl
 
 
 def adapter_then_linear(adapter, weight, bias, x: torch.Tensor, *,
                         mask: Optional[torch.Tensor] = None, strategy: Optional[str] = None):
     """``linear(adapter(x))`` for a :class:`~zeroi2v.nn.LinearAdapter` and a frozen linear's
     ``weight`` and ``bias`` (the fused op)."""
-    return fused_adapter_linear(
+    return fused_adapter_then_linear(
         x, adapter.fc1.weight, adapter.fc1.bias, adapter.fc2.weight, adapter.fc2.bias,
         weight, bias, scale=adapter.scale, p=adapter.drop.p, training=adapter.training,
         mask=mask, strategy=strategy)
@@ -217,7 +219,7 @@ def linear_then_adapter(adapter, weight, bias, x: torch.Tensor, *,
                         mask: Optional[torch.Tensor] = None, strategy: Optional[str] = None):
     """``adapter(linear(x))`` for a frozen linear's ``weight`` and ``bias`` and a
     :class:`~zeroi2v.nn.LinearAdapter` (the fused op)."""
-    return fused_linear_adapter(
+    return fused_linear_then_adapter(
         x, weight, bias, adapter.fc1.weight, adapter.fc1.bias, adapter.fc2.weight,
         adapter.fc2.bias, scale=adapter.scale, p=adapter.drop.p, training=adapter.training,
         mask=mask, strategy=strategy)

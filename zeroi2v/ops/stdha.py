@@ -1,7 +1,9 @@
-"""``stdha_attention``: spatial-temporal dual-headed attention (docs/method.md §2) and its backend dispatch.
+"""``stdha_attention``: spatial-temporal dual-headed attention (docs/method.md §2), its checks and
+its pure-PyTorch backends.
 
-This module is the single place that validates STDHA arguments and picks a backend. It holds the
-two pure-PyTorch backends side by side:
+This module is the single place that checks STDHA arguments (:func:`check_stdha_args`) and hands
+them to a backend chosen by :mod:`zeroi2v.ops.registry`. It holds the two pure-PyTorch backends
+side by side:
 
 * ``"reference"`` — the definition, written plainly (per-head gather, explicit softmax). Every fast
   path is tested against it. It copies K/V and is slow on purpose.
@@ -10,19 +12,13 @@ two pure-PyTorch backends side by side:
   caller owns K/V, as ``STDHAttention`` does) only the moving heads are copied. Runs anywhere,
   supports autograd, dropout and an additive attention bias.
 
-Compiled backends (the Triton kernel in :mod:`zeroi2v.kernels`, the CUDA and the fused CPU kernels
-of the extension ``zeroi2v._C``) call :func:`register_backend` when they are imported. Every
-backend declares what it can run (:class:`Capabilities`: devices, dtypes, head dims, backward,
-dropout, attention bias, whether it may overwrite K/V); the dispatcher knows no backend by name.
-``backend="auto"`` imports the optional ones lazily and picks the highest-priority backend whose
-:meth:`Backend.not_supported_reasons` is empty; a backend asked for by name that cannot run the
-inputs raises with those reasons; :func:`explain_backend` says what ``"auto"`` would pick and why.
+Compiled backends (the Triton kernels in :mod:`zeroi2v.kernels.stdha`, the CUDA and CPU kernels of
+the extension ``zeroi2v._C``) register themselves with the registry when imported; the registry's
+functions are re-exported here as the op's public surface.
 """
 from __future__ import annotations
 
-import importlib
 import math
-from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from typing import Callable, Optional
 
@@ -31,209 +27,27 @@ import torch.nn.functional as F
 
 from .. import _native, settings
 from ..offsets import HeadOffsets, check_offsets, resolve_offsets, source_frames
+from .registry import (
+    Backend,
+    Capabilities,
+    Inputs,
+    auto_backend,
+    available_backends,
+    explain_backend,
+    get_backend,
+    pick_backend,
+    register_backend,
+    wants_grad,
+)
 
-# fn(q, k, v, num_frames, offsets: tuple[int, ...], scale: float, **declared) -> (B*T, H, N, D);
-# ``declared`` holds dropout_p / attn_bias / inplace_kv for the backends that declare them.
-BackendFn = Callable[..., torch.Tensor]
-# packed(qkv (B*T, N, 3, H, D), num_frames, offsets, scale) -> out (B*T, N, H, D), contiguous
-PackedFn = Callable[[torch.Tensor, int, tuple, float], torch.Tensor]
-_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What a backend needs to know about one call to say whether it can run it."""
-
-    device: torch.device
-    dtype: torch.dtype
-    num_heads: int
-    head_dim: int
-    needs_grad: bool
-    dropout: bool
-    attn_bias: bool
-    last_dim_contiguous: bool
-
-    @classmethod
-    def of(cls, q, k, v, *, needs_grad: bool, dropout_p: float = 0.0,
-           attn_bias: Optional[torch.Tensor] = None) -> Inputs:
-        dtypes = {q.dtype, k.dtype, v.dtype}
-        return cls(q.device, q.dtype if len(dtypes) == 1 else None, q.shape[1], q.shape[-1],
-                   bool(needs_grad), dropout_p > 0, attn_bias is not None,
-                   all(t.stride(-1) == 1 for t in (q, k, v)))
+__all__ = [
+    "stdha_attention", "stdha_attention_packed", "stdha_reference", "check_stdha_args",
+    "qkv_views", "register_backend", "available_backends", "explain_backend", "auto_backend",
+    "get_backend", "Backend", "Capabilities", "Inputs",
+]
 
 
-@dataclass(frozen=True)
-class Capabilities:
-    """What a backend can run. ``auto_*`` narrow what ``backend="auto"`` picks it for (a kernel
-    may run fp32 when asked for by name but is only the fastest choice for fp16/bf16)."""
-
-    devices: Optional[tuple[str, ...]] = None     # None: any device type (cpu, cuda, mps, meta ...)
-    dtypes: tuple[torch.dtype, ...] = _ALL_DTYPES
-    head_dims: Optional[tuple[int, ...]] = None   # None: any up to max_head_dim
-    max_head_dim: Optional[int] = None
-    max_heads: Optional[int] = None
-    backward: bool = True
-    dropout: bool = False
-    attn_bias: bool = False
-    inplace_kv: bool = False          # honours inplace_kv=True (may overwrite the caller's K/V)
-    needs_contiguous_last_dim: bool = False
-    auto: bool = True                 # "auto" may pick it at all
-    auto_devices: Optional[tuple[str, ...]] = None
-    auto_dtypes: Optional[tuple[torch.dtype, ...]] = None
-    auto_head_dims: Optional[tuple[int, ...]] = None
-
-    def reasons(self, x: Inputs, *, auto: bool) -> list[str]:
-        out = []
-        devices = (self.auto_devices or self.devices) if auto else self.devices
-        if devices is not None and x.device.type not in devices:
-            out.append(f"runs on {'/'.join(devices)}, not {x.device.type}")
-        dtypes = (self.auto_dtypes or self.dtypes) if auto else self.dtypes
-        if x.dtype is None:
-            out.append("q, k, v have different dtypes")
-        elif x.dtype not in dtypes:
-            out.append(f"supports {', '.join(str(d).replace('torch.', '') for d in dtypes)}, "
-                       f"not {str(x.dtype).replace('torch.', '')}")
-        dims = (self.auto_head_dims or self.head_dims) if auto else self.head_dims
-        if dims is not None and x.head_dim not in dims:
-            out.append(f"head_dim {x.head_dim} not in {list(dims)}")
-        if self.max_head_dim is not None and x.head_dim > self.max_head_dim:
-            out.append(f"head_dim {x.head_dim} > {self.max_head_dim}")
-        if self.max_heads is not None and x.num_heads > self.max_heads:
-            out.append(f"{x.num_heads} heads > {self.max_heads}")
-        if x.needs_grad and not self.backward:
-            out.append("inference only (no backward): call it under torch.no_grad()")
-        if x.dropout and not self.dropout:
-            out.append("no attention dropout")
-        if x.attn_bias and not self.attn_bias:
-            out.append("no attention bias")
-        if self.needs_contiguous_last_dim and not x.last_dim_contiguous:
-            out.append("needs q, k, v with a contiguous last dimension")
-        return out
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    fn: BackendFn
-    caps: Capabilities
-    priority: int = 0
-    packed: Optional[PackedFn] = None
-    check: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list]] = field(
-        default=None, compare=False)
-
-    def not_supported_reasons(self, q, k, v, x: Inputs, *, auto: bool = False) -> list[str]:
-        """Why this backend cannot run these inputs (empty: it can)."""
-        out = self.caps.reasons(x, auto=auto)
-        if not out and self.check is not None:
-            out = list(self.check(q, k, v))
-        if auto and not self.caps.auto:
-            out.append("not chosen automatically (ask for it by name)")
-        return out
-
-    def __call__(self, q, k, v, num_frames, offsets, scale, *, dropout_p=0.0, attn_bias=None,
-                 inplace_kv=False):
-        kw = {}
-        if self.caps.dropout:
-            kw["dropout_p"] = dropout_p
-        if self.caps.attn_bias:
-            kw["attn_bias"] = attn_bias
-        if self.caps.inplace_kv:
-            kw["inplace_kv"] = inplace_kv
-        return self.fn(q, k, v, num_frames, offsets, scale, **kw)
-
-
-_BACKENDS: dict[str, Backend] = {}
-# Optional modules that register backends on import; tried once, failures are remembered.
-_PLUGINS = ("zeroi2v.kernels.stdha", "zeroi2v.kernels.cuda", "zeroi2v.kernels.cpu")
-_plugins_loaded = False
-
-
-def register_backend(
-    name: str, fn: BackendFn, *, caps: Optional[Capabilities] = None, priority: int = 0,
-    packed: Optional[PackedFn] = None,
-    check: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list]] = None,
-) -> None:
-    """Make ``fn`` available as ``stdha_attention(..., backend=name)``.
-
-    ``fn(q, k, v, num_frames, offsets, scale)`` receives validated arguments, plus
-    ``dropout_p``/``attn_bias``/``inplace_kv`` keywords for what ``caps`` says it supports.
-    ``caps`` (:class:`Capabilities`) says what it can run; ``check(q, k, v)`` may add reasons
-    the declaration cannot express (e.g. the GPU generation). ``"auto"`` picks the backend of
-    highest ``priority`` with no reason against it. ``packed``, if given, is what
-    :func:`stdha_attention_packed` calls instead of ``fn``: it takes the packed
-    ``(B*T, N, 3, H, D)`` qkv and returns ``(B*T, N, H, D)`` (its gradient, if any, is one packed
-    tensor: no stack of dq, dk, dv).
-    """
-    _BACKENDS[name] = Backend(name, fn, caps or Capabilities(), priority, packed, check)
-
-
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for mod in _PLUGINS:
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass  # optional: no Triton / extension not built (zeroi2v._native says why)
-
-
-def available_backends() -> list[str]:
-    """Names of the registered backends (importing the optional ones first)."""
-    _load_plugins()
-    return sorted(_BACKENDS)
-
-
-def get_backend(name: str) -> Backend:
-    if name not in _BACKENDS:
-        _load_plugins()
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown STDHA backend {name!r}; available: {available_backends()}")
-    return _BACKENDS[name]
-
-
-def _pick_backend(name: str, q, k, v, x: Inputs) -> Backend:
-    if name != "auto":
-        b = get_backend(name)
-        why = b.not_supported_reasons(q, k, v, x)
-        if why:
-            raise ValueError(f"the {name!r} STDHA backend cannot run these inputs: "
-                             f"{'; '.join(why)}")
-        return b
-    _load_plugins()
-    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        if not b.not_supported_reasons(q, k, v, x, auto=True):
-            return b
-    raise ValueError("no STDHA backend can run these inputs: "
-                     + "; ".join(f"{n}: {', '.join(r)}" for n, r in
-                                 _reasons_all(q, k, v, x).items()))
-
-
-def _reasons_all(q, k, v, x: Inputs) -> dict[str, list[str]]:
-    return {b.name: b.not_supported_reasons(q, k, v, x, auto=True)
-            for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)}
-
-
-def explain_backend(q, k, v, *, needs_grad: Optional[bool] = None, dropout_p: float = 0.0,
-                    attn_bias: Optional[torch.Tensor] = None) -> tuple[str, dict[str, list[str]]]:
-    """``(backend "auto" picks, {backend: reasons it was not picked})`` for these inputs
-    (``needs_grad`` defaults to whether they require a gradient)."""
-    if needs_grad is None:
-        needs_grad = _needs_grad(q, k, v, attn_bias)
-    x = Inputs.of(q, k, v, needs_grad=needs_grad, dropout_p=dropout_p, attn_bias=attn_bias)
-    chosen = _pick_backend("auto", q, k, v, x).name
-    return chosen, {n: r for n, r in _reasons_all(q, k, v, x).items() if n != chosen}
-
-
-def auto_backend(device, dtype: torch.dtype, head_dim: int, num_heads: int = 1,
-                 needs_grad: bool = False) -> str:
-    """The backend ``backend="auto"`` picks for inputs of this device, dtype and head size."""
-    t = torch.empty(1, num_heads, 1, head_dim, device=device, dtype=dtype)
-    return explain_backend(t, t, t, needs_grad=needs_grad)[0]
-
-
-def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
+def check_stdha_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int,
              head_offsets: HeadOffsets, attn_bias: Optional[torch.Tensor] = None) -> tuple[int, ...]:
     """Check shapes and offsets; return the offsets as a tuple of ints."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -317,7 +131,7 @@ def stdha_attention(
     Returns:
         ``(B*T, H, N, D)``, same dtype as ``q``.
     """
-    offsets = validate(q, k, v, num_frames, head_offsets, attn_bias)
+    offsets = check_stdha_args(q, k, v, num_frames, head_offsets, attn_bias)
     b, scale, needs_grad = _choose(q, k, v, backend, scale, dropout_p, attn_bias)
     return b(q, k, v, int(num_frames), offsets, scale, dropout_p=dropout_p, attn_bias=attn_bias,
              inplace_kv=inplace_kv and not needs_grad)
@@ -353,8 +167,8 @@ def stdha_attention_packed(
             "the qkv projection's output with .reshape(B*T, N, 3, num_heads, head_dim)"
         )
     bt, n, _, h, d = qkv.shape
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    offsets = validate(q, k, v, num_frames, head_offsets, attn_bias)
+    q, k, v = qkv_views(qkv)
+    offsets = check_stdha_args(q, k, v, num_frames, head_offsets, attn_bias)
     b, scale, needs_grad = _choose(q, k, v, backend, scale, dropout_p, attn_bias)
     if b.packed is not None:
         return b.packed(qkv, int(num_frames), offsets, scale).flatten(2)
@@ -363,17 +177,17 @@ def stdha_attention_packed(
     return out.transpose(1, 2).reshape(bt, n, h * d)
 
 
-def _needs_grad(q, k, v, attn_bias) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, attn_bias))
+def qkv_views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as ``(B*T, H, N, D)`` views of a packed ``(B*T, N, 3, H, D)`` tensor."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _choose(q, k, v, backend: str, scale: Optional[float], dropout_p: float, attn_bias):
     """The backend for validated inputs, the scale, and whether a gradient is needed."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    needs_grad = _needs_grad(q, k, v, attn_bias)
+    needs_grad = wants_grad(q, k, v, attn_bias)
     x = Inputs.of(q, k, v, needs_grad=needs_grad, dropout_p=dropout_p, attn_bias=attn_bias)
-    return _pick_backend(backend, q, k, v, x), scale, needs_grad
+    return pick_backend(backend, q, k, v, x), scale, needs_grad
 
 
 # ----------------------------------------------------------------------------- pure PyTorch
@@ -388,7 +202,7 @@ def stdha_reference(q, k, v, num_frames: int, head_offsets: HeadOffsets,
 
     Computes in the input dtype; tests call it on float64 inputs as the ground truth.
     """
-    offsets = validate(q, k, v, num_frames, head_offsets, attn_bias)
+    offsets = check_stdha_args(q, k, v, num_frames, head_offsets, attn_bias)
     bt, h, n, d = q.shape
     t = int(num_frames)
     if scale is None:
@@ -501,7 +315,6 @@ def _reference_backend(q, k, v, num_frames, offsets, scale, attn_bias=None):
     return stdha_reference(q, k, v, num_frames, offsets, scale, attn_bias)
 
 
-register_backend("reference", _reference_backend, priority=-100,
-                 caps=Capabilities(attn_bias=True, auto=False))
-register_backend("torch", _torch_backend, priority=0,
+register_backend("reference", _reference_backend, caps=Capabilities(attn_bias=True, auto=False))
+register_backend("torch", _torch_backend,
                  caps=Capabilities(dropout=True, attn_bias=True, inplace_kv=True))

@@ -1,4 +1,5 @@
-"""Python side of the CUDA extension ``zeroi2v._C``: registers the STDHA backend ``"cuda"``.
+"""Registers the CUDA STDHA kernel of the native extension ``zeroi2v._C`` as the STDHA backend
+``"cuda"``; no kernel code lives here.
 
 The extension (sources in ``csrc/``) holds a flash-attention style CUDA C++ forward kernel
 (tensor cores through ``mma.sync``, fp16/bf16, head_dim 64 and 128, fp32 online softmax). The
@@ -21,7 +22,7 @@ import torch
 
 from .. import settings
 from .._native import require
-from ..ops.stdha import Capabilities, register_backend
+from ..ops.registry import Capabilities, register_backend
 
 _C = require("the 'cuda' STDHA backend")  # importing it registers torch.ops.zeroi2v.*
 if not getattr(_C, "WITH_CUDA", False):
@@ -29,11 +30,6 @@ if not getattr(_C, "WITH_CUDA", False):
         "zeroi2v._C was built without CUDA (CPU ops only): reinstall with a CUDA toolkit and a CUDA "
         "build of torch (pip install -e .) to get the 'cuda' STDHA backend"
     )
-
-# Priority of "cuda" for stdha_attention(backend="auto"); the Triton backend registers 10, so
-# "auto" prefers Triton. Raise this above 10 only once benchmarks/test_bench_stdha_cuda.py has
-# measured the CUDA kernel faster on the target GPU (no GPU measurement exists yet).
-CUDA_BACKEND_PRIORITY = 5
 
 HEAD_DIMS: tuple[int, ...] = tuple(_C.HEAD_DIMS)
 MAX_HEADS: int = int(_C.MAX_HEADS)
@@ -45,14 +41,14 @@ def _capability_ok(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # mma.sync bf16, cp.async
 
 
-def _check(q, k, v) -> list:
+def _gpu_generation_reasons(q, k, v) -> list:
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     return [] if _capability_ok(dev) else ["needs a GPU of compute capability 8.0 or newer"]
 
 
 def stdha_cuda(q, k, v, num_frames: int, offsets: tuple, scale: float) -> torch.Tensor:
     """The registered backend function (inputs validated and checked against
-    :data:`CAPABILITIES` by ``zeroi2v.ops.stdha``)."""
+    :data:`CAPABILITIES` by ``zeroi2v.ops``)."""
     return torch.ops.zeroi2v.stdha_fwd_cuda(q, k, v, [int(o) for o in offsets], int(num_frames),
                                              float(scale))
 
@@ -61,8 +57,8 @@ def stdha_cuda(q, k, v, num_frames: int, offsets: tuple, scale: float) -> torch.
 CAPABILITIES = Capabilities(devices=("cuda",), dtypes=DTYPES, head_dims=HEAD_DIMS,
                             max_heads=MAX_HEADS, backward=False)
 
-register_backend("cuda", stdha_cuda, caps=CAPABILITIES, priority=CUDA_BACKEND_PRIORITY,
-                 check=_check)
+# its rank against "triton" is zeroi2v.ops.registry.PRIORITIES["cuda"]
+register_backend("cuda", stdha_cuda, caps=CAPABILITIES, check=_gpu_generation_reasons)
 
 if settings.stdha_block_m() is not None:  # ZEROI2V_STDHA_BLOCK_M, validated by zeroi2v.settings
     _C.set_block_m(settings.stdha_block_m())

@@ -1,4 +1,5 @@
-"""Python side of the fused CPU kernel in ``zeroi2v._C``: registers the STDHA backend ``"cpu"``.
+"""Registers the fused CPU STDHA kernel of the native extension ``zeroi2v._C`` (C++ sources in
+``csrc/``) as the STDHA backend ``"cpu"``; no kernel code lives here.
 
 ``torch.ops.zeroi2v.stdha_fwd_cpu(q, k, v, offsets, num_frames, scale)`` (csrc/stdha_cpu.cpp) runs
 STDHA as one attention pass: each (frame, head, query block) task reads K/V of its source frame in
@@ -16,19 +17,15 @@ from __future__ import annotations
 import torch
 
 from .._native import require
-from ..ops.stdha import Capabilities, register_backend
+from ..ops.registry import Capabilities, register_backend
 
 _C = require("the 'cpu' STDHA backend")  # importing it registers torch.ops.zeroi2v.*
 if not hasattr(_C, "stdha_cpu_available") or not _C.stdha_cpu_available():
     raise ImportError("zeroi2v._C has no usable fused CPU kernel (no BLAS sgemm_ in libtorch)")
 
-# Above "torch" (0); CPU tensors only, so its order against the GPU backends does not matter.
-CPU_BACKEND_PRIORITY = 5
-
-
 def stdha_cpu(q, k, v, num_frames: int, offsets: tuple, scale: float) -> torch.Tensor:
     """The registered backend function (inputs validated and checked against
-    :data:`CAPABILITIES` by ``zeroi2v.ops.stdha``)."""
+    :data:`CAPABILITIES` by ``zeroi2v.ops``)."""
     return torch.ops.zeroi2v.stdha_fwd_cpu(q, k, v, [int(o) for o in offsets], int(num_frames),
                                             float(scale))
 
@@ -37,4 +34,4 @@ def stdha_cpu(q, k, v, num_frames: int, offsets: tuple, scale: float) -> torch.T
 CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32,), backward=False,
                             needs_contiguous_last_dim=True)
 
-register_backend("cpu", stdha_cpu, caps=CAPABILITIES, priority=CPU_BACKEND_PRIORITY)
+register_backend("cpu", stdha_cpu, caps=CAPABILITIES)
