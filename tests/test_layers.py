@@ -32,13 +32,9 @@ LAYERS: list[set[str]] = [
 #: Layers side by side that must not import each other either.
 SIBLINGS = {frozenset({"data", "interop"})}
 
-#: Known upward imports outside ops/kernels/nn: being removed by the lead (issue #24, the
-#: models/train side). (importing module, imported module); empty it as they go:
+#: Upward imports tolerated for now, as (importing module, imported module): none.
 #: test_known_upward_imports_still_exist fails on an entry whose import is gone.
-KNOWN_UPWARD_IMPORTS: set[tuple[str, str]] = {
-    ("zeroi2v.models.artefact", "zeroi2v"),                 # __version__ from the package root
-    ("zeroi2v.models.video_vit", "zeroi2v.interop.clip"),   # CLIP weights into a backbone
-}
+KNOWN_UPWARD_IMPORTS: set[tuple[str, str]] = set()  # none: keep it that way
 
 RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 
