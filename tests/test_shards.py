@@ -5,6 +5,7 @@ follows ``data.on_error``; ``prepare --shards`` resumes; training resumes exactl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,19 +72,19 @@ def test_shards_hold_the_prepared_videos_and_give_the_same_clips(data):
     rows = [(s["file"], r) for s in index["shards"] for r in s["samples"]]
     assert index["complete"] and index["num_samples"] == len(ann) == 12
     assert index["classes"] == ["backward", "forward"] and len(index["shards"]) >= 4
-    for (rel, label), (shard, (path, source, lab, offset, size)) in zip(ann, rows):
-        assert (path, lab) == (rel, label) and source == rel  # annotation order and labels
-        with open(data["index"].replace("shards.json", shard), "rb") as f:
+    for i, ((rel, label), (shard, (path, lab, offset, size))) in enumerate(zip(ann, rows)):
+        assert (path, lab) == (rel, label)  # annotation order and labels
+        with tarfile.open(Path(data["index"]).parent / shard) as tar:
+            meta = json.loads(tar.extractfile(f"{i:08d}.json").read())
+            assert tar.extractfile(f"{i:08d}.cls").read() == str(label).encode()
+            f = tar.fileobj
             f.seek(offset)
             got = f.read(size)
+        assert meta == {"path": rel, "source": rel, "label": label, "class": rel.split("/")[0]}
         assert got == (data["files"] / rel).read_bytes(), rel  # exactly what prepare wrote
     # ordinary tar files with WebDataset's member naming: <key>.mp4 / .cls / .json
     with tarfile.open(Path(data["index"]).parent / index["shards"][0]["file"]) as tar:
-        names = tar.getnames()
-        assert names[:3] == ["00000000.mp4", "00000000.cls", "00000000.json"]
-        assert tar.extractfile("00000000.cls").read() == b"0"
-        meta = json.loads(tar.extractfile("00000000.json").read())
-        assert meta == {"path": ann[0][0], "source": ann[0][0], "label": 0, "class": "backward"}
+        assert tar.getnames()[:3] == ["00000000.mp4", "00000000.cls", "00000000.json"]
 
     for train in (True, False):
         files, shards = _ds(data, train), _ds(data, train, data["index"])
@@ -205,7 +206,7 @@ def corrupt(data, tmp_path):
     shutil.copytree(Path(data["index"]).parent, dst, ignore=shutil.ignore_patterns(LOCK_FILE))
     index = json.loads((dst / "shards.json").read_text())
     rows = [(s["file"], r) for s in index["shards"] for r in s["samples"]]
-    shard, (path, _, _, offset, size) = rows[4]
+    shard, (path, _, offset, size) = rows[4]
     with open(dst / shard, "r+b") as f:
         f.seek(offset)
         f.write(np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes())
@@ -244,9 +245,27 @@ def test_a_corrupt_sample_in_a_shard_follows_on_error(data, corrupt):
     assert m["skipped"][0]["path"] == corrupt["name"] and 4 not in m["indices"].tolist()
 
 
+def test_limits_apply_to_videos_in_shards(data):
+    """The pixel limit is read from the sample's stream header, and its bytes are checked
+    against the memory limit before they are read; both name the shard and the video."""
+    from zeroi2v import settings
+    from zeroi2v.data import VideoTooLargeError
+
+    ds = _ds(data, False, data["index"], on_error="raise")
+    name = ds.samples[0][0]
+    with settings.override(max_video_pixels=100):
+        with pytest.raises(VideoTooLargeError, match="Mpx limit") as e:
+            ds[0]
+    assert e.value.path == name and "/proc/self" not in str(e.value)
+    with settings.override(memory_limit=1000):
+        with pytest.raises(VideoTooLargeError, match=f"reading {re.escape(name)} needs .* memory limit"):
+            ds[0]
+    assert isinstance(_ds(data, False, data["index"], on_error="drop")[0], tuple)  # limits restored
+
+
 def test_shards_that_do_not_match_their_index(data, corrupt, tmp_path):
     dst, rows = corrupt["dst"], corrupt["rows"]
-    shard, (_, _, _, offset, _) = rows[7]
+    shard, (_, _, offset, _) = rows[7]
     with open(dst / shard, "r+b") as f:  # the member header before sample 7 names another one
         f.seek(offset - 512)
         f.write(b"00000099.mp4\0")

@@ -108,7 +108,7 @@ class _OpenShard:
                            "class": classes[label] if label < len(classes) else None}).encode()
         for ext, data in (("cls", str(label).encode()), ("json", meta)):
             self._io(self.tar.addfile, _member(f"{key}.{ext}", len(data)), io.BytesIO(data))
-        self.samples.append([out, rel, label, offset, size])
+        self.samples.append([out, label, offset, size])
 
     def close(self) -> dict:
         from ..files import honour_umask

@@ -13,8 +13,9 @@ Format (readable by ordinary tar and by WebDataset, whose member naming it follo
   path under SRC, ``label``, ``class``).
 * ``DST/shards.json``, the index: ``{"format": "zeroi2v-shards", "version": 1, "complete",
   "classes", "num_samples", "settings", "digest", "failed", "shards": [{"file", "bytes",
-  "next", "samples": [[path, source, label, offset, size], ...]}]}``; ``offset`` and ``size``
-  are the byte range of the ``.mp4`` member's data in its shard.
+  "next", "samples": [[path, label, offset, size], ...]}]}``; ``offset`` and ``size`` are the
+  byte range of the ``.mp4`` member's data in its shard (the original paths are in the shards'
+  ``.json`` members only: the index is read by every rank and kept small).
 
 Reading (local paths, including network file systems mounted as folders; no URLs): a sample is
 read with one ranged read at its offset (the tar header just before it is checked to name the
@@ -95,10 +96,9 @@ class ShardIndex:
         self.shard_sizes = np.array([len(s["samples"]) for s in shards], dtype=np.int64)
         rows = [row for s in shards for row in s["samples"]]
         self.paths = [str(r[0]) for r in rows]
-        self.sources = [str(r[1]) for r in rows]
-        self.labels = np.array([int(r[2]) for r in rows], dtype=np.int64)
-        self.offsets = np.array([int(r[3]) for r in rows], dtype=np.int64)
-        self.sizes = np.array([int(r[4]) for r in rows], dtype=np.int64)
+        self.labels = np.array([int(r[1]) for r in rows], dtype=np.int64)
+        self.offsets = np.array([int(r[2]) for r in rows], dtype=np.int64)
+        self.sizes = np.array([int(r[3]) for r in rows], dtype=np.int64)
         self.shard_of = np.repeat(np.arange(len(shards), dtype=np.int64), self.shard_sizes)
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
 
@@ -144,9 +144,9 @@ class ShardIndex:
                     or os.path.basename(s["file"]) != s["file"] or not isinstance(s.get("bytes"), int):
                 raise _bad(path, f"a malformed shard entry ({str(s)[:80]})", "prepare the shards again")
             for r in rows:
-                ok = (isinstance(r, list) and len(r) == 5 and all(isinstance(x, str) for x in r[:2])
-                      and all(isinstance(x, int) and not isinstance(x, bool) for x in r[2:]))
-                if not ok or r[2] < 0 or r[3] < _TAR_BLOCK or r[4] < 0 or r[3] + r[4] > s["bytes"]:
+                ok = (isinstance(r, list) and len(r) == 4 and isinstance(r[0], str)
+                      and all(isinstance(x, int) and not isinstance(x, bool) for x in r[1:]))
+                if not ok or r[1] < 0 or r[2] < _TAR_BLOCK or r[3] < 0 or r[2] + r[3] > s["bytes"]:
                     raise _bad(path, f"sample {n} of {s['file']} is malformed ({str(r)[:80]})",
                                "prepare the shards again")
                 n += 1
