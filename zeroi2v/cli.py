@@ -14,7 +14,8 @@ MODEL is a saved model folder (``config.json`` + ``model.safetensors``, as writt
 ``save_pretrained``, ``merge``, ``import-official``), its ``model.safetensors``, a training
 checkpoint folder (``OUT/last``, ``OUT/best``) or a training output folder (its ``last``).
 Data: ``zeroi2v prepare SRC DST [--short-side 256] [--fps F] [--workers N]`` re-encodes a video
-tree for training (:mod:`zeroi2v.data.prepare`).
+tree for training (:mod:`zeroi2v.data.prepare`); with ``--shards [--shard-size 1GB]`` into tar
+shards and an index (:mod:`zeroi2v.data.shard_writer`).
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m zeroi2v.cli train CONFIG.yaml`` (or
 ``torchrun ... $(which zeroi2v) train ...``); the same command without torchrun is one process
