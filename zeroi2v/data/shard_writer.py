@@ -202,6 +202,10 @@ def _resume(dst: Path, digest: str, fresh: dict) -> tuple[dict, list[Path]]:
                              "choose another destination") from None
         if not isinstance(raw, dict) or raw.get("format") != INDEX_FORMAT:
             raise ValueError(f"{path} is not a shard index: remove it or choose another destination")
+        if raw.get("version") != INDEX_VERSION:
+            raise ValueError(f"{path} and its shards are of shard format version {raw.get('version')!r}, "
+                             f"this zeroi2v writes {INDEX_VERSION}: remove them or choose another "
+                             "destination")
         if raw.get("digest") != digest:
             raise ValueError(f"{dst} holds shards of other videos or settings (another SRC, "
                              "--short-side, --fps or --crf): rerun the command that made them, or "
