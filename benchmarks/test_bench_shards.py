@@ -2,8 +2,10 @@
 one process with 0 and 2 DataLoader workers, and 2 simulated ranks (2 processes, as under
 torchrun: one thread each, each reading its half of the epoch).
 
-    pytest benchmarks/test_bench_shards.py --benchmark-only --benchmark-json=shards.json   # ~3 min
+    pytest benchmarks/test_bench_shards.py --benchmark-only --benchmark-json=shards.json   # ~1 min*
     python benchmarks/test_bench_shards.py shards.json                                     # table
+
+(*) the first run also generates the videos, about a minute more.
 
 Videos: ``VIDEOS`` clips of 10 s at 30 fps and 340x256 (a Kinetics video after ``zeroi2v
 prepare``), generated as ``benchmarks/test_bench_data.py`` generates them, cached in pytest's
