@@ -326,6 +326,10 @@ def test_prepare_shards_resumes_after_an_interruption(data, tmp_path, monkeypatc
     assert _tar_digests(dst) == _tar_digests(Path(data["index"]).parent)
     again = prepare_shards(data["src"], dst, short_side=16, shard_size=SHARD, progress=False)
     assert (again["converted"], again["existing"]) == (0, 12)
+    old = json.loads((dst / "shards.json").read_text())
+    (dst / "shards.json").write_text(json.dumps({**old, "version": 0}))
+    with pytest.raises(ValueError, match="shard format version 0, this zeroi2v writes 1"):
+        prepare_shards(data["src"], dst, short_side=16, shard_size=SHARD, progress=False)
 
 
 def test_cli_messages(data, tmp_path, capsys):
