@@ -39,11 +39,14 @@ def files(tmp_path_factory):
     for key in ("train", "val"):
         shutil.copy(ds[key], base / f"alt_{key}.txt")
     (base / "classes.txt").write_text("left\nright\n")
+    from zeroi2v.data import pack_shards
+
+    shards = pack_shards(ds["train"], ds["root"], base / "shards")["index"]
     img = timm.create_model("vit_base_patch16_224", num_classes=0, **TINY_VIT)
     torch.save(img.state_dict(), base / "image.pth")
     return dict(ds, alt_root=str(alt_root), alt_train=str(base / "alt_train.txt"),
                 alt_val=str(base / "alt_val.txt"), classes=str(base / "classes.txt"),
-                image=str(base / "image.pth"), base=base)
+                image=str(base / "image.pth"), base=base, shards=shards)
 
 
 def _base(files) -> dict:
@@ -82,6 +85,7 @@ CHANGES = {
     "data.decoder": ("pyav", {}),
     "data.num_workers": (1, {}),
     "data.pin_memory": (False, {}),
+    "data.shuffle_buffer": (2, {"data.train_ann": lambda f: f["shards"]}),  # training over shards
     "eval.num_clips": (2, {}),
     "eval.num_crops": (3, {}),
     "eval.short_side": (24, {}),
@@ -147,6 +151,8 @@ def _weights_digest(model) -> str:
 def _dataset(ds) -> tuple:
     if ds is None:
         return None
+    if hasattr(ds, "plan"):  # a training stream over shards: the order of its first epochs
+        return (tuple(tuple(ds.plan(e).tolist()) for e in range(4)), _dataset(ds.videos))
     return (ds.ann_file, repr(ds.sampler), repr(ds.transform), tuple(ds.samples), ds.num_classes,
             ds.decoder, ds.on_error, ds.flip_label_map, ds.seed)
 

@@ -17,7 +17,8 @@ checkpoint folder (``OUT/last``, ``OUT/best``), a training output folder (its ``
 model on the Hugging Face Hub, ``hf-hub:ORG/NAME[@REVISION]`` (through the Hub's cache; the same
 checks as a folder). CKPT of ``import-official`` may be ``hf-hub:ORG/REPO[@REV]:path/file.pth``.
 Data: ``zeroi2v prepare SRC DST [--short-side 256] [--fps F] [--workers N]`` re-encodes a video
-tree for training (:mod:`zeroi2v.data.prepare`).
+tree for training (:mod:`zeroi2v.data.prepare`); with ``--shards [--shard-size 1GB]`` into tar
+shards and an index (:mod:`zeroi2v.data.shard_writer`).
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m zeroi2v.cli train CONFIG.yaml`` (or
 ``torchrun ... $(which zeroi2v) train ...``); the same command without torchrun is one process

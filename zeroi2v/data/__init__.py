@@ -11,6 +11,9 @@ Public interface:
     make_synthetic_dataset       temporal-order-only toy dataset (real mp4 files)
     write_video                  PyAV writer (H.264 / MPEG-4 / VP9 / MJPEG)
     prepare_videos               re-encode a video tree for training (``zeroi2v prepare``)
+    prepare_shards, pack_shards  the same into tar shards with an index (``prepare --shards``)
+    ShardedVideoDataset          VideoDataset over a shard index (random access: evaluation)
+    ShardStream                  training epochs over shards split between ranks and workers
 """
 from .annotations import read_annotations, write_annotations
 from .dataset import (
@@ -34,6 +37,8 @@ from .decoders import (
 )
 from .prepare import find_videos, prepare_videos
 from .sampling import DenseSampler, UniformSampler
+from .shard_writer import pack_shards, prepare_shards
+from .shards import ShardedVideoDataset, ShardIndex, ShardStream, is_shard_index
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, render_base_clip, synthetic_orders
 from .transforms import CLIP_MEAN, CLIP_STD, VideoTransform, normalize
 from .video_io import (
@@ -52,4 +57,5 @@ __all__ = [
     "SSV2_FLIP_LABEL_MAP", "symmetric_label_map", "make_synthetic_dataset", "SYNTHETIC_CLASSES",
     "synthetic_orders", "render_base_clip", "write_video", "read_video_frames", "open_video",
     "count_video_frames", "VideoDecodeError", "VideoTooLargeError", "prepare_videos", "find_videos",
+    "prepare_shards", "pack_shards", "ShardedVideoDataset", "ShardIndex", "ShardStream", "is_shard_index",
 ]

@@ -1,6 +1,7 @@
 """``VideoDataset``: annotation file + root folder -> (normalised clip tensor, label)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -163,8 +164,7 @@ class VideoDataset(Dataset):
             raise ValueError(f"on_error must be 'skip', 'raise' or 'drop', got {on_error!r}")
         self.ann_file = os.fspath(ann_file)
         self.root = os.fspath(root)
-        self.samples: list[tuple[str, int]] = [(os.path.join(self.root, rel), label)
-                                               for rel, label in read_annotations(self.ann_file)]
+        self.samples: list[tuple[str, int]] = self._list_samples()
         if not self.samples:
             raise ValueError(f"annotation file {self.ann_file} lists no videos")
         max_label = max(label for _, label in self.samples)
@@ -184,6 +184,15 @@ class VideoDataset(Dataset):
         if bool(getattr(sampler, "test_mode", False)) == bool(getattr(transform, "train", False)):
             logger.warning("VideoDataset(%s): sampler.test_mode=%s but transform.train=%s",
                            self.ann_file, sampler.test_mode, transform.train)
+
+    def _list_samples(self) -> list[tuple[str, int]]:
+        """``(path, label)`` of every sample; the path is how errors and reports name it."""
+        return [(os.path.join(self.root, rel), label) for rel, label in read_annotations(self.ann_file)]
+
+    def _video_file(self, index: int):
+        """A context manager giving the file the decoders open for sample ``index`` (the video
+        itself here; a sharded dataset hands over the sample's bytes as a file)."""
+        return contextlib.nullcontext(self.samples[index][0])
 
     @property
     def test_mode(self) -> bool:
@@ -216,13 +225,14 @@ class VideoDataset(Dataset):
 
     def load(self, index: int, skipped=()) -> VideoSample:
         """Load sample ``index`` or raise ``VideoDecodeError``; no error handling."""
-        path, label = self.samples[index]
+        label = self.samples[index][1]
         rng = self._rng(index)
-        reader = open_video(path, self.decoder)
-        n = len(reader)
-        idx = self.sampler(n, rng)                               # (num_clips, clip_len)
-        frames = read_video_frames(path, idx, reader=reader)     # (num_clips, clip_len, H, W, 3)
-        del reader
+        with self._video_file(index) as path:
+            reader = open_video(path, self.decoder)
+            n = len(reader)
+            idx = self.sampler(n, rng)                               # (num_clips, clip_len)
+            frames = read_video_frames(path, idx, reader=reader)     # (num_clips, clip_len, H, W, 3)
+            del reader
         frames = torch.from_numpy(frames)
         if self.transform.train:
             flip = self.transform.flip and bool(rng.random() < 0.5)
@@ -275,6 +285,10 @@ def build_dataset(ann_file, root, *, num_frames: int, sampling: str = "dense", f
                   test_short_side: Optional[int] = None) -> VideoDataset:
     """Sampler + transform + dataset from recipe-level settings.
 
+    ``ann_file`` is an annotation file (videos under ``root``) or a shard index written by
+    ``zeroi2v prepare --shards`` (a :class:`~zeroi2v.data.shards.ShardedVideoDataset`; ``root``
+    unused).
+
     ``sampling="dense"``: ``DenseSampler(num_frames, frame_interval, num_clips)``;
     ``sampling="uniform"``: ``UniformSampler(num_frames, num_clips=num_clips)`` (``frame_interval``
     ignored). ``train=False`` gives test mode (deterministic sampling, ``num_clips x num_crops``
@@ -292,5 +306,8 @@ def build_dataset(ann_file, root, *, num_frames: int, sampling: str = "dense", f
     transform = VideoTransform(train, size=size, short_side=short_side, num_crops=num_crops,
                                rand_augment=rand_augment, random_erasing=random_erasing, flip=flip,
                                test_short_side=test_short_side)
-    return VideoDataset(ann_file, root, sampler, transform, flip_label_map=flip_label_map, on_error=on_error,
-                        seed=seed, num_classes=num_classes, decoder=decoder)
+    from .shards import ShardedVideoDataset, is_shard_index
+
+    cls = ShardedVideoDataset if is_shard_index(ann_file) else VideoDataset
+    return cls(ann_file, root, sampler, transform, flip_label_map=flip_label_map, on_error=on_error,
+               seed=seed, num_classes=num_classes, decoder=decoder)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["prepare_videos", "find_videos", "scan_sources", "safe_name", "add_prepare_parser", "run_prepare",
-           "VIDEO_EXTENSIONS", "DestinationError"]
+           "VIDEO_EXTENSIONS", "DestinationError", "plan_sources"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
                     ".3gp", ".ogv", ".ts")
@@ -303,23 +303,7 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
     and :class:`PrepareWriteError` when ``dst`` cannot be written.
     """
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ValueError(f"source folder not found: {src}")
-    if src.resolve() == dst.resolve():
-        raise ValueError("the destination must differ from the source folder (outputs are .mp4 files "
-                         "that would replace the inputs)")
-    if int(short_side) < 2 or int(short_side) % 2:
-        raise ValueError(f"--short-side must be an even number >= 2 (H.264 yuv420p), got {short_side}")
-    if fps is not None and not float(fps) > 0:
-        raise ValueError(f"--fps must be > 0, got {fps}")
-    if int(workers) < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    videos, skipped = scan_sources(src, exclude=dst)
-    if not videos:
-        extra = (f"; {len(skipped)} entries are not regular files, e.g. {_shown(skipped[0][0])}"
-                 if skipped else "")
-        raise ValueError(f"no video files under {src} (extensions: {', '.join(VIDEO_EXTENSIONS)}){extra}")
-    outputs, renamed = _plan(videos, src)
+    outputs, renamed, skipped = plan_sources(src, dst, short_side, fps, workers)
     from ..files import folder_lock, remove_stale_temporaries
 
     state = _RunState()
@@ -350,6 +334,30 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
     return {"converted": state.converted, "existing": state.existing, "failed": state.failed,
             "skipped": skipped, "renamed": renamed, "annotations": ann, "classes": classes,
             "took_over": stale, "removed": removed}
+
+
+def plan_sources(src: Path, dst: Path, short_side: int, fps: Optional[float], workers: int
+                 ) -> tuple[dict[str, str], list[tuple[str, str]], list[tuple[str, str]]]:
+    """The checks every prepare run makes before it touches ``dst``; returns ``({output:
+    source}, renamed, skipped)`` (see :func:`_plan` and :func:`scan_sources`)."""
+    if not src.is_dir():
+        raise ValueError(f"source folder not found: {src}")
+    if src.resolve() == dst.resolve():
+        raise ValueError("the destination must differ from the source folder (outputs are .mp4 files "
+                         "that would replace the inputs)")
+    if int(short_side) < 2 or int(short_side) % 2:
+        raise ValueError(f"--short-side must be an even number >= 2 (H.264 yuv420p), got {short_side}")
+    if fps is not None and not float(fps) > 0:
+        raise ValueError(f"--fps must be > 0, got {fps}")
+    if int(workers) < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    videos, skipped = scan_sources(src, exclude=dst)
+    if not videos:
+        extra = (f"; {len(skipped)} entries are not regular files, e.g. {_shown(skipped[0][0])}"
+                 if skipped else "")
+        raise ValueError(f"no video files under {src} (extensions: {', '.join(VIDEO_EXTENSIONS)}){extra}")
+    outputs, renamed = _plan(videos, src)
+    return outputs, renamed, skipped
 
 
 class PrepareWriteError(ValueError):
@@ -456,7 +464,9 @@ def add_prepare_parser(sub) -> argparse.ArgumentParser:
                        description="Re-encode every video under SRC into DST/<same path>.mp4 (H.264): "
                                    "short side resized, optional frame rate; resumable, atomic outputs, "
                                    "unreadable inputs listed in DST/prepare_failed.txt; with class folders "
-                                   "also DST/annotations.txt and DST/classes.txt.")
+                                   "also DST/annotations.txt and DST/classes.txt. With --shards the videos "
+                                   "go into tar shards of --shard-size bytes with the index "
+                                   "DST/shards.json instead (resumable the same way).")
     p.add_argument("src", help="folder of videos (class folders: SRC/<class>/<video>)")
     p.add_argument("dst", help="output folder")
     p.add_argument("--short-side", type=int, default=256,
@@ -464,11 +474,20 @@ def add_prepare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: keep every frame)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--crf", type=int, default=23, help="x264 quality, lower is better (default 23)")
+    p.add_argument("--shards", action="store_true",
+                   help="write the videos into tar shards with an index, DST/shards.json, instead of "
+                        "one file each (needs class folders; set data.train_ann to the index)")
+    p.add_argument("--shard-size", default=None, metavar="SIZE",
+                   help="with --shards: bytes per shard, e.g. 1GB (default), 500MB, 2GiB")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def run_prepare(args) -> int:
+    if args.shards or args.shard_size is not None:
+        from .shard_writer import run_prepare_shards
+
+        return run_prepare_shards(args)
     res = prepare_videos(args.src, args.dst, short_side=args.short_side, fps=args.fps,
                          workers=args.workers, crf=args.crf, progress=not args.no_progress)
     if res["took_over"]:

@@ -108,13 +108,25 @@ def build_train_dataset(cfg: RunConfig):
     d = cfg.data
     if not d.train_ann:
         raise ValueError("data.train_ann is not set (the training annotation file)")
-    return build_dataset(
+    ds = build_dataset(
         d.train_ann, d.root or "", num_frames=cfg.model.num_frames, sampling=d.sampling,
         frame_interval=d.frame_interval, num_clips=d.train_clips, train=True, size=d.size,
         short_side=d.short_side, num_crops=1, rand_augment=d.rand_augment,
         random_erasing=d.random_erasing, flip=d.flip, flip_label_map=d.flip_label_map,
         on_error=d.on_error, seed=cfg.train.seed, decoder=d.decoder,
         num_classes=cfg.model.num_classes)
+    return _sharded_train_stream(cfg, ds)
+
+
+def _sharded_train_stream(cfg: RunConfig, ds):
+    """Sharded data (``data.train_ann`` is a shard index): this rank's epochs over the shards
+    (``zeroi2v.data.ShardStream``: every video once per epoch across ranks and workers, the
+    same length on every rank); other datasets are returned as they are."""
+    from ..data import ShardedVideoDataset, ShardStream
+
+    if not isinstance(ds, ShardedVideoDataset):
+        return ds
+    return ShardStream(ds, shuffle_buffer=cfg.data.shuffle_buffer, batch_size=cfg.train.batch_size)
 
 
 def test_annotations(cfg: RunConfig, ann: Optional[str] = None) -> str:

@@ -113,7 +113,7 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     root: Optional[str] = None                  # video folder; annotation paths are relative to it
-    train_ann: Optional[str] = None
+    train_ann: Optional[str] = None             # annotation file, or a shard index (shards.json)
     val_ann: Optional[str] = None
     test_ann: Optional[str] = None              # `zeroi2v eval` default, then val_ann
     val_root: Optional[str] = None              # defaults to root
@@ -133,6 +133,9 @@ class DataSection(_Section):
     decoder: Literal["auto", "torchcodec", "decord", "pyav"] = "auto"  # auto: first that reads it
     num_workers: NonNegativeInt = Field(default_factory=default_num_workers)
     pin_memory: bool = True
+    # sharded data (an annotation key naming a shards.json of `zeroi2v prepare --shards`):
+    # training samples per rank go through a shuffle buffer this long (indices only, no memory)
+    shuffle_buffer: PositiveInt = 1000
 
 
 class EvalSection(_Section):

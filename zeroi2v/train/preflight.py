@@ -6,6 +6,7 @@ videos decoded, nothing allocated that scales with the request.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..data.annotations import read_annotations
 from ..data.decoders import decoder_status
+from ..data.shards import is_shard_index
 from ..data.video_io import open_video
 from ..limits import check_bytes
 from ..models import hub, timm_spec
@@ -82,6 +84,11 @@ def _check_annotations(cfg) -> Optional[tuple[int, str, int]]:
         path = getattr(d, key)
         if not path:
             continue
+        if is_shard_index(path):
+            top = _check_shard_index(path, key, n_classes)
+            if best is None or top > best[0]:
+                best = (top, path)
+            continue
         samples = read_annotations(path)
         if not samples:
             raise ValueError(f"data.{key}: {path} lists no videos")
@@ -108,7 +115,43 @@ def _check_annotations(cfg) -> Optional[tuple[int, str, int]]:
     _probe_decoder(cfg)
     if best is None:
         return None
-    return best[0], best[1], _line_of_label(best[1], best[0])
+    line = 0 if is_shard_index(best[1]) else _line_of_label(best[1], best[0])
+    return best[0], best[1], line
+
+
+def _check_shard_index(path: str, key: str, n_classes: Optional[int]) -> int:
+    """A shard index is read and checked whole (its shards present, with the sizes it records);
+    returns its largest label."""
+    from ..data.shards import ShardIndex
+
+    try:
+        index = ShardIndex.load(path)
+    except ValueError as e:
+        raise ValueError(f"data.{key}: {e}") from None
+    top = int(index.labels.max())
+    if n_classes is not None and top >= n_classes:
+        raise ValueError(f"data.{key}: {path} has label {top}, but model.num_classes is "
+                         f"{n_classes} (labels are 0 .. {n_classes - 1}): fix "
+                         "model.num_classes")
+    return top
+
+
+def _first_videos(d, limit: int = 50):
+    """``(name, path a decoder opens)`` of the first training videos (from the shards when
+    ``data.train_ann`` is a shard index)."""
+    import os
+
+    from ..data.annotations import read_annotations
+    from ..data.shards import ShardIndex, is_shard_index
+
+    if not is_shard_index(d.train_ann):
+        for rel, _ in read_annotations(d.train_ann)[:limit]:
+            path = os.path.join(d.root or "", rel)
+            yield path, (contextlib.nullcontext(path) if os.path.isfile(path) else None)
+        return
+    index = ShardIndex.load(d.train_ann)
+    for i in range(min(limit, len(index))):
+        yield index.display(i), index.local_file(i)
 
 
 def _probe_decoder(cfg) -> None:
@@ -117,12 +160,12 @@ def _probe_decoder(cfg) -> None:
     three files are tried (one damaged file is the on_error setting's business)."""
     d = cfg.data
     tried = []
-    for rel, _ in read_annotations(d.train_ann)[:50]:
-        path = os.path.join(d.root or "", rel)
-        if not os.path.isfile(path):
+    for path, opened in _first_videos(d):
+        if opened is None:
             continue
         try:
-            open_video(path, d.decoder).get_batch([0])
+            with opened as local:
+                open_video(local, d.decoder).get_batch([0])
             return
         except Exception as e:  # noqa: BLE001 - a decoder's own error types; reported below
             tried.append(f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else e}")
@@ -154,8 +197,8 @@ def _check_memory(cfg: dict, vit: nn.Module, largest: Optional[tuple[int, str, i
     params, trainable = parameter_count(config)
     if largest is not None and not mcfg.num_classes:
         label, path, line = largest
-        what = (f"the model for {num_classes:,} classes (the largest label, {label}, is on line "
-                f"{line} of {path})")
+        where = f"on line {line} of {path}" if line else f"in {path}"
+        what = f"the model for {num_classes:,} classes (the largest label, {label}, is {where})"
         fix = "check that label, or set model.num_classes"
     else:
         what, fix = f"the model ({params:,} parameters)", "choose a smaller model"

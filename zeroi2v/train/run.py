@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import collate_videos
@@ -228,13 +228,22 @@ def build_run(cfg: RunConfig, info, datasets: dict, model) -> TrainingRun:
         raise ValueError(f"data.class_names: {d.class_names} names {len(class_names)} "
                          f"classes, the model and data have {num_classes}")
 
-    sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=True, seed=t.seed, drop_last=False)
-    loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler,
-                        num_workers=d.num_workers, drop_last=True,
-                        pin_memory=pin_memory_for(d.pin_memory, device),
-                        worker_init_fn=seed_worker, persistent_workers=False,
-                        collate_fn=collate_videos)
+    if isinstance(train_ds, IterableDataset):
+        # sharded data (zeroi2v.data.ShardStream): the dataset splits each epoch between the
+        # ranks and workers itself and is its own sampler (set_epoch, seed)
+        sampler = train_ds
+        loader = DataLoader(train_ds, batch_size=t.batch_size, num_workers=d.num_workers,
+                            drop_last=True, pin_memory=pin_memory_for(d.pin_memory, device),
+                            worker_init_fn=seed_worker, persistent_workers=False,
+                            collate_fn=collate_videos)
+    else:
+        sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+                                     shuffle=True, seed=t.seed, drop_last=False)
+        loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler,
+                            num_workers=d.num_workers, drop_last=True,
+                            pin_memory=pin_memory_for(d.pin_memory, device),
+                            worker_init_fn=seed_worker, persistent_workers=False,
+                            collate_fn=collate_videos)
     steps = steps_per_epoch(len(loader), t.batch_size, t.accum_steps)
     global_batch = t.batch_size * t.accum_steps * info.world_size
 
@@ -312,7 +321,8 @@ def setup_summary(run: TrainingRun, resume: Optional[Path]) -> tuple[str, dict]:
     rec = {
         "type": "setup", "world_size": run.info.world_size, "device": str(run.device),
         "model": m.config.summary(), "num_classes": run.num_classes,
-        "train_samples": len(run.train_ds), "val_samples": n_val, "frames": m.num_frames,
+        "train_samples": getattr(run.train_ds, "num_videos", len(run.train_ds)),  # all ranks'
+        "val_samples": n_val, "frames": m.num_frames,
         "sampling": sampling, "head_offsets": list(m.head_offsets), "lr": run.lr,
         "lr_rule": lr_why, "batch_size": t.batch_size, "accum_steps": run.accum,
         "global_batch": run.global_batch, "steps_per_epoch": run.steps_per_epoch,
