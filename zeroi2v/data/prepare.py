@@ -22,7 +22,6 @@ Decoding full-size videos is what starves a GPU during training; resizing the wh
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import secrets
@@ -33,7 +32,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["prepare_videos", "find_videos", "scan_sources", "safe_name", "add_prepare_parser", "run_prepare",
+__all__ = ["prepare_videos", "find_videos", "scan_sources", "safe_name",
            "VIDEO_EXTENSIONS", "DestinationError", "plan_sources"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
@@ -42,7 +41,7 @@ _TMP_TAG = ".zeroi2v-part"
 FAILED_LIST, ANNOTATIONS, CLASSES = "prepare_failed.txt", "annotations.txt", "classes.txt"
 
 
-def _shown(rel: str) -> str:
+def display_name(rel: str) -> str:
     """``rel`` as printed and listed: quoted when it holds characters a line cannot show."""
     return rel if rel.isprintable() else ascii(rel)
 
@@ -277,9 +276,10 @@ def _plan(videos: list[str], src: Path) -> tuple[dict[str, str], list[tuple[str,
         for k in range(1, len(out_parts) + 1):
             o, s = "/".join(out_parts[:k]), "/".join(src_parts[:k])
             if folders.setdefault(o, s) != s:
-                raise ValueError(f"folders {_shown(str(src / folders[o]))} and {_shown(str(src / s))} would "
-                                 f"both become {o} (names are made safe for annotation files: spaces "
-                                 "and control characters become _); rename one (nothing was converted)")
+                a, b = display_name(str(src / folders[o])), display_name(str(src / s))
+                raise ValueError(f"folders {a} and {b} would both become {o} (names are made safe "
+                                 "for annotation files: spaces and control characters become _); "
+                                 "rename one (nothing was converted)")
         if Path(rel).with_suffix(".mp4").as_posix() != out:
             renamed.append((rel, out))
     return outputs, renamed
@@ -353,7 +353,7 @@ def plan_sources(src: Path, dst: Path, short_side: int, fps: Optional[float], wo
         raise ValueError(f"--workers must be >= 1, got {workers}")
     videos, skipped = scan_sources(src, exclude=dst)
     if not videos:
-        extra = (f"; {len(skipped)} entries are not regular files, e.g. {_shown(skipped[0][0])}"
+        extra = (f"; {len(skipped)} entries are not regular files, e.g. {display_name(skipped[0][0])}"
                  if skipped else "")
         raise ValueError(f"no video files under {src} (extensions: {', '.join(VIDEO_EXTENSIONS)}){extra}")
     outputs, renamed = _plan(videos, src)
@@ -434,7 +434,7 @@ def _write_failed(path: Path, failed) -> None:
             if path.exists():
                 path.unlink()
             return
-        write_text_atomic(path, "".join(f"{_shown(rel)}\t{reason}\n" for rel, reason in sorted(failed)))
+        write_text_atomic(path, "".join(f"{display_name(rel)}\t{reason}\n" for rel, reason in sorted(failed)))
     except OSError as e:
         raise DestinationError(e.errno, e.strerror or str(e), str(path)) from None
 
@@ -456,60 +456,3 @@ def _write_annotations(dst: Path, outputs: list[str]) -> tuple[Optional[str], Op
         except OSError as e:
             raise DestinationError(e.errno, e.strerror or str(e), str(path)) from None
     return str(ann), str(names)
-
-
-# ----------------------------------------------------------------------------------- command line
-def add_prepare_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("prepare", help="re-encode a video tree for training (short side, fps)",
-                       description="Re-encode every video under SRC into DST/<same path>.mp4 (H.264): "
-                                   "short side resized, optional frame rate; resumable, atomic outputs, "
-                                   "unreadable inputs listed in DST/prepare_failed.txt; with class folders "
-                                   "also DST/annotations.txt and DST/classes.txt. With --shards the videos "
-                                   "go into tar shards of --shard-size bytes with the index "
-                                   "DST/shards.json instead (resumable the same way).")
-    p.add_argument("src", help="folder of videos (class folders: SRC/<class>/<video>)")
-    p.add_argument("dst", help="output folder")
-    p.add_argument("--short-side", type=int, default=256,
-                   help="short side of the outputs (even; default 256)")
-    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: keep every frame)")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
-    p.add_argument("--crf", type=int, default=23, help="x264 quality, lower is better (default 23)")
-    p.add_argument("--shards", action="store_true",
-                   help="write the videos into tar shards with an index, DST/shards.json, instead of "
-                        "one file each (needs class folders; set data.train_ann to the index)")
-    p.add_argument("--shard-size", default=None, metavar="SIZE",
-                   help="with --shards: bytes per shard, e.g. 1GB (default), 500MB, 2GiB")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def run_prepare(args) -> int:
-    if args.shards or args.shard_size is not None:
-        from .shard_writer import run_prepare_shards
-
-        return run_prepare_shards(args)
-    res = prepare_videos(args.src, args.dst, short_side=args.short_side, fps=args.fps,
-                         workers=args.workers, crf=args.crf, progress=not args.no_progress)
-    if res["took_over"]:
-        rec = res["took_over"]
-        print(f"took over the lock of a run that stopped without releasing it (pid {rec.get('pid')} on "
-              f"{rec.get('host')}, since {rec.get('started')})")
-    if res["removed"]:
-        print(f"removed {res['removed']} temporary files of interrupted runs")
-    failed, skipped = res["failed"], res["skipped"]
-    total = res["converted"] + res["existing"] + len(failed) + len(skipped)
-    odd = f", {len(skipped)} not regular files" if skipped else ""
-    print(f"prepared {res['converted']} videos, {res['existing']} already done, {len(failed)} unreadable"
-          f"{odd}, of {total} under {args.src}")
-    for rel, reason in (failed + skipped)[:10]:
-        print(f"  skipped: {_shown(rel)} ({reason})")
-    if failed or skipped:
-        print(f"  full list: {Path(args.dst) / FAILED_LIST}")
-    if res["renamed"]:
-        rel, out = res["renamed"][0]
-        print(f"{len(res['renamed'])} output names made safe for annotation files (e.g. {_shown(rel)} "
-              f"-> {out})")
-    if res["annotations"]:
-        print(f"annotation file: {res['annotations']} (classes: {res['classes']})")
-    return 0
-

@@ -36,15 +36,15 @@ from .prepare import (
     DestinationError,
     PrepareWriteError,
     _prepare_one,
-    _shown,
     _under,
     _write_failed,
     _write_failure,
+    display_name,
     plan_sources,
 )
 from .shards import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, sample_key
 
-__all__ = ["prepare_shards", "pack_shards", "run_prepare_shards", "parse_shard_size", "DEFAULT_SHARD_SIZE",
+__all__ = ["prepare_shards", "pack_shards", "parse_shard_size", "DEFAULT_SHARD_SIZE",
            "SHARD_PATTERN"]
 
 DEFAULT_SHARD_SIZE = 10**9
@@ -373,7 +373,7 @@ def prepare_shards(src, dst, short_side: int = 256, fps: Optional[float] = None,
     loose = [rel for out, rel in sorted(outputs.items()) if "/" not in out]
     if loose:
         raise ValueError(f"--shards takes the labels from class folders (SRC/<class>/<video>), and "
-                         f"{len(loose)} videos are not in one (e.g. {_shown(str(src / loose[0]))}): "
+                         f"{len(loose)} videos are not in one (e.g. {display_name(str(src / loose[0]))}): "
                          "move them into class folders")
     classes = sorted({out.split("/", 1)[0] for out in outputs})
     label = {c: i for i, c in enumerate(classes)}
@@ -409,32 +409,3 @@ def pack_shards(ann_file, root, dst, shard_size: int = DEFAULT_SHARD_SIZE,
     return _write_shards(dst, plan, list(classes or []), settings, jobs, _existing, staged=False,
                          shard_size=int(shard_size), workers=1, progress=progress,
                          command=f"zeroi2v pack_shards {ann_file} {dst}")
-
-
-def run_prepare_shards(args) -> int:
-    if not args.shards:
-        raise ValueError("--shard-size sets the size of shards: add --shards")
-    res = prepare_shards(args.src, args.dst, short_side=args.short_side, fps=args.fps,
-                         workers=args.workers, crf=args.crf, shard_size=parse_shard_size(args.shard_size),
-                         progress=not args.no_progress)
-    from ..limits import fmt_bytes
-
-    if res["took_over"]:
-        rec = res["took_over"]
-        print(f"took over the lock of a run that stopped without releasing it (pid {rec.get('pid')} on "
-              f"{rec.get('host')}, since {rec.get('started')})")
-    if res["removed"] or res["dropped_shards"]:
-        print(f"removed {res['removed']} temporary files and {res['dropped_shards']} incomplete shards "
-              "of interrupted runs")
-    failed, skipped = res["failed"], res["skipped"]
-    total = res["converted"] + res["existing"] + len(failed) + len(skipped)
-    odd = f", {len(skipped)} not regular files" if skipped else ""
-    print(f"prepared {res['converted']} videos, {res['existing']} already in complete shards, "
-          f"{len(failed)} unreadable{odd}, of {total} under {args.src}")
-    for rel, reason in (failed + skipped)[:10]:
-        print(f"  skipped: {_shown(rel)} ({reason})")
-    if failed or skipped:
-        print(f"  full list: {Path(args.dst) / FAILED_LIST}")
-    print(f"{res['num_samples']} videos in {res['shards']} shards ({fmt_bytes(res['bytes'])}); "
-          f"index: {res['index']} (set data.train_ann / data.val_ann to it)")
-    return 0
