@@ -12,7 +12,7 @@ import torch
 
 from zeroi2v import ZeroI2VConfig, ZeroI2VViT, create_video_model, load_model, merge_adapters
 from zeroi2v.cli import main
-from zeroi2v.files import read_checkpoint
+from zeroi2v.safe_io import read_checkpoint
 
 # (name, timm kwargs, head offsets): families whose structure the old exporter could not
 # rebuild (fc_norm + registers, a distillation token) or that need a bias added by the merge
@@ -243,8 +243,8 @@ def _evil_files(tmp_path, sentinel):
 def test_malicious_pickles_run_nothing_anywhere(tmp_path, saved):
     import shutil
 
-    from zeroi2v.files import read_state_dict
     from zeroi2v.interop import load_clip_weights, load_official_checkpoint
+    from zeroi2v.safe_io import read_state_dict
     from zeroi2v.train.checkpoint import read_training_checkpoint
 
     sentinel = tmp_path / "PWNED"

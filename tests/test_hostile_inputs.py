@@ -16,9 +16,9 @@ import torch
 
 from zeroi2v import ZeroI2VConfig, create_video_model, load_model, settings
 from zeroi2v.cli import main
-from zeroi2v.files import read_checkpoint, read_state_dict
 from zeroi2v.limits import LimitError
 from zeroi2v.models.timm_args import ACT_LAYERS, ALLOWED, NORM_LAYERS, check_timm_kwargs
+from zeroi2v.safe_io import read_checkpoint, read_state_dict
 
 TINY = dict(img_size=32, depth=1, embed_dim=32, num_heads=2)
 

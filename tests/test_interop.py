@@ -564,7 +564,7 @@ def test_read_checkpoint_training_metadata_is_inert(tmp_path):
 def test_check_state_dict_names_the_first_bad_key():
     """The one checker both importers use: missing, unexpected and wrong-shape keys, in the file's
     own names where the keys were converted."""
-    from zeroi2v.files import check_state_dict
+    from zeroi2v.safe_io import check_state_dict
 
     own = {"a.weight": torch.zeros(2, 3), "a.bias": torch.zeros(2), "head.weight": torch.zeros(4, 2)}
     good = {"a.weight": torch.randn(2, 3), "a.bias": torch.randn(2)}

@@ -17,7 +17,7 @@ from zeroi2v.cli import main
 from zeroi2v.data import VideoReader, build_dataset, prepare_videos, read_annotations, write_video
 from zeroi2v.data import annotations as ann_mod
 from zeroi2v.data import prepare as prep
-from zeroi2v.files import LOCK_FILE
+from zeroi2v.safe_io import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def _small_tree(root, names):
 
 _HOLD_LOCK = textwrap.dedent("""
     import sys
-    from zeroi2v.files import folder_lock
+    from zeroi2v.safe_io import folder_lock
     with folder_lock(sys.argv[1], "zeroi2v prepare other-run"):
         print("held", flush=True)
         sys.stdin.read()  # until the test closes stdin, or kills this process

@@ -14,7 +14,7 @@ import torch
 
 from _helpers import cfg_dict, write
 from zeroi2v.cli import main
-from zeroi2v.files import LOCK_FILE, atomic_write_text, folder_lock
+from zeroi2v.safe_io import LOCK_FILE, atomic_write_text, folder_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 
 def _holder(folder: Path, command: str = "zeroi2v train other.yaml") -> subprocess.Popen:
     """Another process holding ``folder``'s lock until killed."""
-    code = ("import sys, time\nfrom zeroi2v.files import folder_lock\n"
+    code = ("import sys, time\nfrom zeroi2v.safe_io import folder_lock\n"
             f"with folder_lock({str(folder)!r}, {command!r}):\n"
             "    print('locked', flush=True)\n    time.sleep(600)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
@@ -198,7 +198,7 @@ def _unmount(path: Path) -> None:
 
 def _simulate_full_disk(monkeypatch):
     """What a full disk looks like to zeroi2v: torch.save's RuntimeError and no free blocks."""
-    import zeroi2v.files as files
+    import zeroi2v.safe_io as files
 
     def full(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")

@@ -34,7 +34,7 @@ from zeroi2v.data import (
 )
 from zeroi2v.data import prepare as prep
 from zeroi2v.data.shards import buffer_shuffle, epoch_plan
-from zeroi2v.files import LOCK_FILE
+from zeroi2v.safe_io import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 4}

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from zeroi2v import create_video_model
-from zeroi2v.files import atomic_dir, atomic_torch_save
+from zeroi2v.safe_io import atomic_dir, atomic_torch_save
 from zeroi2v.train.checkpoint import read_training_checkpoint
 from zeroi2v.train.config import apply_overrides, load_config
 from zeroi2v.train.engine import train

@@ -102,7 +102,7 @@ def _new_output_files(paths: Sequence[Path], overwrite: bool) -> None:
 
 
 def _save_new(model, out: Path, **kwargs) -> Path:
-    from .files import atomic_dir
+    from .safe_io import atomic_dir
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, **kwargs)

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from ..files import atomic_path
+from ..safe_io import atomic_path
 
 __all__ = ["read_annotations", "write_annotations", "read_class_names"]
 

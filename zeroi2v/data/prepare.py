@@ -4,7 +4,7 @@ Decoding full-size videos is what starves a GPU during training; resizing the wh
 (short side 256 for the 224 crops of the recipes) makes every later epoch cheaper. Each video of
 ``SRC`` becomes ``DST/<same relative path>.mp4`` (H.264, PyAV's bundled FFmpeg, no audio):
 
-* one run per destination: ``DST/.zeroi2v.lock`` (:func:`zeroi2v.files.folder_lock`); a second
+* one run per destination: ``DST/.zeroi2v.lock`` (:func:`zeroi2v.safe_io.folder_lock`); a second
   run is refused naming the first, the lock of a killed run is taken over and reported;
 * atomic: written to a hidden temporary name (the run's pid and a random tag) beside the output,
   then renamed, so an output that exists is complete; a run removes only its own temporaries, and
@@ -304,7 +304,7 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
     """
     src, dst = Path(src), Path(dst)
     outputs, renamed, skipped = plan_sources(src, dst, short_side, fps, workers)
-    from ..files import folder_lock, remove_stale_temporaries
+    from ..safe_io import folder_lock, remove_stale_temporaries
 
     state = _RunState()
     try:

@@ -111,7 +111,7 @@ class _OpenShard:
         self.samples.append([out, label, offset, size])
 
     def close(self) -> dict:
-        from ..files import honour_umask
+        from ..safe_io import honour_umask
 
         def finish():
             self.tar.close()
@@ -160,7 +160,7 @@ class _Writer:
         self.save()
 
     def save(self) -> None:
-        from ..files import atomic_write_text
+        from ..safe_io import atomic_write_text
 
         self.index["num_samples"] = self.count
         path = self.dst / INDEX_NAME
@@ -275,7 +275,7 @@ def _write_shards(dst: Path, plan: list, classes: list, settings: dict, jobs: Ca
     "")`` or ``(None, reason)``; ``staged``: the files are this run's to remove once written."""
     from tqdm.auto import tqdm
 
-    from ..files import folder_lock, remove_stale_temporaries
+    from ..safe_io import folder_lock, remove_stale_temporaries
 
     digest = _digest(plan, settings)
     fresh = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "complete": False, "classes": classes,

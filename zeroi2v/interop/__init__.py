@@ -11,8 +11,8 @@
 The model file itself is ``model.save_pretrained(dir)`` / ``zeroi2v.load_model(dir)``. See
 docs/interop.md.
 """
-from ..files import read_checkpoint, read_state_dict
 from ..models.image_weights import load_clip_weights, load_image_state_dict
+from ..safe_io import read_checkpoint, read_state_dict
 from .export import export_onnx, export_program, onnx_files
 from .official import (
                        RELEASED_CONFIGS,

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 
 from ..errors import MissingDependencyError
-from ..files import PathLike
 from ..models.merge import merge_adapters
+from ..safe_io import PathLike
 
 #: Largest weight payload written into the ``.onnx`` file itself. A protobuf message cannot
 #: exceed 2 GiB; the margin leaves room for the graph. Larger models keep their weights in

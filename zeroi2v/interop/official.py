@@ -21,11 +21,11 @@ from typing import Optional
 
 import torch
 
-from ..files import PathLike, check_state_dict, read_state_dict
 from ..models.config import ZeroI2VConfig
 from ..models.families import adapter_owner
 from ..models.video_vit import ZeroI2VViT
 from ..offsets import PRESETS, HeadOffsets
+from ..safe_io import PathLike, check_state_dict, read_state_dict
 
 _BLOCK = "backbone.transformer.resblocks."
 _REQUIRED = (

@@ -32,7 +32,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..files import (
+from ..safe_io import (
     PathLike,
     atomic_path,
     atomic_write_text,

@@ -8,8 +8,8 @@ file, so the Hub adds a way to *find* a file and nothing else:
   the file named by timm's ``pretrained_cfg`` of the tagged name (``hf_hub_id``, and
   ``hf_hub_filename`` where set). timm's own download would unpickle a ``.bin`` file whenever a
   repository has no safetensors copy, so this module resolves the file itself: the safetensors
-  copy first (read after :func:`zeroi2v.files.safetensors_header` checked it), a pickle only
-  through the restricted reader of :mod:`zeroi2v.files`, then timm's key conversion
+  copy first (read after :func:`zeroi2v.safe_io.safetensors_header` checked it), a pickle only
+  through the restricted reader of :mod:`zeroi2v.safe_io`, then timm's key conversion
   (:func:`zeroi2v.interop.load_image_state_dict`). Where the weights came from (repository,
   file, commit, SHA-256) is recorded in the model's config (``pretrained_source``).
 * **Models** (``zeroi2v.load_model("hf-hub:ORG/NAME[@REV]")``): ``config.json``,

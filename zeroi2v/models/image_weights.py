@@ -15,7 +15,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from ..files import PathLike, check_state_dict, read_state_dict
+from ..safe_io import PathLike, check_state_dict, read_state_dict
 from .families import family_of
 
 _HEAD_PREFIXES = ("head.",)
@@ -36,7 +36,7 @@ def load_clip_weights(backbone_or_name: Union[str, nn.Module], path: PathLike, *
         resample: allow timm to interpolate the position embedding (and patch kernel) to the
             model's image/patch size; by default a size difference is an error.
 
-    The file is read without running code (:func:`zeroi2v.files.read_checkpoint`).
+    The file is read without running code (:func:`zeroi2v.safe_io.read_checkpoint`).
 
     The classifier is loaded only when the model has one of the same shape (OpenAI's
     ``visual.proj`` is the head of a timm CLIP model built with ``num_classes=embed dim``);

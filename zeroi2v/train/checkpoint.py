@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import PathLike, atomic_dir, atomic_torch_save, replace_symlink
 from ..models.artefact import (
     SHA_KEY,
     TRAINING_STATE_FILE,
@@ -38,6 +37,7 @@ from ..models.artefact import (
     read_artefact,
     save_pretrained,
 )
+from ..safe_io import PathLike, atomic_dir, atomic_torch_save, replace_symlink
 
 STATE_FORMAT = "zeroi2v-training-state"
 STATE_SHA_KEY = "training_state_sha256"

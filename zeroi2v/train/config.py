@@ -49,10 +49,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ..errors import closest
-from ..files import plain
 from ..models.config import ZeroI2VConfig as _M
 from ..models.hub import check_pretrained
 from ..models.timm_args import check_model_name, check_timm_kwargs
+from ..safe_io import plain
 
 
 def _as_key_error(check, value, source: str):

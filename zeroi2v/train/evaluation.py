@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from ..data import LoadReport, VideoDecodeError, collate_videos
-from ..files import atomic_write_text
+from ..safe_io import atomic_write_text
 from . import dist as zdist
 from .logs import progress_bar
 from .metrics import (

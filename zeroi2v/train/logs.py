@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ..files import atomic_path
+from ..safe_io import atomic_path
 from .runtime import json_default
 
 

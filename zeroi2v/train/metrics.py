@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..files import atomic_path, atomic_write_text
+from ..safe_io import atomic_path, atomic_write_text
 
 
 def average_views(logits: torch.Tensor, num_views: int) -> torch.Tensor:

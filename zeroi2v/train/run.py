@@ -17,10 +17,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..data import collate_videos
 from ..data.annotations import read_class_names
-from ..files import atomic_write_text, folder_lock, remove_stale_temporaries
 from ..models.artefact import load_weights_into
 from ..models.video_vit import count_params, fused_adapters_active
 from ..ops.stdha import auto_backend
+from ..safe_io import atomic_write_text, folder_lock, remove_stale_temporaries
 from . import dist as zdist
 from .build import build_model, build_test_dataset, build_train_dataset, dataset_num_classes
 from .checkpoint import (
@@ -91,7 +91,7 @@ class TrainingRun:
 @contextlib.contextmanager
 def sole_writer(out_dir: Path, info):
     """Rank 0 holds the output folder's lock for the whole run (one writer per folder: a second
-    run into it is refused, see :func:`zeroi2v.files.folder_lock`) and clears the temporaries a
+    run into it is refused, see :func:`zeroi2v.safe_io.folder_lock`) and clears the temporaries a
     killed run left behind."""
     if not info.is_main:
         yield
