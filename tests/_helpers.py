@@ -57,3 +57,13 @@ def write(path, cfg):
 
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
+
+
+def synthetic_videos(tmp_path_factory, videos_per_class: int = 4, val_fraction: float = 0.5):
+    """The demo's synthetic dataset (2 classes, 8-frame 16 px mp4 files) in a fresh folder:
+    ``make_synthetic_dataset``'s dict (``root``, ``train``, ``val`` ...)."""
+    from zeroi2v.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_classes=2,
+                                  videos_per_class=videos_per_class, num_frames=8, size=16,
+                                  seed=0, val_fraction=val_fraction)

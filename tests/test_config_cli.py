@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import cfg_dict, write
+from _helpers import cfg_dict, synthetic_videos, write
 from zeroi2v.cli import main
 from zeroi2v.train.config import load_config
 
@@ -22,11 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from zeroi2v.data import make_synthetic_dataset
-
-    return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_classes=2,
-                                  videos_per_class=6, num_frames=8, size=16, seed=0,
-                                  val_fraction=0.34)
+    return synthetic_videos(tmp_path_factory, videos_per_class=6, val_fraction=0.34)
 
 
 def err_line(capsys):

@@ -453,65 +453,55 @@ def cmd_push(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .data.prepare import FAILED_LIST, display_name, prepare_videos
+    from .data.prepare import display_name, prepare_videos
+    from .data.shard_writer import parse_shard_size, prepare_shards
+    from .limits import fmt_bytes
 
-    if args.shards or args.shard_size is not None:
-        return _prepare_shards(args)
-    res = prepare_videos(args.src, args.dst, short_side=args.short_side, fps=args.fps,
-                         workers=args.workers, crf=args.crf, progress=not args.no_progress)
-    if res["took_over"]:
-        rec = res["took_over"]
-        print(f"took over the lock of a run that stopped without releasing it (pid {rec.get('pid')} on "
-              f"{rec.get('host')}, since {rec.get('started')})")
-    if res["removed"]:
-        print(f"removed {res['removed']} temporary files of interrupted runs")
-    failed, skipped = res["failed"], res["skipped"]
-    total = res["converted"] + res["existing"] + len(failed) + len(skipped)
-    odd = f", {len(skipped)} not regular files" if skipped else ""
-    print(f"prepared {res['converted']} videos, {res['existing']} already done, {len(failed)} unreadable"
-          f"{odd}, of {total} under {args.src}")
-    for rel, reason in (failed + skipped)[:10]:
-        print(f"  skipped: {display_name(rel)} ({reason})")
-    if failed or skipped:
-        print(f"  full list: {Path(args.dst) / FAILED_LIST}")
+    if args.shard_size is not None and not args.shards:
+        raise ValueError("--shard-size sets the size of shards: add --shards")
+    common = dict(short_side=args.short_side, fps=args.fps, workers=args.workers, crf=args.crf,
+                  progress=not args.no_progress)
+    if args.shards:
+        res = prepare_shards(args.src, args.dst, shard_size=parse_shard_size(args.shard_size),
+                             **common)
+        leftovers = (f"{res['removed']} temporary files and {res['dropped_shards']} incomplete "
+                     "shards") if res["removed"] or res["dropped_shards"] else ""
+        _print_prepared(args, res, leftovers, "already in complete shards")
+        print(f"{res['num_samples']} videos in {res['shards']} shards ({fmt_bytes(res['bytes'])}); "
+              f"index: {res['index']} (set data.train_ann / data.val_ann to it)")
+        return 0
+    res = prepare_videos(args.src, args.dst, **common)
+    leftovers = f"{res['removed']} temporary files" if res["removed"] else ""
+    _print_prepared(args, res, leftovers, "already done")
     if res["renamed"]:
         rel, out = res["renamed"][0]
-        print(f"{len(res['renamed'])} output names made safe for annotation files (e.g. {display_name(rel)} "
-              f"-> {out})")
+        print(f"{len(res['renamed'])} output names made safe for annotation files (e.g. "
+              f"{display_name(rel)} -> {out})")
     if res["annotations"]:
         print(f"annotation file: {res['annotations']} (classes: {res['classes']})")
     return 0
 
 
-def _prepare_shards(args) -> int:
+def _print_prepared(args, res: dict, leftovers: str, existing: str) -> None:
+    """What prepare (files or shards) did: a lock taken over, leftovers removed, the counts and
+    the first skipped inputs."""
     from .data.prepare import FAILED_LIST, display_name
-    from .data.shard_writer import parse_shard_size, prepare_shards
-    from .limits import fmt_bytes
 
-    if not args.shards:
-        raise ValueError("--shard-size sets the size of shards: add --shards")
-    res = prepare_shards(args.src, args.dst, short_side=args.short_side, fps=args.fps,
-                         workers=args.workers, crf=args.crf, shard_size=parse_shard_size(args.shard_size),
-                         progress=not args.no_progress)
     if res["took_over"]:
         rec = res["took_over"]
-        print(f"took over the lock of a run that stopped without releasing it (pid {rec.get('pid')} on "
-              f"{rec.get('host')}, since {rec.get('started')})")
-    if res["removed"] or res["dropped_shards"]:
-        print(f"removed {res['removed']} temporary files and {res['dropped_shards']} incomplete shards "
-              "of interrupted runs")
+        print(f"took over the lock of a run that stopped without releasing it (pid "
+              f"{rec.get('pid')} on {rec.get('host')}, since {rec.get('started')})")
+    if leftovers:
+        print(f"removed {leftovers} of interrupted runs")
     failed, skipped = res["failed"], res["skipped"]
     total = res["converted"] + res["existing"] + len(failed) + len(skipped)
     odd = f", {len(skipped)} not regular files" if skipped else ""
-    print(f"prepared {res['converted']} videos, {res['existing']} already in complete shards, "
-          f"{len(failed)} unreadable{odd}, of {total} under {args.src}")
+    print(f"prepared {res['converted']} videos, {res['existing']} {existing}, {len(failed)} "
+          f"unreadable{odd}, of {total} under {args.src}")
     for rel, reason in (failed + skipped)[:10]:
         print(f"  skipped: {display_name(rel)} ({reason})")
     if failed or skipped:
         print(f"  full list: {Path(args.dst) / FAILED_LIST}")
-    print(f"{res['num_samples']} videos in {res['shards']} shards ({fmt_bytes(res['bytes'])}); "
-          f"index: {res['index']} (set data.train_ann / data.val_ann to it)")
-    return 0
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "predict": cmd_predict,
