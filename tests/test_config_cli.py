@@ -39,7 +39,7 @@ def err_line(capsys):
     ("model", "head_offset", [1, -1, 0, 0], r"did you mean 'model\.head_offsets'"),
     ("train", "lr", "fast", r"train\.lr: .*valid number.*'fast'"),
     ("train", "batch_size", 2.5, r"train\.batch_size: .*fractional part.*2\.5"),
-    ("model", "num_frames", -4, r"model\.num_frames: .*greater than 0"),
+    ("model", "num_frames", -4, r"model\.num_frames: .*greater than or equal to 1"),
     ("data", "sampling", "dens", r"data\.sampling: must be 'dense' or 'uniform'"),
     ("eval", "num_crops", 2, r"eval\.num_crops: must be 1 or 3"),
     ("train", "amp", "fast", r"train\.amp: must be"),

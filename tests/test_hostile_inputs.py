@@ -14,7 +14,7 @@ import zipfile
 import pytest
 import torch
 
-from zeroi2v import ZeroI2VConfig, create_video_model, load_model, settings
+from zeroi2v import ZeroI2VConfig, ZeroI2VViT, create_video_model, load_model, settings
 from zeroi2v.cli import main
 from zeroi2v.limits import LimitError
 from zeroi2v.models.timm_args import ACT_LAYERS, ALLOWED, NORM_LAYERS, check_timm_kwargs
@@ -282,8 +282,13 @@ def test_safetensors_entries_must_fit_the_file_and_the_limit(tmp_path):
 
 
 @pytest.mark.parametrize("change,says", [
-    ({"timm_kwargs": {"depth": 1000, "embed_dim": 1024}}, "parameters: depth 1000, embed_dim 1024"),
-    ({"num_classes": 100_000_000}, "100,000,000 classes"),
+    ({"timm_kwargs": {"depth": 1000, "embed_dim": 1024}},
+     "parameters: depth 1000, embed_dim 1024, img_size 32, 3 classes, 2 frames) needs"),
+    ({"num_classes": 900_000, "timm_kwargs": {"embed_dim": 4096, "num_heads": 2}},
+     "900,000 classes, 2 frames) needs"),
+    ({"num_classes": 100_000_000}, "num_classes is 100,000,000, over the 1,000,000 zeroi2v takes"),
+    ({"num_frames": 10**30}, "num_frames is 1,000,000,000,000,000,000,000,000,000,000, over"),
+    ({"timm_kwargs": {"class_token": False}}, "refuses these arguments: Token pooling needs"),
 ])
 def test_a_config_that_would_not_fit_is_refused_in_seconds(saved, tmp_path, capsys, change, says):
     import time
@@ -291,9 +296,24 @@ def test_a_config_that_would_not_fit_is_refused_in_seconds(saved, tmp_path, caps
     bad = _edit_config(saved, tmp_path, **change)
     t0 = time.perf_counter()
     assert main(["predict", str(bad), "v.mp4"]) == 2
-    err = capsys.readouterr().err
-    assert says in err and "over the memory limit" in err and "ZEROI2V_MEMORY_LIMIT" in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    if says.endswith(") needs"):
+        assert "over the memory limit" in err[0] and "ZEROI2V_MEMORY_LIMIT" in err[0]
     assert time.perf_counter() - t0 < 20
+
+
+def test_buffers_count_towards_the_model_size(tmp_path):
+    """BEiT's relative position index grows with the square of the tokens: a model of 19M
+    parameters can ask for gigabytes of buffers."""
+    from zeroi2v.models.video_vit import model_size
+
+    cfg = ZeroI2VConfig("beit_base_patch16_224", 8, 4, timm_kwargs=dict(
+        use_rel_pos_bias=True, img_size=256, patch_size=4, depth=16))
+    params, _, buffers = model_size(cfg)
+    assert buffers > 2e9 > 4 * params / 50
+    with _limited(500e6), pytest.raises(LimitError, match="MB of buffers"):
+        ZeroI2VViT.from_config(cfg)
 
 
 def test_refusals_keep_memory_bounded(saved, tmp_path):
@@ -406,7 +426,15 @@ def test_a_label_typo_is_refused_with_its_line_before_anything_is_built(videos, 
     cfg = write(tmp_path / "c.yaml", cfg_dict(videos, data={"train_ann": str(ann)}))
     assert main(["train", cfg, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "100,000,001 classes (the largest label, 100000000, is on line 2 " \
+    assert len(err) == 1 and f"{ann}:2: label 100000000 is over the 1,000,000 classes" in err[0]
+    assert not (tmp_path / "r").exists()
+    # below that ceiling, the memory the head would take is what refuses it, naming the line
+    lines[1] = lines[1].rsplit(" ", 1)[0] + " 900000"
+    ann.write_text("\n".join(lines) + "\n")
+    with _limited(50 << 20):
+        assert main(["train", cfg, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "900,001 classes (the largest label, 900000, is on line 2 " \
         f"of {ann})" in err[0] and "over the memory limit" in err[0]
     assert not (tmp_path / "r").exists()
 

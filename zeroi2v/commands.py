@@ -114,7 +114,7 @@ def _save_new(model, out: Path, **kwargs) -> Path:
 
 def cmd_train(args) -> int:
     from .train.checkpoint import saved_run_config
-    from .train.config import apply_overrides, load_config
+    from .train.config import apply_overrides, load_config, set_values
     from .train.engine import train
     from .train.evaluation import summary
     from .train.run import resume_path
@@ -122,22 +122,25 @@ def cmd_train(args) -> int:
     if args.config is None and args.resume not in (None, "auto") and \
             Path(args.resume).suffix in (".yaml", ".yml") and Path(args.resume).is_file():
         args.config, args.resume = args.resume, "auto"  # `train --resume my.yaml`
-    over = list(args.overrides)
+    # paths are values, not YAML (`--out "exp #3"` is that folder, not "exp")
+    values = {}
     if args.out:
-        over.append(f"train.out_dir={args.out}")
+        values["train.out_dir"] = args.out
     if args.pretrained:
-        over.append(f"model.pretrained={args.pretrained}")
+        flag = args.pretrained.strip().lower()
+        values["model.pretrained"] = {"true": True, "false": False, "none": None,
+                                      "null": None}.get(flag, args.pretrained)
     if args.no_progress:
-        over.append("train.progress=false")
+        values["train.progress"] = False
     if args.config is not None:
-        cfg = load_config(args.config, over)
+        cfg = set_values(load_config(args.config, args.overrides), values)
     elif args.resume is not None:  # the run's own config, with what the command line changes
         if args.resume == "auto" and not args.out:
             raise ValueError("--resume without a config needs the run's folder: zeroi2v train "
                              "--resume --out DIR (or --resume DIR/last)")
         out = Path(args.out) if args.out else None
         ckpt = resume_path(args.resume, out or Path("."))
-        cfg = apply_overrides(saved_run_config(ckpt), over)
+        cfg = set_values(apply_overrides(saved_run_config(ckpt), args.overrides), values)
     else:
         raise ValueError("train needs a YAML config (zeroi2v train CONFIG.yaml), or --resume "
                          "--out DIR to continue a run")

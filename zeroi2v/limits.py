@@ -23,12 +23,13 @@ from typing import Optional
 from . import settings
 
 __all__ = ["LimitError", "memory_limit", "machine_memory", "check_bytes", "check_video_pixels",
-           "fmt_bytes", "MAX_DEPTH", "MAX_CLASSES"]
+           "fmt_bytes", "MAX_DEPTH", "MAX_CLASSES", "MAX_FRAMES"]
 
 #: Structural ceilings that hold whatever the memory: a deeper model or more classes than this
 #: is a typo, and building one would take minutes before the memory check could see it.
 MAX_DEPTH = 1024
 MAX_CLASSES = 1_000_000
+MAX_FRAMES = 1_000_000
 
 
 class LimitError(ValueError):

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import pickle
 import shutil
+import stat
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -50,7 +52,13 @@ def read_checkpoint(path: PathLike) -> Any:
 
     Before anything is allocated, the bytes the file asks for (safetensors header, zip record
     sizes) are checked against the memory limit (:mod:`zeroi2v.limits`)."""
-    path = os.fspath(path)
+    try:
+        return _read_checkpoint(os.fspath(path))
+    except RecursionError:
+        raise ValueError(f"{os.fspath(path)}: nested deeper than any checkpoint is") from None
+
+
+def _read_checkpoint(path: str) -> Any:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not os.path.isfile(path):
@@ -63,9 +71,9 @@ def read_checkpoint(path: PathLike) -> Any:
                 infos = zf.infolist()
         except (zipfile.BadZipFile, OSError, ValueError) as e:
             raise ValueError(f"{path} is a damaged zip/checkpoint file: {e}") from e
+        _check_zip_records(path, infos)
         if any(i.filename.endswith("constants.pkl") for i in infos):
             return _read_torchscript(path)
-        _check_zip_records(path, infos)
     return _torch_load(path)
 
 
@@ -162,6 +170,8 @@ def safetensors_header(path: PathLike) -> tuple[dict[str, tuple[str, tuple[int, 
             doc = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise bad(f"damaged header ({e})") from None
+        except RecursionError:
+            raise bad("its header nests deeper than a header does") from None
     if not isinstance(doc, dict):
         raise bad("the header is not a JSON object")
     meta = doc.pop("__metadata__", None) or {}
@@ -173,7 +183,7 @@ def safetensors_header(path: PathLike) -> tuple[dict[str, tuple[str, tuple[int, 
         ok = isinstance(e, dict) and e.get("dtype") in _ST_DTYPES and \
             isinstance(e.get("shape"), list) and isinstance(e.get("data_offsets"), list) and \
             len(e["data_offsets"]) == 2 and all(
-                isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**62
                 for x in e["shape"] + e["data_offsets"])
         if not ok:
             raise bad(f"entry {name!r} is malformed")
@@ -181,6 +191,8 @@ def safetensors_header(path: PathLike) -> tuple[dict[str, tuple[str, tuple[int, 
         numel = 1
         for d in e["shape"]:
             numel *= d
+        if any(e["shape"]) and math.prod(d or 1 for d in e["shape"]) >= 2**62:
+            raise bad(f"tensor {name!r} has a shape no tensor can have: {e['shape']}")
         if not lo <= hi <= data_len or hi - lo != numel * _ST_DTYPES[e["dtype"]]:
             raise bad(f"tensor {name!r} ({e['dtype']} {e['shape']}) does not fit bytes "
                       f"{lo}..{hi} of {data_len}")
@@ -208,11 +220,21 @@ def read_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
 
 
+#: The largest pickle record (``data.pkl``) read: the tensors are separate records, so a real
+#: checkpoint's pickle is metadata, far below this.
+MAX_PICKLE_BYTES = 256 * 2**20
+
+
 def _check_zip_records(path: str, infos: list) -> None:
-    """A torch zip checkpoint's records, by their declared sizes, must fit the memory limit
-    (a compressed record can claim far more than the file holds)."""
-    total = sum(i.file_size for i in infos if "/data/" in i.filename)
-    check_bytes(total, f"{path} (tensor data of the checkpoint)")
+    """A zip checkpoint's records, by their declared sizes, must fit the memory limit, and its
+    pickles :data:`MAX_PICKLE_BYTES` (a compressed record can claim far more than the file
+    holds: a 14 MB file whose data.pkl inflates to 3 GB)."""
+    check_bytes(sum(i.file_size for i in infos), f"{path} (the records of the archive)")
+    for i in infos:
+        if i.filename.endswith(".pkl") and i.file_size > MAX_PICKLE_BYTES:
+            raise LimitError(f"{path}: its pickle {i.filename} claims {fmt_bytes(i.file_size)}, "
+                             f"over the {fmt_bytes(MAX_PICKLE_BYTES)} a checkpoint's metadata "
+                             "takes: not a checkpoint zeroi2v reads")
 
 
 def _torch_load(path: str) -> Any:
@@ -272,7 +294,11 @@ def _read_torchscript(path: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} looks like a TorchScript archive but cannot be read: "
                          f"{type(e).__name__}: {e}") from e
     out: dict[str, torch.Tensor] = {}
-    _collect_tensors(root, "", out, set())
+    try:
+        _collect_tensors(root, "", out, set())
+    except RecursionError:
+        raise ValueError(f"{path}: the TorchScript archive nests its modules deeper than any "
+                         "model does") from None
     if not out:
         raise ValueError(f"{path}: the TorchScript archive holds no tensors")
     check_tensor_memory(out, path)
@@ -329,25 +355,56 @@ class _Placeholder:
         return f"<placeholder for {self._qualname}>"
 
 
+def _latin1(text: Any, encoding: Any = "latin1") -> bytes:
+    """What protocol-2 pickles of bytes call ``_codecs.encode`` for: a str to latin-1 bytes. Any
+    other codec is refused (``hex`` nested twenty times doubles memory twenty times;
+    ``punycode`` is quadratic)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _PickleRefused(f"the pickle calls _codecs.encode with {type(text).__name__} and "
+                             f"{str(encoding)[:20]!r}; only latin-1 text is read")
+    return text.encode("latin1")
+
+
+class _StorageTag:
+    """Stands for a typed-storage class (``torch.FloatStorage``) in a pickle: it names a dtype for
+    the storage records and cannot be called (``torch.FloatStorage(3e9)`` would reserve 12 GB)."""
+
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name, self.dtype = name, dtype
+
+    def __repr__(self):
+        return f"<storage type {self.name}>"
+
+
 def _allowed_globals() -> dict:
     """What checkpoints need to rebuild tensors, and nothing that allocates from an argument
-    (``bytearray``) or builds device tensors. Everything else becomes a :class:`_Placeholder`."""
-    import _codecs
+    (``bytearray``, storage constructors) or builds device tensors. Everything else becomes a
+    :class:`_Placeholder`."""
     import collections
 
     import torch._utils as tu
 
     out = {"collections.OrderedDict": collections.OrderedDict, "torch.Size": torch.Size,
            "torch.device": torch.device, "torch.nn.parameter.Parameter": torch.nn.Parameter,
-           "_codecs.encode": _codecs.encode}
+           "_codecs.encode": _latin1}
     for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter",
                  "_rebuild_parameter_with_state"):
         if hasattr(tu, name):
             out[f"torch._utils.{name}"] = getattr(tu, name)
-    for name in dir(torch):  # dtypes and the legacy typed-storage classes named by records
-        obj = getattr(torch, name, None)
-        if isinstance(obj, torch.dtype) or (name.endswith("Storage") and isinstance(obj, type)):
+    import warnings
+
+    for name in dir(torch):  # dtypes, and the typed-storage classes the records name
+        with warnings.catch_warnings():  # the legacy storage classes warn when touched
+            warnings.simplefilter("ignore")
+            obj = getattr(torch, name, None)
+        if isinstance(obj, torch.dtype):
             out[f"torch.{name}"] = obj
+        elif name.endswith("Storage") and isinstance(obj, type):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dtype = torch.uint8 if name == "UntypedStorage" else getattr(obj, "dtype", None)
+            if isinstance(dtype, torch.dtype):
+                out[f"torch.{name}"] = _StorageTag(name, dtype)
     return out
 
 
@@ -459,6 +516,75 @@ def plain(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     return x
+
+
+# ----------------------------------------------------------------------------- text files
+
+#: The largest JSON or YAML file read (a config, an index): far above any real one, far below
+#: what parsing could turn into memory.
+MAX_TEXT_BYTES = 64 * 2**20
+
+
+def read_text(path: PathLike, what: str = "file") -> str:
+    """A UTF-8 text file of at most :data:`MAX_TEXT_BYTES`, or a ``ValueError`` naming it."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    if size > MAX_TEXT_BYTES:
+        raise LimitError(f"{path}: a {what} of {fmt_bytes(size)}, over the "
+                         f"{fmt_bytes(MAX_TEXT_BYTES)} any real one takes")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): not a {what}") from None
+
+
+def load_json(text: Union[str, bytes], source: str) -> Any:
+    """JSON from a file zeroi2v did not write: a damaged or absurdly nested document is one
+    ``ValueError`` naming ``source``."""
+    import json
+
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{source} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{source} nests its JSON deeper than any zeroi2v file does") from None
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """YAML from a file zeroi2v did not write, read without aliases: ``*x`` references to
+    ``&x`` anchors let 700 bytes stand for 9**9 values ("billion laughs"), which any walk over
+    the result (validation, an error message) would expand."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ValueError(f"{source} (line {mark.line + 1}): YAML aliases (*name) are not "
+                                 "read; write the value out")
+            return super().compose_node(parent, index)
+
+    try:
+        return yaml.load(text, Loader=NoAliases)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{source} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise ValueError(f"{source} nests its YAML deeper than any config does") from None
+
+
+def short_repr(x: Any, limit: int = 80) -> str:
+    """``repr(x)`` bounded in depth, length and time (for error messages about untrusted
+    values)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxstring, r.maxother, r.maxlong = 3, 6, 6, 60, 60, 40
+    text = r.repr(x)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- checking
@@ -654,7 +780,16 @@ def folder_lock(folder: PathLike, command: str) -> Iterator[Optional[dict]]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # never through a link: it would empty whatever file the link names
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError:
+        if os.path.islink(path):
+            raise FolderLockedError(f"{path} is a symbolic link, not zeroi2v's lock file: remove "
+                                    "it (zeroi2v never writes through it)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FolderLockedError(f"{path} is not a regular file: remove it")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -5,7 +5,8 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from ..safe_io import atomic_path
+from ..limits import MAX_CLASSES
+from ..safe_io import atomic_path, short_repr
 
 __all__ = ["read_annotations", "write_annotations", "read_class_names"]
 
@@ -20,25 +21,35 @@ def read_annotations(path: str | os.PathLike) -> list[tuple[str, int]]:
     """
     path = os.fspath(path)
     out: list[tuple[str, int]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            fields = line.split()
-            if len(fields) != 2:
-                raise ValueError(
-                    f"{path}:{lineno}: expected 'relative/path label' (2 fields), "
-                    f"got {len(fields)}: {line!r}")
-            rel, lab = fields
-            try:
-                label = int(lab)
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: label {lab!r} is not an integer: {line!r}") from None
-            if label < 0:
-                raise ValueError(f"{path}:{lineno}: label {label} is negative: {line!r}")
-            out.append((rel, label))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, raw in enumerate(f, start=1):
+                out.extend(_parse_line(path, lineno, raw))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): an annotation file is "
+                         "'relative/path label' lines") from None
     return out
+
+
+def _parse_line(path: str, lineno: int, raw: str) -> list[tuple[str, int]]:
+    line = raw.strip()
+    if not line or line.startswith("#"):
+        return []
+    shown = short_repr(line)
+    fields = line.split()
+    if len(fields) != 2:
+        raise ValueError(f"{path}:{lineno}: expected 'relative/path label' (2 fields), "
+                         f"got {len(fields)}: {shown}")
+    rel, lab = fields
+    if not lab.lstrip("-").isdigit() or len(lab) > 20:
+        raise ValueError(f"{path}:{lineno}: label {short_repr(lab)} is not an integer: {shown}")
+    label = int(lab)
+    if label < 0:
+        raise ValueError(f"{path}:{lineno}: label {label} is negative: {shown}")
+    if label >= MAX_CLASSES:
+        raise ValueError(f"{path}:{lineno}: label {label} is over the {MAX_CLASSES:,} classes "
+                         f"zeroi2v takes (a typo?): {shown}")
+    return [(rel, label)]
 
 
 def write_annotations(path: str | os.PathLike, samples) -> None:

@@ -197,9 +197,9 @@ def _resume(dst: Path, digest: str, fresh: dict) -> tuple[dict, list[Path]]:
     if path.exists():
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} cannot be read ({e}): remove it (and the shard-*.tar files) or "
-                             "choose another destination") from None
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{path} cannot be read ({type(e).__name__}): remove it (and the "
+                             "shard-*.tar files) or choose another destination") from None
         if not isinstance(raw, dict) or raw.get("format") != INDEX_FORMAT:
             raise ValueError(f"{path} is not a shard index: remove it or choose another destination")
         if raw.get("version") != INDEX_VERSION:
@@ -210,16 +210,38 @@ def _resume(dst: Path, digest: str, fresh: dict) -> tuple[dict, list[Path]]:
             raise ValueError(f"{dst} holds shards of other videos or settings (another SRC, "
                              "--short-side, --fps or --crf): rerun the command that made them, or "
                              f"choose another destination, or remove {path} and the shard-*.tar files")
-        for s in raw.get("shards") or []:
+        listed = raw.get("shards") or []
+        if not isinstance(listed, list) or not all(_shard_entry_ok(x) for x in listed):
+            raise ValueError(f"{path} lists a shard entry this zeroi2v did not write (a file "
+                             "outside the folder, or malformed sizes): remove it and the "
+                             "shard-*.tar files, or choose another destination (nothing was "
+                             "touched)")
+        for s in listed:
             f = dst / s["file"]
             if not f.is_file() or f.stat().st_size != s["bytes"]:
                 break
             index["shards"].append(s)
         done = index["shards"][-1]["next"] if index["shards"] else 0
-        index["failed"] = [f for f in raw.get("failed") or [] if f[2] < done]
+        index["failed"] = [f for f in raw.get("failed") or [] if isinstance(f, list)
+                           and len(f) >= 3 and isinstance(f[2], int) and f[2] < done]
         index["complete"] = bool(raw.get("complete")) and len(index["shards"]) == len(raw["shards"])
     kept = {s["file"] for s in index["shards"]}
     return index, [p for p in dst.iterdir() if SHARD_PATTERN.fullmatch(p.name) and p.name not in kept]
+
+
+def _shard_entry_ok(entry) -> bool:
+    """An index entry as this writer writes it: a shard name of the folder's own pattern, and
+    sizes and sample rows that are plain, bounded integers."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \
+            or not SHARD_PATTERN.fullmatch(entry["file"]):
+        return False
+    ints = [entry.get("bytes"), entry.get("next")]
+    rows = entry.get("samples")
+    if not isinstance(rows, list):
+        return False
+    ints += [x for r in rows if isinstance(r, list) for x in r[1:]]
+    return all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**62 for x in ints) \
+        and all(isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) for r in rows)
 
 
 def _results(todo: list, produce: Callable, workers: int):

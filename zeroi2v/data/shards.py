@@ -78,6 +78,9 @@ def _bad(path, why: str, fix: str = "") -> ValueError:
     return ValueError(f"{path}: {why}" + (f": {fix}" if fix else ""))
 
 
+_MAX_INT = 2**62  # larger byte counts, offsets and labels are lies (and overflow int64)
+
+
 class ShardIndex:
     """A shard index, checked, with every sample's shard, byte range, label and names.
 
@@ -118,6 +121,9 @@ class ShardIndex:
         except (ValueError, UnicodeDecodeError) as e:
             raise _bad(path, f"not a shard index (not valid JSON: {e})",
                        "give an index written by zeroi2v prepare --shards, or an annotation file") from None
+        except RecursionError:
+            raise _bad(path, "not a shard index (its JSON nests deeper than an index does)",
+                       "give the shards.json written by zeroi2v prepare --shards") from None
         cls._check(path, raw)
         index = cls(path, raw)
         index._check_shards()
@@ -141,12 +147,15 @@ class ShardIndex:
         for s in shards:
             rows = s.get("samples") if isinstance(s, dict) else None
             if not isinstance(rows, list) or not isinstance(s.get("file"), str) \
-                    or os.path.basename(s["file"]) != s["file"] or not isinstance(s.get("bytes"), int):
+                    or os.path.basename(s["file"]) != s["file"] or not isinstance(s.get("bytes"), int) \
+                    or isinstance(s["bytes"], bool) or not 0 <= s["bytes"] < _MAX_INT:
                 raise _bad(path, f"a malformed shard entry ({str(s)[:80]})", "prepare the shards again")
             for r in rows:
                 ok = (isinstance(r, list) and len(r) == 4 and isinstance(r[0], str)
-                      and all(isinstance(x, int) and not isinstance(x, bool) for x in r[1:]))
-                if not ok or r[1] < 0 or r[2] < _TAR_BLOCK or r[3] < 0 or r[2] + r[3] > s["bytes"]:
+                      and all(isinstance(x, int) and not isinstance(x, bool) and x < _MAX_INT
+                              for x in r[1:]))
+                if not ok or not 0 <= r[1] < limits.MAX_CLASSES or r[2] < _TAR_BLOCK \
+                        or r[3] < 0 or r[2] + r[3] > s["bytes"]:
                     raise _bad(path, f"sample {n} of {s['file']} is malformed ({str(r)[:80]})",
                                "prepare the shards again")
                 n += 1

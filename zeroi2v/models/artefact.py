@@ -37,10 +37,13 @@ from ..safe_io import (
     atomic_path,
     atomic_write_text,
     check_state_dict,
+    load_json,
+    load_yaml,
     looks_like_safetensors,
     plain,
     read_checkpoint,
     read_safetensors,
+    read_text,
     safetensors_header,
     unwrap_state_dict,
 )
@@ -56,6 +59,7 @@ TRAINING_STATE_FILE = "training_state.pt"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, RUN_CONFIG_FILE, TRAINING_STATE_FILE)
 _META_KEY = "zeroi2v_config"
 SHA_KEY = "weights_sha256"
+RUN_CONFIG_SHA_KEY = "run_config_sha256"
 
 
 @dataclass(frozen=True)
@@ -139,16 +143,37 @@ def save_pretrained(model, path: PathLike, *, weights: str = "full",
         save_file(tensors, str(tmp), metadata={"format": "pt", _META_KEY: json.dumps(doc)})
         digest = file_digest(tmp)["sha256"]
     # config.json alone records the weights' hash: the metadata copy cannot hold its own
-    doc["artefact"] = dict(info, **{SHA_KEY: digest})
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
+    hashes = {SHA_KEY: digest}
     if run_config is not None:
         import yaml
 
         if hasattr(run_config, "to_dict"):  # a training RunConfig
             run_config = run_config.to_dict()
-
         atomic_write_text(folder / RUN_CONFIG_FILE, yaml.safe_dump(plain(run_config), sort_keys=False))
+        hashes[RUN_CONFIG_SHA_KEY] = file_digest(folder / RUN_CONFIG_FILE)["sha256"]
+    doc["artefact"] = dict(info, **hashes)
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
     return folder
+
+
+def read_run_config(art: Artefact) -> Optional[dict]:
+    """The run config saved beside a model (``run_config.yaml``, a plain dict), or None: read
+    as untrusted text (no YAML aliases, size-capped) and checked against the SHA-256 that
+    ``config.json`` records, so a hand-edited file cannot change a resumed run unseen."""
+    path = art.run_config_file
+    if path is None:
+        return None
+    want = art.info.get(RUN_CONFIG_SHA_KEY)
+    if want is not None and file_digest(path)["sha256"] != want:
+        raise ValueError(f"{path} was changed after it was saved (its SHA-256 differs from the "
+                         f"one {art.folder / CONFIG_FILE} records): restore it, or pass the "
+                         "changed settings as a config or --set (resume accepts only those safe "
+                         "to change)")
+    doc = load_yaml(read_text(path, "run config"), str(path))
+    if doc is not None and not isinstance(doc, dict):
+        raise ValueError(f"{path}: a run config is a mapping of sections, got "
+                         f"{type(doc).__name__}")
+    return doc
 
 
 def _check_rebuilds(model, config: ZeroI2VConfig) -> None:
@@ -205,10 +230,7 @@ def read_artefact(path: PathLike) -> Artefact:
     cfg_path = folder / CONFIG_FILE
     doc = None
     if cfg_path.is_file():
-        try:
-            doc = json.loads(cfg_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+        doc = load_json(read_text(cfg_path, "model config"), str(cfg_path))
     meta_doc = _metadata_config(weights) if weights.is_file() else None
     if doc is None and meta_doc is None:
         if p.is_dir():
@@ -238,7 +260,8 @@ def read_artefact(path: PathLike) -> Artefact:
 def _without_hash(doc: Any) -> Any:
     if not isinstance(doc, dict) or not isinstance(doc.get("artefact"), dict):
         return doc
-    return dict(doc, artefact={k: v for k, v in doc["artefact"].items() if k != SHA_KEY})
+    return dict(doc, artefact={k: v for k, v in doc["artefact"].items()
+                               if k not in (SHA_KEY, RUN_CONFIG_SHA_KEY)})
 
 
 def _artefact_from_doc(doc: Any, folder: Path, source: str) -> Artefact:
@@ -266,10 +289,7 @@ def _metadata_config(weights: Path) -> Optional[dict]:
     text = meta.get(_META_KEY)
     if text is None:
         return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{weights}: damaged zeroi2v config in the metadata: {e}") from None
+    return load_json(text, f"{weights}'s zeroi2v metadata")
 
 
 def _not_a_model(p: Path) -> str:

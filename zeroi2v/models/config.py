@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from ..errors import closest
+from ..limits import MAX_CLASSES, MAX_FRAMES
+from ..safe_io import short_repr
 from .timm_args import check_model_name, check_timm_kwargs
 
 FORMAT = "zeroi2v"
@@ -100,10 +102,13 @@ class ZeroI2VConfig:
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
         check_model_name(self.model_name, "model config")
-        for k in ("num_frames", "num_classes", "format_version"):
+        for k, most in (("num_frames", MAX_FRAMES), ("num_classes", MAX_CLASSES),
+                        ("format_version", 1000)):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail(f"{k} must be a positive integer, got {v!r}")
+                _fail(f"{k} must be a positive integer, got {short_repr(v)}")
+            if v > most:
+                _fail(f"{k} is {v:,}, over the {most:,} zeroi2v takes")
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"model config has format version {self.format_version}, newer than this zeroi2v "
@@ -126,9 +131,9 @@ class ZeroI2VConfig:
                           ("head_dropout", 0.0, 1.0)):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                _fail(f"{k} must be a number, got {v!r}")
-            if k == "adapter_ratio" and not v > lo:
-                _fail(f"adapter_ratio must be > 0, got {v}")
+                _fail(f"{k} must be a number, got {short_repr(v)}")
+            if k == "adapter_ratio" and not lo < v <= 64:
+                _fail(f"adapter_ratio must be in (0, 64], got {v}")
             if k.endswith("dropout") and not (lo <= v < hi):
                 _fail(f"{k} must be in [0, 1), got {v}")
             set_(k, float(v))

@@ -314,7 +314,7 @@ def model_folder(hub_id: str) -> Path:
     try:
         doc = json.loads(config.read_text())
         fmt, info = doc.get("format"), doc.get("artefact")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
         fmt = info = None
     if fmt != "zeroi2v":
         raise ValueError(f"{hub_id} is not a zeroi2v model (its config.json is not a zeroi2v "

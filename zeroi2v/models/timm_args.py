@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import closest
 from ..limits import MAX_DEPTH
+from ..safe_io import short_repr
 
 #: Activation and normalisation layers by the names timm resolves (``act_layer: gelu``).
 ACT_LAYERS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "relu6", "leaky_relu", "elu", "celu",
@@ -83,9 +84,9 @@ def _fail(source: str, key: str, msg: str) -> None:
 
 def _check_number(source, key, v, lo, hi, integer: bool) -> Any:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
-        _fail(source, key, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
+        _fail(source, key, f"must be {'an integer' if integer else 'a number'}, got {short_repr(v)}")
     if not math.isfinite(v) or not lo <= v <= hi:
-        _fail(source, key, f"must be in [{lo}, {hi}], got {v!r}")
+        _fail(source, key, f"must be in [{lo}, {hi}], got {short_repr(v)}")
     return v
 
 
@@ -101,7 +102,7 @@ def check_timm_kwargs(kwargs: Mapping[str, Any], source: str = "model config", *
     out = {}
     for key, v in kwargs.items():
         if not isinstance(key, str):
-            raise ValueError(f"{source}: timm_kwargs keys must be strings, got {key!r}")
+            raise ValueError(f"{source}: timm_kwargs keys must be strings, got {short_repr(key)}")
         if key in _DOORS or key.startswith("pretrained"):
             _fail(source, key, f"not allowed ({_DOORS.get(key, _DOORS['pretrained_cfg'])})")
         if allow_classes and key.endswith(("_layer", "_fn")) and callable(v):
@@ -119,24 +120,24 @@ def check_timm_kwargs(kwargs: Mapping[str, Any], source: str = "model config", *
                 continue
         if kind == "bool":
             if not isinstance(v, bool):
-                _fail(source, key, f"must be true or false, got {v!r}")
+                _fail(source, key, f"must be true or false, got {short_repr(v)}")
         elif kind in ("int", "float"):
             _check_number(source, key, v, *detail, integer=kind == "int")
         elif kind == "rate":
             _check_number(source, key, v, 0.0, 1.0, integer=False)
             if v >= 1.0:
-                _fail(source, key, f"must be in [0, 1), got {v!r}")
+                _fail(source, key, f"must be in [0, 1), got {short_repr(v)}")
         elif kind == "size":
             items = list(v) if isinstance(v, (list, tuple)) else [v]
             if len(items) not in (1, 2) or (isinstance(v, (list, tuple)) and len(items) != 2):
-                _fail(source, key, f"must be an integer or a list of two, got {v!r}")
+                _fail(source, key, f"must be an integer or a list of two, got {short_repr(v)}")
             for x in items:
                 _check_number(source, key, x, *detail, integer=True)
             v = list(v) if isinstance(v, (list, tuple)) else v
         elif kind == "ints":
             n, lo, hi = detail
             if not isinstance(v, (list, tuple)) or len(v) != n:
-                _fail(source, key, f"must be a list of {n} integers, got {v!r}")
+                _fail(source, key, f"must be a list of {n} integers, got {short_repr(v)}")
             for x in v:
                 _check_number(source, key, x, lo, hi, integer=True)
             v = list(v)
@@ -146,7 +147,7 @@ def check_timm_kwargs(kwargs: Mapping[str, Any], source: str = "model config", *
                 hint = closest(str(v), values) if isinstance(v, str) else ""
                 named = " (layers are named, not imported)" if isinstance(v, str) and \
                     re.search(r"[.:/]", v) else ""
-                _fail(source, key, f"{v!r} is not one of {list(values)}{named}{hint}")
+                _fail(source, key, f"{short_repr(v)} is not one of {list(values)}{named}{hint}")
             v = v.lower()
         out[key] = v
     return out
@@ -159,7 +160,7 @@ def check_model_name(name: Any, source: str = "model config") -> str:
     """A timm architecture name, optionally with a pretrained tag (``vit_base_patch16_224`` or
     ``vit_base_patch16_224.augreg_in21k``): no hub (``hf-hub:``), folder or URL prefixes."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"{source}: {name!r} must be a timm architecture name "
+        raise ValueError(f"{source}: {short_repr(name)} must be a timm architecture name "
                          "(letters, digits, '_' and an optional '.tag'); hub ids, folders and "
                          "URLs are not model names")
     return name

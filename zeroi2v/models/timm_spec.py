@@ -38,8 +38,12 @@ def create(name: str, kwargs: Optional[dict] = None, *, device=None) -> nn.Modul
             return timm.create_model(name, pretrained=False, num_classes=0, **(kwargs or {}))
         with torch.device(device):
             return timm.create_model(name, pretrained=False, num_classes=0, **(kwargs or {}))
-    except TypeError as e:
-        raise ValueError(f"timm.create_model({name!r}, **{kwargs}) failed: {e}") from None
+    except (TypeError, AssertionError, OverflowError) as e:
+        # a keyword the architecture does not take, or values timm's own asserts refuse
+        # (class_token=False with token pooling, a width the heads do not divide)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"timm.create_model({name!r}, **{kwargs}) refuses these arguments: "
+                         f"{why}") from None
 
 
 @contextlib.contextmanager

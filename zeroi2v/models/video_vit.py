@@ -442,17 +442,25 @@ def create_video_model(
     return video
 
 
-def parameter_count(config: ZeroI2VConfig) -> tuple[int, int]:
-    """``(all, trainable)`` parameters of the (unmerged) model ``config`` describes, from
-    meta-device builds of at most two blocks: no memory, and fast for any depth (blocks are
-    identical in size)."""
+def model_size(config: ZeroI2VConfig) -> tuple[int, int, int]:
+    """``(parameters, trainable parameters, buffer bytes)`` of the (unmerged) model ``config``
+    describes, from meta-device builds of at most two blocks: no memory, and fast for any depth
+    (blocks are identical in size). Buffers count too: BEiT's relative position index grows
+    with the square of the token count, whatever the parameters."""
     kwargs = dict(config.timm_kwargs or {})
     cfg = config.replace(merged=False, adapters=None)
     depth = kwargs.get("depth")
 
-    def count(c: ZeroI2VConfig) -> tuple[int, int]:
-        ps = list(ZeroI2VViT.from_config(c, device="meta").parameters())
-        return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
+    def count(c: ZeroI2VConfig) -> tuple[int, int, int]:
+        try:
+            m = ZeroI2VViT.from_config(c, device="meta")
+        except (RuntimeError, OverflowError, TypeError, AssertionError) as e:
+            raise ValueError(f"timm cannot build {c.model_name} with {dict(c.timm_kwargs or {})}"
+                             f": {str(e).strip().splitlines()[0] if str(e).strip() else e}"
+                             ) from None
+        ps = list(m.parameters())
+        return (sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad),
+                sum(b.numel() * b.element_size() for b in m.buffers()))
 
     if not isinstance(depth, int) or depth <= 2:
         return count(cfg)
@@ -461,17 +469,26 @@ def parameter_count(config: ZeroI2VConfig) -> tuple[int, int]:
     return tuple(a + (depth - 1) * (b - a) for a, b in zip(one, two))
 
 
+def parameter_count(config: ZeroI2VConfig) -> tuple[int, int]:
+    """``(all, trainable)`` parameters of the model ``config`` describes (see
+    :func:`model_size`)."""
+    return model_size(config)[:2]
+
+
 def check_model_size(config: ZeroI2VConfig, bytes_per_param: int = 4) -> int:
-    """Refuse a config whose model would not fit the memory limit (:mod:`zeroi2v.limits`),
-    before anything is allocated; returns the parameter count."""
-    n = parameter_count(config)[0]
+    """Refuse a config whose model (parameters and buffers) would not fit the memory limit
+    (:mod:`zeroi2v.limits`), before anything is allocated; returns the parameter count."""
+    n, _, buffers = model_size(config)
     kw = config.timm_kwargs or {}
-    shape = ", ".join(f"{k} {kw[k]}" for k in ("depth", "embed_dim") if k in kw)
-    check_bytes(n * bytes_per_param,
-                f"the model {config.model_name} ({n:,} parameters: {shape + ', ' if shape else ''}"
-                f"{config.num_classes:,} classes, {config.num_frames} frames)",
-                fix="check the timm kwargs (depth, embed_dim), the class count (the largest label "
-                    "in the annotations) and the frame count")
+    shape = ", ".join(f"{k} {kw[k]}" for k in ("depth", "embed_dim", "img_size", "patch_size")
+                      if k in kw)
+    extra = f" and {buffers / 1e6:,.0f} MB of buffers" if buffers > 1e8 else ""
+    check_bytes(n * bytes_per_param + buffers,
+                f"the model {config.model_name} ({n:,} parameters{extra}: "
+                f"{shape + ', ' if shape else ''}{config.num_classes:,} classes, "
+                f"{config.num_frames} frames)",
+                fix="check the timm kwargs (depth, embed_dim, image and patch size), the class "
+                    "count (the largest label in the annotations) and the frame count")
     return n
 
 
@@ -508,5 +525,5 @@ def load_image_weights(backbone: nn.Module, path: Union[str, os.PathLike]) -> No
 
 
 __all__ = ["ZeroI2VViT", "create_video_model", "load_image_weights", "fused_adapters_active",
-           "count_params", "image_model_params", "parameter_count",
+           "count_params", "image_model_params", "parameter_count", "model_size",
            "ADAPTER_NAMES", "UnsupportedModelError"]

@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..models.artefact import Artefact, model_from_artefact, read_artefact
+from ..models.artefact import Artefact, model_from_artefact, read_artefact, read_run_config
 from ..models.config import ZeroI2VConfig
 from ..models.video_vit import ZeroI2VViT
 from .config import ModelSection, RunConfig, deep_update, load_config
@@ -58,14 +58,7 @@ def run_config_for(art: Artefact) -> RunConfig:
     """The run config of a saved model: its ``run_config.yaml`` when it has one (a training
     checkpoint, or a model merged from one), else the defaults around the model's config. The
     ``model`` section always restates the saved model's config."""
-    import yaml
-
-    base = None
-    if art.run_config_file is not None:
-        try:
-            base = yaml.safe_load(art.run_config_file.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{art.run_config_file} is not valid YAML: {e}") from None
+    base = read_run_config(art)
     c = art.config
     restated = {"model": {"name": c.model_name, "timm_kwargs": dict(c.timm_kwargs or {}),
                           "num_frames": c.num_frames, "num_classes": c.num_classes,

@@ -28,16 +28,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..limits import LimitError
 from ..models.artefact import (
+    RUN_CONFIG_FILE,
+    RUN_CONFIG_SHA_KEY,
     SHA_KEY,
     TRAINING_STATE_FILE,
     WEIGHTS_FILE,
     Artefact,
     file_digest,
     read_artefact,
+    read_run_config,
     save_pretrained,
 )
-from ..safe_io import PathLike, atomic_dir, atomic_torch_save, replace_symlink
+from ..safe_io import (
+    PathLike,
+    atomic_dir,
+    atomic_torch_save,
+    check_tensor_memory,
+    read_checkpoint,
+    replace_symlink,
+)
 
 STATE_FORMAT = "zeroi2v-training-state"
 STATE_SHA_KEY = "training_state_sha256"
@@ -112,7 +123,8 @@ def verify_checkpoint(folder: PathLike) -> Optional[str]:
         art = read_artefact(folder)
     except (ValueError, FileNotFoundError) as e:
         return str(e)
-    for name, key in ((WEIGHTS_FILE, SHA_KEY), (TRAINING_STATE_FILE, STATE_SHA_KEY)):
+    for name, key in ((WEIGHTS_FILE, SHA_KEY), (TRAINING_STATE_FILE, STATE_SHA_KEY),
+                      (RUN_CONFIG_FILE, RUN_CONFIG_SHA_KEY)):
         path, want = art.folder / name, art.info.get(key)
         if not path.is_file():
             return f"{path} is missing"
@@ -132,24 +144,22 @@ def newest_intact_checkpoint(out_dir: PathLike, skip: Optional[Path] = None) -> 
 
 def saved_run_config(path: PathLike):
     """The :class:`~zeroi2v.train.config.RunConfig` a training checkpoint was written with (its
-    ``run_config.yaml``), validated as any config is."""
-    import yaml
-
+    ``run_config.yaml``, checked against its recorded SHA-256), validated as any config is."""
     from .config import load_config
 
     art = read_artefact(checkpoint_folder(path))
-    if art.run_config_file is None:
+    saved = read_run_config(art)
+    if saved is None:
         raise ValueError(f"{art.folder} has no run_config.yaml: it is a saved model, not a "
                          "training checkpoint to resume")
-    try:
-        saved = yaml.safe_load(art.run_config_file.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{art.run_config_file} is not valid YAML: {e}") from None
-    return load_config(None, base=saved if isinstance(saved, dict) else {})
+    return load_config(None, base=saved)
 
 
 def read_training_checkpoint(path: PathLike) -> tuple[Artefact, dict]:
-    """``(artefact, training state)`` of a checkpoint folder written by :func:`save_checkpoint`."""
+    """``(artefact, training state)`` of a checkpoint folder written by :func:`save_checkpoint`.
+    The state is read like any file zeroi2v did not write (the restricted reader, sizes checked
+    before allocating), then checked to hold only tensors and plain values, with the keys a
+    resume reads."""
     art = read_artefact(checkpoint_folder(path))
     state_file = art.training_state_file
     if state_file is None:
@@ -160,16 +170,50 @@ def read_training_checkpoint(path: PathLike) -> tuple[Artefact, dict]:
         raise ValueError(f"{state_file} is damaged (its SHA-256 differs from the one "
                          f"{art.folder / 'config.json'} records): resume from an intact checkpoint")
     try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, foreign or code-carrying files
-        raise ValueError(f"{state_file} cannot be read as a training state (it must hold only "
-                         f"tensors and plain values): {type(e).__name__}: {e}") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{state_file} is not a zeroi2v training state")
+        state = read_checkpoint(state_file)
+    except LimitError:
+        raise
+    except ValueError as e:
+        raise ValueError(f"{state_file} cannot be read as a training state: {e}") from None
+    _check_state(state, state_file)
     if int(state.get("version", 0)) > STATE_VERSION:
         raise ValueError(f"{state_file} has training-state version {state['version']}, newer than "
                          f"this zeroi2v reads ({STATE_VERSION}): upgrade zeroi2v")
     return art, state
+
+
+_STATE_KEYS = {"optimizer": dict, "scheduler": dict, "epoch": int, "step": int, "rng": list,
+               "num_classes": int}
+
+
+def _check_state(state, path) -> None:
+    """Tensors and plain values only (a placeholder for anything else is refused, naming where),
+    every tensor owning its bytes, and the keys a resume reads, of their types."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a zeroi2v training state")
+    tensors: dict[str, torch.Tensor] = {}
+    stack = [("", state)]
+    while stack:
+        where, x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            tensors[where or "state"] = x
+        elif isinstance(x, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in x.items()
+                         if isinstance(k, (str, int)) or _bad(path, where, k))
+        elif isinstance(x, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(x))
+        elif not (x is None or isinstance(x, (bool, int, float, str, bytes))):
+            _bad(path, where, x)
+    check_tensor_memory(tensors, path)
+    for k, kind in _STATE_KEYS.items():
+        if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool):
+            raise ValueError(f"{path} cannot be read as a training state: {k!r} is missing or "
+                             f"not a {kind.__name__}")
+
+
+def _bad(path, where: str, x) -> bool:
+    raise ValueError(f"{path} cannot be read as a training state (it must hold only tensors and "
+                     f"plain values): {where or 'the state'} holds a {type(x).__name__}")
 
 
 # ----------------------------------------------------------------------------- RNG

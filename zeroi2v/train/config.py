@@ -31,7 +31,7 @@ import copy
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
@@ -39,9 +39,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
-    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -49,10 +47,18 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ..errors import closest
+from ..limits import MAX_CLASSES, MAX_FRAMES
 from ..models.config import ZeroI2VConfig as _M
 from ..models.hub import check_pretrained
 from ..models.timm_args import check_model_name, check_timm_kwargs
-from ..safe_io import plain
+from ..safe_io import load_yaml, plain, read_text, short_repr
+
+#: Counts a config may hold: positive (or zero) and far from where int64 arithmetic overflows.
+Count = Annotated[int, Field(ge=1, le=10**9)]
+Count0 = Annotated[int, Field(ge=0, le=10**9)]
+Frames = Annotated[int, Field(ge=1, le=MAX_FRAMES)]
+Classes = Annotated[int, Field(ge=1, le=MAX_CLASSES)]
+Pixels = Annotated[int, Field(ge=1, le=8192)]
 
 
 def _as_key_error(check, value, source: str):
@@ -86,14 +92,14 @@ class ModelSection(_Section):
     # hf-hub:ORG/NAME[@REV]:FILE, or false/null (none); see zeroi2v/models/hub.py
     pretrained: Union[bool, str, None] = None
     timm_kwargs: dict[str, Any] = {}            # timm.create_model kwargs (img_size, depth ...)
-    num_frames: PositiveInt = 8
+    num_frames: Frames = 8
     head_offsets: Union[str, list[int]] = _M.head_offsets  # preset name or one int per head
     adapter_ratio: PositiveFloat = _M.adapter_ratio
     adapter_scale: float = _M.adapter_scale
     adapter_dropout: float = Field(_M.adapter_dropout, ge=0.0, lt=1.0)
     head_dropout: float = Field(_M.head_dropout, ge=0.0, lt=1.0)
     train_backbone: bool = False                # fine-tune the whole ViT (no pretrained weights)
-    num_classes: Optional[PositiveInt] = None   # inferred from the annotations when null
+    num_classes: Optional[Classes] = None       # inferred from the annotations when null
 
     @field_validator("name")
     @classmethod
@@ -119,11 +125,11 @@ class DataSection(_Section):
     val_root: Optional[str] = None              # defaults to root
     class_names: Optional[str] = None           # text file, one class name per line
     sampling: Literal["dense", "uniform"] = "dense"  # clip_len x frame_interval | TSN segments
-    frame_interval: PositiveInt = 16            # dense sampling only
-    train_clips: PositiveInt = 1                # clips per training video (each one a sample)
-    size: PositiveInt = 224                     # crop size (the model's image size)
-    short_side: PositiveInt = 256               # training resize before RandomResizedCrop
-    rand_augment: Optional[tuple[NonNegativeInt, PositiveInt]] = (7, 4)  # [magnitude, layers]
+    frame_interval: Count = 16                  # dense sampling only
+    train_clips: Count = 1                      # clips per training video (each one a sample)
+    size: Pixels = 224                          # crop size (the model's image size)
+    short_side: Pixels = 256                    # training resize before RandomResizedCrop
+    rand_augment: Optional[tuple[Count0, Count]] = (7, 4)  # [magnitude, layers]
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
     flip: bool = True
     flip_label_map: Optional[dict[int, int]] = None  # {left_class: right_class} swapped on flip
@@ -131,27 +137,27 @@ class DataSection(_Section):
     # left out and listed), drop (left out everywhere), raise (the run fails)
     on_error: Literal["skip", "raise", "drop"] = "skip"
     decoder: Literal["auto", "torchcodec", "decord", "pyav"] = "auto"  # auto: first that reads it
-    num_workers: NonNegativeInt = Field(default_factory=default_num_workers)
+    num_workers: int = Field(default_factory=default_num_workers, ge=0, le=256)
     pin_memory: bool = True
     # sharded data (an annotation key naming a shards.json of `zeroi2v prepare --shards`):
     # training samples per rank go through a shuffle buffer this long (indices only, no memory)
-    shuffle_buffer: PositiveInt = 1000
+    shuffle_buffer: Count = 1000
 
 
 class EvalSection(_Section):
-    num_clips: PositiveInt = 3
+    num_clips: Count = 3
     num_crops: Literal[1, 3] = 1
-    short_side: Optional[PositiveInt] = None    # test resize before the crops (>= data.size;
+    short_side: Optional[Pixels] = None         # test resize before the crops (>= data.size;
     #                                             null: data.size, i.e. no margin)
-    batch_size: Optional[PositiveInt] = None    # videos per batch (default: train.batch_size)
-    interval: NonNegativeInt = 1                # evaluate every N epochs (0: only at the end)
+    batch_size: Optional[Count] = None          # videos per batch (default: train.batch_size)
+    interval: Count0 = 1                # evaluate every N epochs (0: only at the end)
 
 
 class TrainSection(_Section):
-    epochs: PositiveInt = 40
-    batch_size: PositiveInt = 8                 # per process
+    epochs: Count = 40
+    batch_size: Count = 8                 # per process
     lr: PositiveFloat = 3e-4                    # at ref_batch_size when scale_lr
-    ref_batch_size: PositiveInt = 64            # lr *= global batch / ref_batch_size
+    ref_batch_size: Count = 64            # lr *= global batch / ref_batch_size
     scale_lr: bool = True
     weight_decay: NonNegativeFloat = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
@@ -160,15 +166,15 @@ class TrainSection(_Section):
     warmup_start_factor: float = Field(0.1, gt=0.0, le=1.0)
     min_lr: NonNegativeFloat = 0.0
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    accum_steps: PositiveInt = 1
+    accum_steps: Count = 1
     clip_grad: Optional[PositiveFloat] = None   # max gradient norm
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
-    seed: NonNegativeInt = 0
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     deterministic: bool = False
-    log_interval: PositiveInt = 20              # optimiser steps between log records
+    log_interval: Count = 20              # optimiser steps between log records
     out_dir: str = "work_dirs/run"
     save_full: Union[Literal["auto"], bool] = "auto"  # all weights (auto: no pretrained file)
-    stop_after_epoch: Optional[PositiveInt] = None  # end this process after that epoch
+    stop_after_epoch: Optional[Count] = None  # end this process after that epoch
     progress: bool = True                       # progress bars (on a terminal only)
     tensorboard: bool = False                   # TensorBoard event files in OUT/tensorboard
 
@@ -272,7 +278,7 @@ def _first_error(e: ValidationError) -> str:
         known = f"; known: {sorted(valid)}" if valid and not hint else ""
         return f"unknown key {key!r} {where}{hint or known}{more}"
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) and len(str(got)) > 60 else f" (got {got!r})"
+    shown = "" if isinstance(got, (dict, list)) else f" (got {short_repr(got)})"
     return f"{key}: {_message(err)}{shown}{more}"
 
 
@@ -296,8 +302,8 @@ def _keys_at(loc: list) -> list[str]:
 def parse_value(text: str) -> Any:
     """A command-line value as YAML: numbers, booleans, null, lists and dicts; else the string."""
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = load_yaml(text, "--set")
+    except ValueError:
         return text
     if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
         try:
@@ -346,18 +352,27 @@ def apply_overrides(cfg: RunConfig, overrides: Optional[Iterable[str]]) -> RunCo
     return validate(deep_update(cfg.to_dict(), overrides_dict(items)), "--set")
 
 
+def set_values(cfg: RunConfig, values: Mapping[str, Any]) -> RunConfig:
+    """A new config with ``{"train.out_dir": path, ...}`` set as given (no YAML parsing: a path
+    such as ``exp #3`` stays whole), validated."""
+    if not values:
+        return cfg
+    nested: dict = {}
+    for key, value in values.items():
+        _set_dotted(nested, key, value, key)
+    return validate(deep_update(cfg.to_dict(), nested), "the command line")
+
+
 def read_yaml(path: Union[str, Path]) -> dict:
+    """A config file: UTF-8 YAML without aliases, at most a few MB, a mapping of sections."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ValueError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_text(p, "config")
+    except OSError as e:
         raise ValueError(f"cannot read {p}: {e}") from None
+    data = load_yaml(text, str(p))
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -188,9 +188,10 @@ def _line_of_label(path: str, label: int) -> int:
 
 
 def _check_memory(cfg: dict, vit: nn.Module, largest: Optional[tuple[int, str, int]]) -> None:
-    """The model (its parameters, plus gradients and AdamW moments of what trains) and a
-    lower bound of one training batch (the input clips and one activation per block) must fit
-    the memory limit. Both are refused with the numbers and the setting to change."""
+    """The model (its parameters, plus gradients and AdamW moments of what trains), a lower
+    bound of one training batch (the input clips and one activation per block) and of one
+    evaluation batch (its views), and the confusion matrix must fit the memory limit. Each is
+    refused with the numbers and the setting to change."""
     mcfg, dcfg, tcfg = cfg.model, cfg.data, cfg.train
     num_classes = mcfg.num_classes or (largest[0] + 1 if largest else 1)
     config = model_config(mcfg, num_classes)
@@ -215,3 +216,15 @@ def _check_memory(cfg: dict, vit: nn.Module, largest: Optional[tuple[int, str, i
                 f"training ({params:,} parameters, and a batch of {tcfg.batch_size} x "
                 f"{frames} frames of {dcfg.size}x{dcfg.size}, at least)",
                 fix="lower train.batch_size, model.num_frames or data.size")
+    e = cfg.eval
+    views = e.num_clips * e.num_crops
+    eval_clips = (e.batch_size or tcfg.batch_size) * views * mcfg.num_frames
+    side = e.short_side or dcfg.size
+    eval_batch = eval_clips * 3 * (dcfg.size ** 2 * 4 + side ** 2) + eval_clips * tokens * dim * 8
+    check_bytes(params * 4 + eval_batch,
+                f"evaluation (a batch of {e.batch_size or tcfg.batch_size} videos x {views} views "
+                f"x {mcfg.num_frames} frames of {dcfg.size}x{dcfg.size}, at least)",
+                fix="lower eval.batch_size, eval.num_clips or eval.num_crops")
+    check_bytes(2 * 8 * num_classes ** 2,
+                f"the confusion matrix of {num_classes:,} classes",
+                fix="check the class count (model.num_classes, or the largest label)")
