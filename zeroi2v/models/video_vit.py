@@ -454,6 +454,8 @@ def model_size(config: ZeroI2VConfig) -> tuple[int, int, int]:
     def count(c: ZeroI2VConfig) -> tuple[int, int, int]:
         try:
             m = ZeroI2VViT.from_config(c, device="meta")
+        except UnsupportedModelError:
+            raise  # says itself which class zeroi2v does not take
         except (RuntimeError, OverflowError, TypeError, AssertionError) as e:
             raise ValueError(f"timm cannot build {c.model_name} with {dict(c.timm_kwargs or {})}"
                              f": {str(e).strip().splitlines()[0] if str(e).strip() else e}"
