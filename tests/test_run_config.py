@@ -88,6 +88,52 @@ def test_resume_accepts_a_longer_run_and_says_so(tmp_path, data, capsys):
     assert "epochs: 3" in (out / "config.yaml").read_text()
 
 
+def _lrs(out: Path, epoch: int) -> list[float]:
+    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    return [r["lr"] for r in recs if r["type"] == "train" and r["epoch"] == epoch]
+
+
+def test_a_longer_run_on_resume_stretches_the_schedule_to_its_new_end(tmp_path, data, capsys):
+    """2 epochs, then resumed to 3: the third epoch has the learning rates of a run planned for
+    3 epochs from the start, not the floor the 2-epoch cosine had reached."""
+    cfg = _run(tmp_path, data, epochs=2)
+    short, straight = tmp_path / "short", tmp_path / "straight"
+    assert main(["train", cfg, "--out", str(short)]) == 0
+    assert main(["train", cfg, "--out", str(straight), "--set", "train.epochs=3"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(short), "--set", "train.epochs=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "learning-rate schedule: now ends at step" in printed
+    want = _lrs(straight, 3)
+    assert want and want[0] > 0  # (the last step sets the end of the cosine, 0)
+    assert _lrs(short, 3) == pytest.approx(want, rel=1e-6)
+    recs = [json.loads(x) for x in (short / "log.jsonl").read_text().splitlines()]
+    change = [r for r in recs if r["type"] == "schedule_change"]
+    assert len(change) == 1 and change[0]["total_steps"] * 2 == change[0]["was"] * 3
+
+
+def test_resume_of_a_checkpoint_continues_in_its_own_run_folder(tmp_path, data, capsys):
+    """A checkpoint given without --out continues in the folder of the run that saved it, even
+    after that folder moved and another run took its old place; resuming into a folder that
+    holds another run's checkpoints is refused."""
+    cfg = _run(tmp_path, data, epochs=2)
+    a, moved = tmp_path / "a", tmp_path / "moved"
+    assert main(["train", cfg, "--out", str(a), "--set", "train.stop_after_epoch=1"]) == 0
+    a.rename(moved)
+    assert main(["train", cfg, "--out", str(a), "--set", "train.stop_after_epoch=1"]) == 0
+    log_a = (a / "log.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(moved / "last")]) == 0
+    assert (moved / "last").resolve().name == "epoch_0002"
+    assert (a / "last").resolve().name == "epoch_0001" and (a / "log.jsonl").read_text() == log_a
+    assert main(["train", "--resume", str(moved / "checkpoints" / "epoch_0001"),
+                 "--out", str(a)]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "holds another run's checkpoints" in err[0], err
+    assert f"--out {moved.resolve()}" in err[0]
+    assert (a / "log.jsonl").read_text() == log_a
+
+
 def test_resume_needs_nothing_but_the_folder_and_reads_a_yaml_given_after_it(tmp_path, data,
                                                                              capsys):
     cfg = _run(tmp_path, data, epochs=2)

@@ -113,7 +113,7 @@ def _save_new(model, out: Path, **kwargs) -> Path:
 
 
 def cmd_train(args) -> int:
-    from .train.checkpoint import saved_run_config
+    from .train.checkpoint import checkpoint_folder, run_folder_of, saved_run_config
     from .train.config import apply_overrides, load_config, set_values
     from .train.engine import train
     from .train.evaluation import summary
@@ -138,8 +138,15 @@ def cmd_train(args) -> int:
         if args.resume == "auto" and not args.out:
             raise ValueError("--resume without a config needs the run's folder: zeroi2v train "
                              "--resume --out DIR (or --resume DIR/last)")
-        out = Path(args.out) if args.out else None
-        ckpt = resume_path(args.resume, out or Path("."))
+        if args.out:
+            ckpt = resume_path(args.resume, Path(args.out))
+        else:  # a checkpoint continues in the folder of the run that saved it
+            own = run_folder_of(checkpoint_folder(args.resume))
+            if own is None:
+                raise ValueError(f"{args.resume} is not inside a run's checkpoints folder: name "
+                                 "the folder to continue in with --out DIR")
+            ckpt = resume_path(args.resume, own)
+            values["train.out_dir"] = str(own)
         cfg = set_values(apply_overrides(saved_run_config(ckpt), args.overrides), values)
     else:
         raise ValueError("train needs a YAML config (zeroi2v train CONFIG.yaml), or --resume "

@@ -116,6 +116,20 @@ def checkpoint_folder(path: PathLike) -> Path:
     return p.resolve()
 
 
+def run_folder_of(checkpoint: PathLike) -> Optional[Path]:
+    """The output folder of the run that saved ``checkpoint`` (``RUN/checkpoints/epoch_N``), or
+    None for a checkpoint copied elsewhere."""
+    p = Path(checkpoint).resolve()
+    return p.parent.parent if p.parent.name == CHECKPOINTS else None
+
+
+def holds_checkpoints(out_dir: PathLike) -> bool:
+    """Whether ``out_dir`` holds a run's checkpoints (``last``/``best`` or ``checkpoints/epoch_*``)."""
+    d = Path(out_dir)
+    return any((d / n).exists() or (d / n).is_symlink() for n in ("last", "best")) or \
+        any((d / CHECKPOINTS).glob("epoch_*"))
+
+
 def verify_checkpoint(folder: PathLike) -> Optional[str]:
     """``None`` if the checkpoint folder is complete and its files match the SHA-256 its
     ``config.json`` records, else what is wrong (reads the files, loads nothing)."""

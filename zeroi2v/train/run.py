@@ -27,8 +27,10 @@ from .checkpoint import (
     CHECKPOINTS,
     base_weights_digest,
     checkpoint_folder,
+    holds_checkpoints,
     newest_intact_checkpoint,
     read_training_checkpoint,
+    run_folder_of,
     saved_run_config,
     seed_everything,
     set_rng_state,
@@ -120,8 +122,7 @@ def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
     continues it. The files of a run that ended before its first checkpoint (its log and
     config) hold nothing worth keeping: they are replaced, and that is said."""
     found = [n for n in RUN_FILES if (out_dir / n).exists() or (out_dir / n).is_symlink()]
-    has_checkpoint = any(n in found for n in ("last", "best")) or \
-        any((out_dir / CHECKPOINTS).glob("epoch_*"))
+    has_checkpoint = holds_checkpoints(out_dir)
     if found and not resume:
         if has_checkpoint and not overwrite:
             raise FileExistsError(
@@ -152,9 +153,15 @@ def resume_path(resume: Optional[str], out_dir: Path) -> Optional[Path]:
                                     f"({out_dir / 'last'} is missing)")
         resume = str(out_dir / "last")
     folder = checkpoint_folder(resume)
+    own = run_folder_of(folder)
+    if (own is None or own != out_dir.resolve()) and holds_checkpoints(out_dir):
+        # continuing run A in run B's folder would interleave two runs' checkpoints and logs
+        where = f"its own folder (--out {own})" if own is not None else "an empty --out folder"
+        raise ValueError(f"cannot resume {folder} into {out_dir}: that folder holds another "
+                         f"run's checkpoints; continue in {where}")
     problem = verify_checkpoint(folder)
     if problem is not None:
-        run_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS else out_dir
+        run_dir = own or out_dir
         other = newest_intact_checkpoint(run_dir, skip=folder)
         instead = (f"the newest intact checkpoint is {other}: continue from it with --resume "
                    f"{other}" if other is not None else
@@ -358,7 +365,21 @@ def _resume(run: TrainingRun, path: Path) -> tuple[int, Optional[dict]]:
         raise ValueError(f"cannot resume from {path}: it has {ck['num_classes']} classes, the "
                          f"data {run.num_classes}")
     run.optimizer.load_state_dict(ck["optimizer"])
+    planned = run.scheduler.total_steps  # from this run's train.epochs
     run.scheduler.load_state_dict(ck["scheduler"])
+    if planned != run.scheduler.total_steps:
+        # train.epochs changed on resume: the cosine is stretched (or shrunk) to end with the
+        # new last epoch; without this it would end where the old run did
+        was, lr_was = run.scheduler.total_steps, run.scheduler.get_last_lr()[0]
+        run.scheduler.total_steps = planned
+        run.scheduler.load_state_dict(run.scheduler.state_dict())  # re-applies the LR
+        lr_now = run.scheduler.get_last_lr()[0]
+        if run.info.is_main:
+            print(f"learning-rate schedule: now ends at step {planned} (was {was}); the "
+                  f"learning rate at step {run.scheduler.last_step} goes from {lr_was:.4g} to "
+                  f"{lr_now:.4g}", flush=True)
+        run.log.log({"type": "schedule_change", "total_steps": planned, "was": was,
+                     "step": run.scheduler.last_step, "lr_was": lr_was, "lr": lr_now})
     if ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])
     run.step, run.best = int(ck["step"]), ck.get("best")
