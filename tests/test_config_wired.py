@@ -38,14 +38,14 @@ def files(tmp_path_factory):
     alt_root.symlink_to(ds["root"], target_is_directory=True)
     for key in ("train", "val"):
         shutil.copy(ds[key], base / f"alt_{key}.txt")
-    (base / "classes.txt").write_text("left\nright\n")
+    (base / "names.txt").write_text("left\nright\n")  # (classes.txt would be alt_train.txt's list)
     from zeroi2v.data import pack_shards
 
     shards = pack_shards(ds["train"], ds["root"], base / "shards")["index"]
     img = timm.create_model("vit_base_patch16_224", num_classes=0, **TINY_VIT)
     torch.save(img.state_dict(), base / "image.pth")
     return dict(ds, alt_root=str(alt_root), alt_train=str(base / "alt_train.txt"),
-                alt_val=str(base / "alt_val.txt"), classes=str(base / "classes.txt"),
+                alt_val=str(base / "alt_val.txt"), classes=str(base / "names.txt"),
                 image=str(base / "image.pth"), base=base, shards=shards)
 
 

@@ -161,6 +161,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .data.annotations import same_classes
     from .train import dist as zdist
     from .train.build import build_test_dataset, test_annotations
     from .train.evaluation import evaluate, write_eval_report
@@ -177,6 +178,10 @@ def cmd_eval(args) -> int:
             print(f"note: {ann} uses {used} of the model's {model.head.out_features} classes "
                   "(metrics over those; predictions may name any class)", file=sys.stderr)
         names = _class_names(args.class_names, model)
+        what = f"--class-names {args.class_names}" if args.class_names else "the model"
+        same_classes(names, getattr(ds, "class_names", None), model_source=what,
+                     data_source=f"{ann} (classes from {getattr(ds, 'class_names_file', '')})")
+        names = names or getattr(ds, "class_names", None)  # the report names the data's labels
         device = info.device
         model.to(device)
         num_classes = model.head.out_features

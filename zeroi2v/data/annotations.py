@@ -6,9 +6,13 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..limits import MAX_CLASSES
-from ..safe_io import atomic_path, short_repr
+from ..safe_io import atomic_path, read_text, short_repr
 
-__all__ = ["read_annotations", "write_annotations", "read_class_names"]
+__all__ = ["read_annotations", "write_annotations", "read_class_names", "check_class_list",
+           "same_classes"]
+
+#: The class list ``zeroi2v prepare`` writes beside its annotation file: the labels' order.
+CLASSES_FILE = "classes.txt"
 
 
 def read_annotations(path: str | os.PathLike) -> list[tuple[str, int]]:
@@ -79,7 +83,7 @@ def read_class_names(path: Optional[Union[str, os.PathLike]]) -> Optional[list[s
     if not p.is_file():
         raise FileNotFoundError(f"class-name file not found: {p}")
     names = []
-    for line in p.read_text().splitlines():
+    for line in read_text(p, "class-name file").splitlines():
         line = line.strip()
         if not line:
             continue
@@ -90,3 +94,40 @@ def read_class_names(path: Optional[Union[str, os.PathLike]]) -> Optional[list[s
                 break
         names.append(line)
     return names
+
+
+def check_class_list(names: list[str], source, max_label: int, ann_file) -> list[str]:
+    """``names`` if they can be the classes ``ann_file``'s labels number (one name per label,
+    no name twice), else a ``ValueError`` naming ``source``."""
+    if len(names) <= max_label:
+        raise ValueError(f"{source} names {len(names)} classes, but {ann_file} uses label "
+                         f"{max_label}: it is not this data's class list (correct it, or move it "
+                         "away from the annotation file)")
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"{source} names the class {short_repr(n)} twice: a class list "
+                             "names each class once")
+        seen.add(n)
+    return names
+
+
+def same_classes(model: Optional[list[str]], data: Optional[list[str]], *, model_source: str,
+                 data_source: str) -> None:
+    """Refuse data whose labels number the classes in another order than the model does (each
+    label ``i`` of the data must be the model's class ``i``). Nothing to check when either side
+    has no names."""
+    if not model or not data:
+        return
+    if len(data) > len(model):
+        raise ValueError(f"{data_source} names {len(data)} classes, {model_source} has "
+                         f"{len(model)}: the data has classes the model cannot predict")
+    diff = [i for i, (a, b) in enumerate(zip(model, data)) if a != b]
+    if diff:
+        i = diff[0]
+        raise ValueError(
+            f"{data_source} numbers its classes in another order than {model_source}: its label "
+            f"{i} is {short_repr(data[i])}, theirs {short_repr(model[i])} ({len(diff)} of "
+            f"{len(data)} labels differ), so its labels would not match the model's outputs; "
+            "number it in the model's class order (zeroi2v prepare SRC DST --classes "
+            "CLASSES.txt)")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from .annotations import read_annotations
+from .annotations import CLASSES_FILE, check_class_list, read_annotations, read_class_names
 from .decoders import check_decoder
 from .sampling import DenseSampler, UniformSampler
 from .transforms import VideoTransform
@@ -171,6 +171,8 @@ class VideoDataset(Dataset):
         if num_classes is not None and max_label >= num_classes:
             raise ValueError(f"{self.ann_file}: label {max_label} >= num_classes={num_classes}")
         self.num_classes = int(num_classes) if num_classes is not None else max_label + 1
+        #: the names of the classes as this data numbers them, and the file that says so
+        self.class_names, self.class_names_file = self._find_class_names(max_label)
         self.sampler = sampler
         self.transform = transform
         self.flip_label_map = symmetric_label_map(flip_label_map)
@@ -188,6 +190,14 @@ class VideoDataset(Dataset):
     def _list_samples(self) -> list[tuple[str, int]]:
         """``(path, label)`` of every sample; the path is how errors and reports name it."""
         return [(os.path.join(self.root, rel), label) for rel, label in read_annotations(self.ann_file)]
+
+    def _find_class_names(self, max_label: int) -> tuple[Optional[list[str]], Optional[str]]:
+        """``classes.txt`` beside the annotation file (``zeroi2v prepare`` writes both): the
+        class order its labels follow, which evaluation and training check against the model's."""
+        path = os.path.join(os.path.dirname(os.path.abspath(self.ann_file)), CLASSES_FILE)
+        if not os.path.isfile(path):
+            return None, None
+        return check_class_list(read_class_names(path), path, max_label, self.ann_file), path
 
     def _video_file(self, index: int):
         """A context manager giving the file the decoders open for sample ``index`` (the video

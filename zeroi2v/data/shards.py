@@ -46,6 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .. import limits
 from ..limits import LimitError
+from .annotations import check_class_list
 from .dataset import VideoDataset
 from .decoders import VideoDecodeError, VideoTooLargeError
 
@@ -271,6 +272,13 @@ class ShardedVideoDataset(VideoDataset):
         self.index = ShardIndex.load(self.ann_file)
         return [(self.index.display(i), int(label)) for i, label in enumerate(self.index.labels.tolist())]
 
+    def _find_class_names(self, max_label: int) -> tuple[Optional[list[str]], Optional[str]]:
+        """The index's own class list (``prepare --shards`` records it)."""
+        if not self.index.classes:
+            return None, None
+        return check_class_list(self.index.classes, self.ann_file, max_label, self.ann_file), \
+            self.ann_file
+
     @contextlib.contextmanager
     def _video_file(self, index: int):
         name = self.samples[index][0]
@@ -428,6 +436,14 @@ class ShardStream(IterableDataset):
     @property
     def ann_file(self) -> str:
         return self.videos.ann_file
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        return self.videos.class_names
+
+    @property
+    def class_names_file(self) -> Optional[str]:
+        return self.videos.class_names_file
 
     def __repr__(self) -> str:
         return (f"ShardStream({self.videos!r}, rank {self.rank} of {self.world_size}, "

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import collate_videos
-from ..data.annotations import read_class_names
+from ..data.annotations import read_class_names, same_classes
 from ..models.artefact import load_weights_into
 from ..models.video_vit import count_params, fused_adapters_active
 from ..ops.stdha import auto_backend
@@ -216,6 +216,18 @@ def start_run(cfg: RunConfig, info, resume: Optional[Path], datasets: Optional[d
     return run, start_epoch
 
 
+def run_class_names(given: Optional[str], train_ds, val_ds) -> Optional[list]:
+    """The run's class names: ``data.class_names`` when set, else the training data's own class
+    list (``classes.txt`` beside its annotation file, or a shard index's). The validation data's
+    list, when both have one, must number the classes as the training data's does."""
+    names = getattr(train_ds, "class_names", None)
+    if names and val_ds is not None:
+        same_classes(names, getattr(val_ds, "class_names", None),
+                     model_source=f"the training data ({train_ds.class_names_file})",
+                     data_source=f"the validation data ({val_ds.class_names_file})")
+    return read_class_names(given) if given else names
+
+
 def build_run(cfg: RunConfig, info, datasets: dict, model) -> TrainingRun:
     """Every object of the run, from ``cfg`` alone (``datasets``/``model`` replace the ones the
     config would build). What each config key controls is visible on the result (see
@@ -226,14 +238,20 @@ def build_run(cfg: RunConfig, info, datasets: dict, model) -> TrainingRun:
     val_ds = datasets.get("val")
     if val_ds is None and d.val_ann:
         val_ds = build_test_dataset(cfg, d.val_ann)
-    num_classes = m.num_classes or dataset_num_classes(train_ds)
+    class_names = run_class_names(d.class_names, train_ds, val_ds)
+    num_classes = m.num_classes or max(dataset_num_classes(train_ds) or 0, len(class_names or ()))
     if val_ds is not None:
         num_classes = max(int(num_classes), dataset_num_classes(val_ds) or 0)
     num_classes = int(num_classes)
-    class_names = read_class_names(d.class_names) if d.class_names else None
     if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(f"data.class_names: {d.class_names} names {len(class_names)} "
-                         f"classes, the model and data have {num_classes}")
+        if d.class_names:
+            raise ValueError(f"data.class_names: {d.class_names} names {len(class_names)} "
+                             f"classes, the model and data have {num_classes}")
+        if info.is_main:  # model.num_classes set above the data's list: it cannot name them all
+            print(f"note: {train_ds.class_names_file} names {len(class_names)} classes, the "
+                  f"model has {num_classes} (model.num_classes): the model gets no class "
+                  "names (set data.class_names to a list of all of them)", flush=True)
+        class_names = None
 
     if isinstance(train_ds, IterableDataset):
         # sharded data (zeroi2v.data.ShardStream): the dataset splits each epoch between the

@@ -1,0 +1,99 @@
+"""A label means the same class everywhere: the class list beside an annotation file (or in a
+shard index) names the model's classes, and data numbered in another order is refused instead
+of scoring the wrong class."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from _helpers import cfg_dict, synthetic_videos, write
+from zeroi2v import load_model
+from zeroi2v.cli import main
+from zeroi2v.data.annotations import same_classes
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthetic_videos(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    cfg = write(out.parent / "c.yaml", cfg_dict(data, train={"epochs": 1}))
+    assert main(["train", cfg, "--out", str(out)]) == 0
+    return out
+
+
+def _elsewhere(data, folder: Path, classes: list[str]) -> str:
+    """The validation annotation file in another folder, with ``classes`` as its class list."""
+    folder.mkdir()
+    ann = folder / "val.txt"
+    shutil.copy(data["val"], ann)
+    (folder / "classes.txt").write_text("\n".join(classes) + "\n")
+    return str(ann)
+
+
+def _err(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_the_training_data_names_the_model_classes(trained, data):
+    """Without data.class_names the run takes the classes.txt beside the training annotations."""
+    assert list(load_model(trained / "last").class_names) == data["classes"]
+
+
+def test_eval_refuses_data_numbered_in_another_class_order(trained, data, tmp_path, capsys):
+    swapped = _elsewhere(data, tmp_path / "swapped", data["classes"][::-1])
+    out = tmp_path / "e.json"
+    assert main(["eval", str(trained), "--ann", swapped, "--root", data["root"],
+                 "--out", str(out), "--no-progress"]) == 2
+    err = _err(capsys)[-1]  # (after the line describing the model)
+    assert "another order than the model" in err and "Traceback" not in err, err
+    assert f"its label 0 is {data['classes'][-1]!r}" in err
+    assert "--classes" in err and not out.exists()
+    same = _elsewhere(data, tmp_path / "same", data["classes"])
+    assert main(["eval", str(trained), "--ann", same, "--root", data["root"], "--out", str(out),
+                 "--no-progress"]) == 0
+    assert out.is_file()
+
+
+def test_training_refuses_validation_data_in_another_class_order(data, tmp_path, capsys):
+    swapped = _elsewhere(data, tmp_path / "swapped", data["classes"][::-1])
+    cfg = write(tmp_path / "c.yaml", cfg_dict(data, data={"val_ann": swapped}))
+    assert main(["train", cfg, "--out", str(tmp_path / "r")]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "the validation data" in err[0] and "another order" in err[0], err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_class_list_that_does_not_cover_the_labels_is_refused(data, tmp_path, capsys):
+    short = _elsewhere(data, tmp_path / "short", data["classes"][:1])
+    assert main(["eval", str(tmp_path / "nothing"), "--ann", short]) == 2  # (model first)
+    capsys.readouterr()
+    cfg = write(tmp_path / "c.yaml", cfg_dict(data, data={"val_ann": short}))
+    assert main(["train", cfg, "--out", str(tmp_path / "r")]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "names 1 classes, but" in err[0] and "uses label 1" in err[0], err
+
+
+def test_same_classes_accepts_a_prefix_and_refuses_more_classes():
+    same_classes(["a", "b", "c"], ["a", "b"], model_source="m", data_source="d")  # a subset
+    same_classes(None, ["x"], model_source="m", data_source="d")  # nothing to check
+    with pytest.raises(ValueError, match="has 2: the data has classes the model cannot"):
+        same_classes(["a", "b"], ["a", "b", "c"], model_source="m", data_source="d")
+    with pytest.raises(ValueError, match="2 of 3 labels differ"):
+        same_classes(["a", "b", "c"], ["a", "c", "b"], model_source="m", data_source="d")
+
+
+def test_a_shard_index_names_its_classes(data, tmp_path):
+    from zeroi2v.data import build_dataset
+    from zeroi2v.data.shard_writer import pack_shards
+
+    index = tmp_path / "s"
+    pack_shards(data["val"], data["root"], index, classes=data["classes"][::-1])
+    ds = build_dataset(str(index / "shards.json"), "", num_frames=4, train=False, size=16)
+    assert ds.class_names == data["classes"][::-1]
+    assert ds.class_names_file == str(index / "shards.json")
