@@ -179,6 +179,30 @@ def test_a_log_written_to_a_file_has_no_progress_frames(tmp_path, data):
                for ln in r.stdout.splitlines() if not ln.startswith("epoch 1/2: loss"))
 
 
+def test_durations_read_as_people_write_them():
+    from zeroi2v.train.logs import seconds
+
+    assert [seconds(x) for x in (0.04, 0.42, 9.96, 12.3, 185, 7620)] == [
+        "0.0 s", "0.4 s", "10.0 s", "12 s", "3 min 05 s", "2 h 07 min"]
+
+
+def test_tables_in_a_file_are_not_wrapped_at_80_columns(tmp_path):
+    """The demo's table under nohup/Slurm: one row per line, not cells broken over lines."""
+    out = tmp_path / "out.txt"
+    code = ("from zeroi2v.train.demo import print_demo_table\n"
+            "m = dict(head_offsets=[1, -1, 0, 0], top1=90.0, mean_class_acc=90.0, params=10,"
+            " clips_per_s=1.0, file='x/model.safetensors')\n"
+            "print_demo_table(dict(settings=dict(classes=list('abcd'), train_backbone=False,"
+            " epochs=1, threads=1), image_only=m, stdha=m, stdha_merged=m,"
+            " plain_vit=dict(m, params_no_head=9), merged_vs_unmerged_max_rel_err=0.0,"
+            " wall_time_s=1.0, data_time_s=0.1))\n")
+    with open(out, "w") as f:
+        subprocess.run([sys.executable, "-c", code], stdout=f, check=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    rows = [ln for ln in out.read_text().splitlines() if "STDHA merged (deployed)" in ln]
+    assert len(rows) == 1 and "90.0" in rows[0]
+
+
 def test_curves_and_tensorboard(tmp_path, data):
     pytest.importorskip("tensorboard", reason="train.tensorboard needs the tensorboard package: "
                                               "pip install 'zeroi2v[tensorboard]'")

@@ -17,9 +17,9 @@ from typing import Optional
 
 
 def _console():
-    from rich.console import Console
+    from .train.logs import console
 
-    return Console()
+    return console()
 
 
 def _device():

@@ -230,8 +230,9 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
 
 
 def print_demo_table(r: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from .logs import console
 
     t = Table(title="ZeroI2V demo: synthetic temporal-order videos "
                     f"({len(r['settings']['classes'])} classes, chance "
@@ -249,7 +250,7 @@ def print_demo_table(r: dict) -> None:
               fmt(mg["mean_class_acc"]), f"{mg['params']:,}", f"{mg['clips_per_s']:.1f}")
     t.add_row("plain timm ViT, same frames", "-", "-", "-", f"{pv['params']:,}",
               f"{pv['clips_per_s']:.1f}")
-    con = Console()
+    con = console()
     con.print(t)
     con.print(f"merged vs unmerged max relative output error: {r['merged_vs_unmerged_max_rel_err']:.2e}")
     trained = "whole backbone" if r["settings"]["train_backbone"] else "frozen backbone"

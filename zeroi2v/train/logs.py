@@ -79,11 +79,30 @@ class _Lines:
 
     def _print(self):
         dt = time.perf_counter() - self.t0
-        print(f"{self.desc}: {self.n}/{self.total} ({dt:.0f} s){' ' + self.post if self.post else ''}",
+        print(f"{self.desc}: {self.n}/{self.total} ({seconds(dt)}){' ' + self.post if self.post else ''}",
               flush=True)
 
     def close(self):
         pass
+
+
+def seconds(dt: float) -> str:
+    """A duration as people read it: ``0.4 s``, ``12 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    if dt < 10:
+        return f"{dt:.1f} s"
+    if dt < 60:
+        return f"{dt:.0f} s"
+    m, s = divmod(int(round(dt)), 60)
+    return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
+
+
+def console():
+    """A rich console; tables written to a file or a pipe (nohup, Slurm) get 160 columns instead
+    of rich's 80, so they are not wrapped cell by cell."""
+    from rich.console import Console
+
+    con = Console()
+    return con if con.is_terminal else Console(width=160)
 
 
 def progress_bar(total: int, desc: str, enabled: bool, every: int = 0):
@@ -102,7 +121,7 @@ def progress_bar(total: int, desc: str, enabled: bool, every: int = 0):
 def epoch_line(epoch: int, epochs: int, rec: dict, val: Optional[dict]) -> str:
     """The one line every epoch prints: loss, accuracy, lr, time, validation, data problems."""
     msg = (f"epoch {epoch}/{epochs}: loss {rec['train_loss']:.4f} acc {rec['train_acc']:.1f}% "
-           f"lr {rec['lr']:.3g} {rec['epoch_time_s']:.0f} s")
+           f"lr {rec['lr']:.3g} {seconds(rec['epoch_time_s'])}")
     if val is not None:
         top5 = f" top5 {val['top5']:.2f}" if "top5" in val else ""
         msg += f" | val top1 {val['top1']:.2f}{top5} mca {val['mean_class_acc']:.2f}"
