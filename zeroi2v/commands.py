@@ -7,7 +7,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -282,26 +281,10 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def load_video_views(video: str, cfg: dict):
-    """The test-time views ``(V, C, T, H, W)`` of one video file, via the dataset pipeline."""
-    from .train.build import build_test_dataset
-
-    vp = Path(video)
-    if not vp.is_file():
-        raise FileNotFoundError(f"video not found: {vp}")
-    with tempfile.TemporaryDirectory() as tmp:
-        ann = Path(tmp) / "one.txt"
-        ann.write_text(f"{vp.name} 0\n")
-        c = cfg.model_copy(deep=True)
-        c.data.on_error = "raise"
-        ds = build_test_dataset(c, str(ann), str(vp.resolve().parent))
-        views, _ = ds[0]
-    return views if views.dim() == 5 else views.unsqueeze(0)
-
-
 def cmd_predict(args) -> int:
     import torch
 
+    from .train.build import video_views
     from .train.runtime import amp_dtype, autocast
 
     if args.topk < 1:
@@ -310,7 +293,7 @@ def cmd_predict(args) -> int:
     names = _class_names(args.class_names, model)
     device = _device()
     model.to(device).eval()
-    views = load_video_views(args.video, cfg).to(device)
+    views = video_views(args.video, cfg).to(device)
     with torch.no_grad(), autocast(device, amp_dtype(cfg.train.amp, device)):
         logits = model(views)
     probs = logits.float().softmax(-1).mean(0).cpu()

@@ -5,9 +5,10 @@
     evaluate(model, dataset, ...)  top-1/top-5/mean class accuracy, softmax averaged over views
     build_model(cfg.model, k)      a ZeroI2VViT from a config's model section
     load_model_and_run_config(path)  (model, run config, artefact) of a saved model or checkpoint
+    video_views(path, cfg)         one video's test-time views (V, C, T, H, W), as eval makes them
     run_demo(...)                  the synthetic image-only vs STDHA demo
 """
-from .build import build_model, load_model_and_run_config
+from .build import build_model, load_model_and_run_config, video_views
 from .config import DEFAULTS, RunConfig, apply_overrides, load_config
 from .engine import train
 from .evaluation import evaluate, write_eval_report
@@ -23,4 +24,4 @@ def run_demo(*args, **kwargs):
 
 __all__ = ["DEFAULTS", "RunConfig", "load_config", "apply_overrides", "train", "evaluate",
            "write_eval_report", "build_model", "load_model_and_run_config", "classification_metrics",
-           "build_optimizer", "build_scheduler", "param_groups", "run_demo"]
+           "build_optimizer", "build_scheduler", "param_groups", "run_demo", "video_views"]

@@ -153,3 +153,25 @@ def dataset_num_classes(ds) -> Optional[int]:
         return int(n)
     samples: Sequence = getattr(ds, "samples", None) or []
     return max(int(s[1]) for s in samples) + 1 if samples else None
+
+
+def video_views(video: Union[str, os.PathLike], cfg: RunConfig) -> torch.Tensor:
+    """The test-time views of one video file, ``(views, C, T, H, W)`` float32, exactly as
+    evaluation prepares them (``cfg``: the model's run config, e.g. from
+    :func:`load_model_and_run_config`): what ``zeroi2v predict`` feeds the model, and what an
+    exported model (``zeroi2v export``) takes as its ``video`` input."""
+    import tempfile
+
+    vp = Path(video)
+    if not vp.is_file():
+        raise FileNotFoundError(f"video not found: {vp}")
+    with tempfile.TemporaryDirectory() as tmp:
+        # a link with a plain name: the annotation format cannot hold every file name
+        link = Path(tmp) / ("video" + "".join(c for c in vp.suffix if c.isalnum() or c == "."))
+        link.symlink_to(vp.resolve())
+        ann = Path(tmp) / "one.txt"
+        ann.write_text(f"{link.name} 0\n")
+        c = cfg.model_copy(deep=True)
+        c.data.on_error = "raise"
+        views, _ = build_test_dataset(c, str(ann), tmp)[0]
+    return views if views.dim() == 5 else views.unsqueeze(0)
