@@ -78,6 +78,11 @@ def test_cli_train_eval_merge_predict(tmp_path, tiny_data, capsys):
     res2 = json.loads(out2.read_text())
     assert res2["merged"] and res2["top1"] == res["top1"]
     assert res2["confusion_matrix"] == res["confusion_matrix"]
+    # by default a run's checkpoint keeps its results beside the run, not in a folder that
+    # checkpoint rotation deletes
+    assert main(["eval", str(run / "best"), "--no-progress"]) == 0
+    assert json.loads((run / "eval_best.json").read_text())["top1"] == res["top1"]
+    assert not (run / "best" / "eval.json").exists()
     capsys.readouterr()
 
     video = Path(tiny_data["root"]) / open(tiny_data["val"]).readline().split()[0]

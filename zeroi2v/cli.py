@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="video folder (default data.val_root/data.root)")
     _add_common(p)
     p.add_argument("--out", default=None, help="results JSON (default: eval.json beside the "
-                                                  "model); with _confusion.png, _per_class.csv/md")
+                                                  "model; RUN/eval_best.json for RUN/best); with "
+                                                  "_confusion.png, _per_class.csv/md")
     p.add_argument("--overwrite", action="store_true", help="replace the results of --out")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--class-names", default=None, help="text file, one class name per line")
@@ -147,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--revision", default=None, help="branch to push to (default main)")
     p.add_argument("--eval", dest="eval_results", default=None,
-                   help="results JSON of `zeroi2v eval` for the card (default: MODEL/eval.json "
-                        "when there is one)")
+                   help="results JSON of `zeroi2v eval` for the card (default: the file `zeroi2v "
+                        "eval MODEL` writes, when there is one)")
     p.add_argument("--license", default=None,
                    help="the card's licence (default: the image weights' licence, when known)")
     p.add_argument("--message", default=None, help="commit message")

@@ -202,16 +202,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def default_eval_file(model: str) -> Path:
+    """Where ``zeroi2v eval MODEL`` writes its results by default, and ``push MODEL`` finds them:
+    ``eval.json`` beside the model, or ``RUN/eval_best.json`` for a run's checkpoint ``RUN/best``
+    (checkpoint folders are deleted as training goes on)."""
+    from .train.checkpoint import run_folder_of
+
+    src = Path(model)
+    folder = src if src.is_dir() else src.parent
+    run = run_folder_of(folder)
+    return run / f"eval_{folder.name}.json" if run is not None else folder / "eval.json"
+
+
 def _eval_out(args) -> Path:
     """The results JSON of ``eval`` (its siblings share the stem), checked like every --out;
-    the default, ``eval.json`` beside the model, is the evaluation's own and is replaced (for a
+    the default (:func:`default_eval_file`) is the evaluation's own and is replaced (for a
     model on the Hub: ``./eval.json``, checked like an --out)."""
     out = Path(args.out) if args.out is not None else None
     if out is None and _is_hub_id(args.checkpoint):  # nothing is written into the Hub's cache
         out = Path("eval.json")
     elif out is None:
-        src = Path(args.checkpoint)
-        return (src if src.is_dir() else src.parent) / "eval.json"
+        return default_eval_file(args.checkpoint)
     stem = out.with_suffix("")
     _new_output_files([out] + [stem.with_name(stem.name + s) for s in
                                ("_confusion.png", "_per_class.csv", "_per_class.md")],
@@ -438,8 +449,8 @@ def cmd_push(args) -> int:
         raise ValueError(f"{args.model} is on the Hub already: push a local model folder")
     model, cfg, art = load_model_and_run_config(args.model)
     results = args.eval_results
-    if results is None and (art.folder / "eval.json").is_file():
-        results = art.folder / "eval.json"
+    if results is None and default_eval_file(args.model).is_file():
+        results = default_eval_file(args.model)
     info = push_to_hub(model, args.repo_id, run_config=cfg if art.run_config_file else None,
                        eval_results=results, private=args.private or None,
                        revision=args.revision, commit_message=args.message,
