@@ -58,12 +58,30 @@ def _frames(rng, h, w, n):
         yield np.clip(f + grain[t % 7], 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="session")
-def bench_videos(request):
+def write_bench_video(path: str, h: int, w: int, seed: int) -> None:
+    """A camera-like H.264 file of ``SECONDS`` at ``FPS`` (``_frames``), unless it exists
+    (written under a temporary name: an interrupted session leaves no half file)."""
     import av
 
     from zeroi2v.data.video_io import add_video_stream
 
+    if os.path.isfile(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".part.mp4"
+    with av.open(tmp, "w") as out:
+        s = add_video_stream(out, "h264", w, h, FPS,
+                             {"preset": "veryfast", "crf": "23", "bframes": "3", "g": "250"})
+        for f in _frames(np.random.default_rng(seed), h, w, SECONDS * FPS):
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    os.replace(tmp, path)
+
+
+@pytest.fixture(scope="session")
+def bench_videos(request):
     root = request.config.cache.mkdir("zeroi2v-bench-videos")
     anns = {}
     for res, (h, w) in RESOLUTIONS.items():
@@ -71,18 +89,7 @@ def bench_videos(request):
         for i in range(NUM_VIDEOS):
             rel = f"{res}/v{i}.mp4"
             path = os.path.join(root, rel)
-            if not os.path.isfile(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = path + ".part.mp4"
-                with av.open(tmp, "w") as out:
-                    s = add_video_stream(out, "h264", w, h, FPS,
-                                         {"preset": "veryfast", "crf": "23", "bframes": "3", "g": "250"})
-                    for f in _frames(np.random.default_rng(i), h, w, SECONDS * FPS):
-                        for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                            out.mux(p)
-                    for p in s.encode():
-                        out.mux(p)
-                os.replace(tmp, path)
+            write_bench_video(path, h, w, seed=i)
             lines.append((rel, i % 2))
         anns[res] = os.path.join(root, f"{res}.txt")
         write_annotations(anns[res], lines)

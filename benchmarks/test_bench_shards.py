@@ -31,7 +31,6 @@ import queue
 import statistics
 import sys
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -40,7 +39,7 @@ from torch.utils.data.distributed import DistributedSampler
 from zeroi2v.data import ShardStream, build_dataset, collate_videos, pack_shards, write_annotations
 from zeroi2v.train.demo import rotating_times
 
-VIDEOS, SECONDS, FPS = 16, 10, 30
+VIDEOS = 16  # of test_bench_data.SECONDS at its FPS
 SHARD_SIZE = 1_500_000
 PIPELINE = dict(num_frames=8, sampling="dense", frame_interval=16, train=True, size=224, short_side=256,
                 rand_augment=(7, 4), flip=True, on_error="raise", decoder="pyav")
@@ -54,28 +53,15 @@ def _load() -> float:
 
 @pytest.fixture(scope="session")
 def shard_bench_data(request):
-    import av
-
-    from test_bench_data import _frames
-    from zeroi2v.data.video_io import add_video_stream
+    pytest.importorskip("av", reason="the benchmark videos are written with PyAV (pip install av)")
+    from test_bench_data import write_bench_video
 
     root = request.config.cache.mkdir("zeroi2v-bench-shard-videos")
     lines = []
     for i in range(VIDEOS):
         rel = f"c{i % 2}/v{i:02d}.mp4"
         path = os.path.join(root, rel)
-        if not os.path.isfile(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = path + ".part.mp4"
-            with av.open(tmp, "w") as out:
-                s = add_video_stream(out, "h264", 340, 256, FPS,
-                                     {"preset": "veryfast", "crf": "23", "bframes": "3", "g": "250"})
-                for f in _frames(np.random.default_rng(100 + i), 256, 340, SECONDS * FPS):
-                    for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                        out.mux(p)
-                for p in s.encode():
-                    out.mux(p)
-            os.replace(tmp, path)
+        write_bench_video(path, 256, 340, seed=100 + i)
         lines.append((rel, i % 2))
     ann = os.path.join(root, "videos.txt")
     write_annotations(ann, lines)
