@@ -67,3 +67,18 @@ def synthetic_videos(tmp_path_factory, videos_per_class: int = 4, val_fraction: 
     return make_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_classes=2,
                                   videos_per_class=videos_per_class, num_frames=8, size=16,
                                   seed=0, val_fraction=val_fraction)
+
+
+def rewrite_zip(path, change=lambda name, data: data, extra=None):
+    """Rewrite the zip at ``path`` (a ``torch.save`` file, say): each record becomes
+    ``change(name, data)``, bytes or ``(bytes, zipfile compression)``, and the records of
+    ``extra`` (``{name: bytes}``) are added."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        records = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in list(records.items()) + list((extra or {}).items()):
+            new = change(n, data) if n in records else data
+            data, kind = new if isinstance(new, tuple) else (new, zipfile.ZIP_STORED)
+            z.writestr(n, data, compress_type=kind)

@@ -14,6 +14,7 @@ import zipfile
 import pytest
 import torch
 
+from _helpers import rewrite_zip
 from zeroi2v import ZeroI2VConfig, ZeroI2VViT, create_video_model, load_model, settings
 from zeroi2v.cli import main
 from zeroi2v.limits import LimitError
@@ -130,13 +131,8 @@ def test_the_vocabulary_is_what_timm_builds():
 def _zip_with_data_pkl(path, payload: bytes, torchscript: bool = False):
     """A torch.save zip whose data.pkl is ``payload`` (TorchScript-looking when asked)."""
     torch.save({"w": torch.ones(2)}, path)
-    with zipfile.ZipFile(path) as z:
-        records = {n: z.read(n) for n in z.namelist()}
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in records.items():
-            z.writestr(n, payload if n.endswith("data.pkl") else data)
-        if torchscript:
-            z.writestr("archive/constants.pkl", pickle.dumps(()))
+    rewrite_zip(path, lambda n, data: payload if n.endswith("data.pkl") else data,
+                extra={"archive/constants.pkl": pickle.dumps(())} if torchscript else None)
 
 
 def _gadget(module: str, name: str, attr: str, value: bytes) -> bytes:
@@ -216,14 +212,8 @@ def test_a_stride_0_tensor_is_refused_before_it_is_copied(tmp_path):
 def test_a_zip_record_that_inflates_is_refused_before_reading(tmp_path):
     p = tmp_path / "bomb.pth"
     torch.save({"w": torch.ones(2)}, p)
-    with zipfile.ZipFile(p) as z:
-        records = {n: z.read(n) for n in z.namelist()}
-    with zipfile.ZipFile(p, "w") as z:
-        for n, data in records.items():
-            if n.endswith("data/0"):
-                z.writestr(n, b"\0" * (64 << 20), compress_type=zipfile.ZIP_DEFLATED)
-            else:
-                z.writestr(n, data)
+    rewrite_zip(p, lambda n, data: (b"\0" * (64 << 20), zipfile.ZIP_DEFLATED)
+                if n.endswith("data/0") else data)
     assert p.stat().st_size < 1 << 20
     with _limited(32 << 20), pytest.raises(LimitError, match="over the memory limit of 33.6 MB"):
         read_checkpoint(p)
@@ -233,12 +223,7 @@ def test_a_torchscript_archive_reads_each_storage_once(tmp_path, monkeypatch):
     p = tmp_path / "many_refs.pt"
     t = torch.randn(256)
     torch.save({f"t{i}": t[i:i + 1] for i in range(200)}, p)  # 200 views of one storage
-    with zipfile.ZipFile(p) as z:
-        records = {n: z.read(n) for n in z.namelist()}
-    with zipfile.ZipFile(p, "w") as z:
-        for n, data in records.items():
-            z.writestr(n, data)
-        z.writestr("archive/constants.pkl", pickle.dumps(()))
+    rewrite_zip(p, extra={"archive/constants.pkl": pickle.dumps(())})
     reads = []
     real = zipfile.ZipFile.read
     monkeypatch.setattr(zipfile.ZipFile, "read",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import cfg_dict, synthetic_videos, write
+from _helpers import cfg_dict, rewrite_zip, synthetic_videos, write
 from zeroi2v import create_video_model, load_model, settings
 from zeroi2v.cli import main
 from zeroi2v.limits import LimitError
@@ -56,11 +56,7 @@ def test_codec_bombs_are_refused(tmp_path):
         payload = b"\x80\x02c_codecs\nencode\n" + payload[2:] + b"X\x03\x00\x00\x00hex\x86R"
     path = tmp_path / "bomb.pth"
     torch.save({"w": torch.ones(2)}, path)
-    with zipfile.ZipFile(path) as z:
-        records = {n: z.read(n) for n in z.namelist()}
-    with zipfile.ZipFile(path, "w") as z:
-        for n, d in records.items():
-            z.writestr(n, payload + b"." if n.endswith("data.pkl") else d)
+    rewrite_zip(path, lambda n, d: payload + b"." if n.endswith("data.pkl") else d)
     with pytest.raises(ValueError, match="only latin-1 text is read"):
         read_checkpoint(path)
     # the latin-1 form torch writes for bytes still reads
