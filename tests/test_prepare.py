@@ -1,6 +1,7 @@
 """``zeroi2v prepare``: a generated tree with class folders, a corrupt file, interrupted and resumed;
 one run per destination; entries that are not files; unsafe names; a full disk; the umask."""
 import errno
+import json
 import os
 import shutil
 import socket
@@ -126,7 +127,8 @@ def test_prepare_errors_and_cli(tmp_path, capsys):
     assert main(["prepare", str(src), str(src / "out"), "--short-side", "16", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "prepared 1 videos, 0 already done, 0 unreadable, of 1" in out and "annotations.txt" in out
-    assert main(["prepare", str(src), str(src / "out"), "--no-progress"]) == 0  # dst inside src: not an input
+    # dst inside src: not an input
+    assert main(["prepare", str(src), str(src / "out"), "--short-side", "16", "--no-progress"]) == 0
     assert "0 videos, 1 already done" in capsys.readouterr().out
     assert main(["prepare", str(src), str(tmp_path / "o"), "--short-side", "15"]) == 2
     assert "zeroi2v prepare: error: --short-side must be an even number" in capsys.readouterr().err
@@ -329,3 +331,124 @@ def test_outputs_and_lists_honour_the_umask(tree, tmp_path):
     for rel in ("annotations.txt", "classes.txt", "prepare_failed.txt", "jump/a.mp4", "run/d.mp4"):
         assert (dst / rel).stat().st_mode & 0o777 == 0o640, rel
     assert (dst / "jump/deep").stat().st_mode & 0o777 == 0o750
+
+
+# ------------------------------------------------------------------------------ --classes
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("zeroi2v prepare: error: "), err
+    return err[len("zeroi2v prepare: error: "):-1]
+
+
+def test_classes_file_numbers_the_folders_in_its_order(tmp_path, capsys):
+    src = _small_tree(tmp_path, ["run/x.mp4", "jump/y.mp4", "play guitar/z.mp4"])
+    names = tmp_path / "classes.txt"  # a trained model's order; 'sit' has no videos here
+    names.write_text("sit\nrun\nplay guitar\njump\n")
+    dst = tmp_path / "dst"
+    assert main(["prepare", str(src), str(dst), "--short-side", "16", "--classes", str(names),
+                 "--no-progress"]) == 0
+    assert "annotation file: " in capsys.readouterr().out
+    # 'play guitar' (source name) matches the folder written as play_guitar
+    assert read_annotations(dst / "annotations.txt") == [("jump/y.mp4", 3), ("play_guitar/z.mp4", 2),
+                                                         ("run/x.mp4", 1)]
+    assert (dst / "classes.txt").read_text() == "sit\nrun\nplay guitar\njump\n"  # the whole list
+    # the output name matches too (the classes.txt of an earlier prepare), and a list is taken
+    res = prepare_videos(src, tmp_path / "dst2", short_side=16, progress=False,
+                         classes=["play_guitar", "jump", "run"])
+    assert read_annotations(res["annotations"]) == [("jump/y.mp4", 1), ("play_guitar/z.mp4", 0),
+                                                    ("run/x.mp4", 2)]
+    # without --classes: sorted folder names, as before
+    res = prepare_videos(src, tmp_path / "dst3", short_side=16, progress=False)
+    assert (tmp_path / "dst3/classes.txt").read_text().split() == ["jump", "play_guitar", "run"]
+
+
+def test_bad_classes_are_refused_before_the_destination_is_touched(tmp_path, capsys):
+    src = _small_tree(tmp_path, ["run/x.mp4", "jump/y.mp4", "walk/w.mp4", "sit/s.mp4", "eat/e.mp4"])
+    dst = tmp_path / "dst"
+    names = tmp_path / "names.txt"
+    for text, msg in [
+        ("run\n", f"class folders eat, jump, sit and 1 more of {src} are not in --classes {names} "
+                  "(1 names): add them to the list, or move them out of the source folder (nothing "
+                  "was written)"),
+        ("run\njump\nsit\nwalk\n", f"class folder eat of {src} is not in --classes {names} (4 names)"),
+        ("run\njump\nrun\n", f"--classes {names} lists the class 'run' twice (names 1 and 3): list "
+                             "each class once"),
+        ("\n\n", f"--classes {names} lists no class names"),
+    ]:
+        names.write_text(text)
+        for shards in ([], ["--shards"]):
+            assert main(["prepare", str(src), str(dst), "--classes", str(names), *shards]) == 2
+            assert msg in _one_line_error(capsys)
+            assert not dst.exists()
+    assert main(["prepare", str(src), str(dst), "--classes", str(tmp_path / "nope.txt")]) == 2
+    assert _one_line_error(capsys) == f"--classes file not found: {tmp_path / 'nope.txt'}"
+    names.write_bytes(b"caf\xe9\n")
+    assert main(["prepare", str(src), str(dst), "--classes", str(names)]) == 2
+    assert "is not UTF-8 text" in _one_line_error(capsys)
+    with pytest.raises(ValueError, match="the class list holds ' run', not a class name"):
+        prepare_videos(src, dst, classes=[" run", "jump"], progress=False)
+    flat = _small_tree(tmp_path / "flat", ["v.mp4", "k/w.mp4"])  # --classes would be ignored
+    names.write_text("k\n")
+    assert main(["prepare", str(flat), str(dst), "--classes", str(names)]) == 2
+    assert _one_line_error(capsys) == (
+        f"--classes numbers class folders (SRC/<class>/<video>), and 1 videos are not in one (e.g. "
+        f"{flat / 'v.mp4'}): move them into class folders, or leave out --classes")
+    assert not dst.exists()
+
+
+# ------------------------------------------------------------------------------ settings record
+def test_a_rerun_with_other_settings_is_refused(tmp_path, capsys):
+    src = _small_tree(tmp_path, ["a/x.mp4", "b/y.mp4"])
+    dst = tmp_path / "dst"
+    run = ["prepare", str(src), str(dst), "--short-side", "16", "--fps", "6", "--no-progress"]
+    assert main(run) == 0
+    record = json.loads((dst / "prepare.json").read_text())
+    assert record["settings"] == {"short_side": 16, "fps": 6.0, "crf": 23, "classes": None}
+    capsys.readouterr()
+    stamps = {p: p.stat().st_mtime_ns for p in dst.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    names = tmp_path / "names.txt"
+    names.write_text("b\na\nc\n")
+    fix = (": run with the settings they were made with to resume, or choose another destination "
+           f"(or empty {dst})")
+    for args, changes in [
+        (["--short-side", "32", "--fps", "6", "--crf", "30"], "short_side 16 -> 32; crf 23 -> 30"),
+        (["--short-side", "16", "--fps", "12"], "fps 6.0 -> 12.0"),
+        (["--short-side", "16"], "fps 6.0 -> source rate"),
+        (["--short-side", "16", "--fps", "6", "--classes", str(names)],
+         "classes sorted folder names -> 3 names"),
+    ]:
+        assert main(["prepare", str(src), str(dst), *args, "--no-progress"]) == 2
+        assert _one_line_error(capsys) == (f"the videos in {dst} were prepared with other settings "
+                                           f"({changes}){fix}")
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten, the record neither
+    assert not _hidden(dst)
+    # the same settings resume; --workers and the progress bar are not settings; fps=6 is --fps 6
+    assert main([*run, "--workers", "2"]) == 0
+    assert "prepared 0 videos, 2 already done" in capsys.readouterr().out
+    assert prepare_videos(src, dst, short_side=16, fps=6, progress=False)["existing"] == 2
+
+    other = tmp_path / "dst2"  # two class lists: where they part
+    prepare_videos(src, other, short_side=16, classes=names, progress=False)
+    with pytest.raises(ValueError, match=r"\(classes 3 names -> 3 names, name 2 'a' -> 'x'\)"):
+        prepare_videos(src, other, short_side=16, classes=["b", "x", "a"], progress=False)
+    prepare_videos(src, other, short_side=16, classes=["b", "a", "c"], progress=False)  # same list
+
+
+def test_a_destination_without_a_record_is_accepted_with_a_note(tmp_path, capsys):
+    src = _small_tree(tmp_path, ["a/x.mp4"])
+    dst = tmp_path / "dst"
+    assert not prepare_videos(src, dst, short_side=16, progress=False)["unchecked"]
+    (dst / "prepare.json").unlink()  # as an older zeroi2v left it
+    assert main(["prepare", str(src), str(dst), "--short-side", "32", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"note: {dst} holds videos of an older zeroi2v that did not record its "
+                          "settings, so they cannot be checked against this command's; they are "
+                          f"kept, and this command's settings are recorded in {dst / 'prepare.json'}\n")
+    assert "0 videos, 1 already done" in out
+    assert json.loads((dst / "prepare.json").read_text())["settings"]["short_side"] == 32
+    (dst / "prepare.json").write_text("{")
+    assert main(["prepare", str(src), str(dst), "--short-side", "32", "--no-progress"]) == 2
+    assert _one_line_error(capsys).startswith(f"{dst / 'prepare.json'} is not valid JSON: ")
+    (dst / "prepare.json").write_text('{"format": "something else", "settings": {}}')
+    with pytest.raises(ValueError, match="is not the settings record of zeroi2v prepare: remove it if"):
+        prepare_videos(src, dst, short_side=32, progress=False)

@@ -315,8 +315,12 @@ def test_prepare_shards_resumes_after_an_interruption(data, tmp_path, monkeypatc
     (dst / f".shard-{len(kept) + 1:06d}.tar.999-0badc0de.zeroi2v-part.tar").write_bytes(b"x")
     (dst / ".999-0badc0de.zeroi2v-staging").mkdir()
     monkeypatch.setattr(prep, "_transcode", real)
-    with pytest.raises(ValueError, match="shards of other videos or settings"):
-        prepare_shards(data["src"], dst, short_side=32, shard_size=SHARD, progress=False)
+    with pytest.raises(ValueError, match=re.escape(
+            f"the shards in {dst} were written with other settings (short_side 16 -> 32; crf 23 -> 30): "
+            f"rerun the command that made them, or choose another destination, or remove "
+            f"{dst / 'shards.json'} and the shard-*.tar files")):
+        prepare_shards(data["src"], dst, short_side=32, crf=30, shard_size=SHARD, progress=False)
+    assert (dst / f"shard-{len(kept):06d}.tar").exists()  # refused before anything was removed
     res = prepare_shards(data["src"], dst, short_side=16, shard_size=SHARD, progress=False)
     assert res["existing"] == index["num_samples"] and res["converted"] == 12 - res["existing"]
     assert (res["removed"], res["dropped_shards"]) == (2, 1)
@@ -330,6 +334,47 @@ def test_prepare_shards_resumes_after_an_interruption(data, tmp_path, monkeypatc
     (dst / "shards.json").write_text(json.dumps({**old, "version": 0}))
     with pytest.raises(ValueError, match="shard format version 0, this zeroi2v writes 1"):
         prepare_shards(data["src"], dst, short_side=16, shard_size=SHARD, progress=False)
+
+
+def test_classes_number_the_shards_and_a_changed_list_is_refused(data, tmp_path, capsys):
+    src = tmp_path / "src"
+    for cls in ("backward", "forward"):  # one video of each class: quick
+        (src / cls).mkdir(parents=True)
+        shutil.copy(sorted((data["src"] / cls).glob("*.mp4"))[0], src / cls / "v.mp4")
+    names = tmp_path / "names.txt"
+    names.write_text("forward\nstill\nbackward\n")  # a model's order, with a class not here
+    dst = tmp_path / "dst"
+    assert main(["prepare", str(src), str(dst), "--shards", "--short-side", "16", "--classes",
+                 str(names), "--no-progress"]) == 0
+    index = json.loads((dst / "shards.json").read_text())
+    assert index["classes"] == ["forward", "still", "backward"]
+    assert index["settings"]["classes"] == ["forward", "still", "backward"]
+    rows = [r[:2] for s in index["shards"] for r in s["samples"]]
+    assert rows == [["backward/v.mp4", 2], ["forward/v.mp4", 0]]
+    assert (dst / "classes.txt").read_text() == "forward\nstill\nbackward\n"
+    with tarfile.open(dst / index["shards"][0]["file"]) as tar:
+        assert tar.extractfile("00000000.cls").read() == b"2"
+        assert json.loads(tar.extractfile("00000000.json").read())["class"] == "backward"
+    capsys.readouterr()
+    before = (dst / "shards.json").read_bytes()
+    names.write_text("forward\nbackward\n")
+    for args, change in [(["--classes", str(names)], "classes 3 names -> 2 names, name 2 'still' -> "
+                                                     "'backward'"),
+                         ([], "classes 3 names -> sorted folder names")]:
+        assert main(["prepare", str(src), str(dst), "--shards", "--short-side", "16", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"were written with other settings ({change}): " in err, err
+    names.write_text("forward\nstill\nbackward\n")
+    shutil.copy(src / "forward/v.mp4", src / "forward/w.mp4")  # same settings, other videos
+    assert main(["prepare", str(src), str(dst), "--shards", "--short-side", "16", "--classes",
+                 str(names)]) == 2
+    assert f"{dst} holds shards of other videos (another SRC, or videos added, removed or renamed " \
+           "since): rerun the command" in capsys.readouterr().err
+    assert (dst / "shards.json").read_bytes() == before
+    names.write_text("forward\n")  # a class folder the list lacks: refused before DST exists
+    assert main(["prepare", str(src), str(tmp_path / "new"), "--shards", "--classes", str(names)]) == 2
+    assert "class folder backward of " in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_messages(data, tmp_path, capsys):

@@ -16,9 +16,9 @@ MODEL is a saved model folder (``config.json`` + ``model.safetensors``, as writt
 checkpoint folder (``OUT/last``, ``OUT/best``), a training output folder (its ``last``) or a
 model on the Hugging Face Hub, ``hf-hub:ORG/NAME[@REVISION]`` (through the Hub's cache; the same
 checks as a folder). CKPT of ``import-official`` may be ``hf-hub:ORG/REPO[@REV]:path/file.pth``.
-Data: ``zeroi2v prepare SRC DST [--short-side 256] [--fps F] [--workers N]`` re-encodes a video
-tree for training (:mod:`zeroi2v.data.prepare`); with ``--shards [--shard-size 1GB]`` into tar
-shards and an index (:mod:`zeroi2v.data.shard_writer`).
+Data: ``zeroi2v prepare SRC DST [--short-side 256] [--fps F] [--workers N] [--classes FILE]``
+re-encodes a video tree for training (:mod:`zeroi2v.data.prepare`); with ``--shards [--shard-size
+1GB]`` into tar shards and an index (:mod:`zeroi2v.data.shard_writer`).
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m zeroi2v.cli train CONFIG.yaml`` (or
 ``torchrun ... $(which zeroi2v) train ...``); the same command without torchrun is one process
@@ -181,9 +181,12 @@ def _add_prepare_parser(sub) -> argparse.ArgumentParser:
                        description="Re-encode every video under SRC into DST/<same path>.mp4 (H.264): "
                                    "short side resized, optional frame rate; resumable, atomic outputs, "
                                    "unreadable inputs listed in DST/prepare_failed.txt; with class folders "
-                                   "also DST/annotations.txt and DST/classes.txt. With --shards the videos "
+                                   "also DST/annotations.txt and DST/classes.txt (classes numbered in "
+                                   "sorted folder order, or as --classes lists them). The settings are "
+                                   "recorded in DST/prepare.json: a rerun with another --short-side, "
+                                   "--fps, --crf or --classes is refused. With --shards the videos "
                                    "go into tar shards of --shard-size bytes with the index "
-                                   "DST/shards.json instead (resumable the same way).")
+                                   "DST/shards.json instead (resumable and checked the same way).")
     p.add_argument("src", help="folder of videos (class folders: SRC/<class>/<video>)")
     p.add_argument("dst", help="output folder")
     p.add_argument("--short-side", type=int, default=256,
@@ -191,6 +194,11 @@ def _add_prepare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: keep every frame)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--crf", type=int, default=23, help="x264 quality, lower is better (default 23)")
+    p.add_argument("--classes", default=None, metavar="FILE",
+                   help="number the classes as FILE lists them (one name per line, e.g. the training "
+                        "set's DST/classes.txt) instead of in sorted folder order: for a validation or "
+                        "test set in a model's class order; every class folder must be listed, and "
+                        "DST/classes.txt gets the whole list")
     p.add_argument("--shards", action="store_true",
                    help="write the videos into tar shards with an index, DST/shards.json, instead of "
                         "one file each (needs class folders; set data.train_ann to the index)")

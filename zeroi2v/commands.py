@@ -463,13 +463,14 @@ def cmd_push(args) -> int:
 
 def cmd_prepare(args) -> int:
     from .data.prepare import display_name, prepare_videos
+    from .data.prepare_settings import RECORD
     from .data.shard_writer import parse_shard_size, prepare_shards
     from .limits import fmt_bytes
 
     if args.shard_size is not None and not args.shards:
         raise ValueError("--shard-size sets the size of shards: add --shards")
     common = dict(short_side=args.short_side, fps=args.fps, workers=args.workers, crf=args.crf,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, classes=args.classes)
     if args.shards:
         res = prepare_shards(args.src, args.dst, shard_size=parse_shard_size(args.shard_size),
                              **common)
@@ -480,6 +481,10 @@ def cmd_prepare(args) -> int:
               f"index: {res['index']} (set data.train_ann / data.val_ann to it)")
         return 0
     res = prepare_videos(args.src, args.dst, **common)
+    if res["unchecked"]:
+        print(f"note: {args.dst} holds videos of an older zeroi2v that did not record its settings, "
+              "so they cannot be checked against this command's; they are kept, and this command's "
+              f"settings are recorded in {Path(args.dst) / RECORD}")
     leftovers = f"{res['removed']} temporary files" if res["removed"] else ""
     _print_prepared(args, res, leftovers, "already done")
     if res["renamed"]:

@@ -17,6 +17,13 @@ Decoding full-size videos is what starves a GPU during training; resizing the wh
   links: opening a FIFO would wait forever) are skipped and listed in ``DST/prepare_failed.txt``;
 * with class folders (every video under ``SRC/<class>/...``) it writes ``DST/annotations.txt``
   (``relative/path.mp4 label``, classes numbered in sorted order) and ``DST/classes.txt``;
+  ``classes=`` (``--classes FILE``, one name per line) numbers them in that list's order instead,
+  e.g. a validation set in the training set's order: every class folder must be listed (matched
+  by its output or its source name), and ``classes.txt`` is then the whole list;
+* settings checked: ``DST/prepare.json`` records ``short_side``, ``fps``, ``crf`` and the class
+  list before the first output; a rerun with other ones is refused (it would mix them in one
+  dataset, see :mod:`zeroi2v.data.prepare_settings`); a destination an older zeroi2v filled
+  without a record is accepted with a note (``unchecked``);
 * the lists are written atomically and every file gets the user's umask; a full disk or a
   permission error while writing stops the run with one line naming the path and what was kept.
 """
@@ -287,28 +294,49 @@ def _plan(videos: list[str], src: Path) -> tuple[dict[str, str], list[tuple[str,
 
 def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: int = 256,
                    fps: Optional[float] = None, workers: int = 1, crf: int = 23,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, classes=None) -> dict:
     """Re-encode every video under ``src`` into ``dst`` (see the module docstring).
 
     ``short_side``: even, the short side of every output. ``fps``: output frame rate (frames are
     repeated or dropped by their timestamps); ``None`` keeps every frame and the source rate.
     ``workers``: parallel processes (1: this process). ``crf``: x264 quality (lower is better).
+    ``classes``: a class-name file (one per line) or a list of names that numbers the class
+    folders instead of their sorted order (see :func:`class_numbering`).
 
     Returns ``dict(converted, existing, failed, skipped, renamed, annotations, classes,
-    took_over, removed)``: ``failed`` lists ``(relative path, reason)`` of unreadable inputs,
+    took_over, removed, unchecked)``: ``failed`` lists ``(relative path, reason)`` of unreadable inputs,
     ``skipped`` those of entries that are not regular files; ``renamed`` ``(source, output)``
     pairs whose names were made safe; ``annotations`` / ``classes`` the files written, or
     ``None``; ``took_over`` the record of a dead run's lock (or ``None``); ``removed`` the number
-    of temporaries dead runs left. Raises ``FolderLockedError`` while another run holds ``dst``
-    and :class:`PrepareWriteError` when ``dst`` cannot be written.
+    of temporaries dead runs left; ``unchecked``: ``dst`` held outputs but no settings record
+    (an older zeroi2v's), so their settings could not be checked. Raises ``FolderLockedError``
+    while another run holds ``dst``, a ``ValueError`` when ``dst`` was prepared with other
+    settings, and :class:`PrepareWriteError` when ``dst`` cannot be written.
     """
     src, dst = Path(src), Path(dst)
     outputs, renamed, skipped = plan_sources(src, dst, short_side, fps, workers)
+    numbering = class_numbering(outputs, classes, src) if classes is not None else None
+    settings = {"short_side": int(short_side), "fps": float(fps) if fps is not None else None,
+                "crf": int(crf), "classes": numbering[0] if numbering else None}
     from ..safe_io import folder_lock, remove_stale_temporaries
+    from .prepare_settings import RECORD, read_record, refuse_changed_settings, write_record
 
     state = _RunState()
     try:
         with folder_lock(dst, f"zeroi2v prepare {src} {dst}") as stale:
+            recorded = read_record(dst)  # checked before anything in dst changes
+            if recorded is not None:
+                refuse_changed_settings(
+                    f"the videos in {dst} were prepared", recorded, settings,
+                    "run with the settings they were made with to resume, or choose another "
+                    f"destination (or empty {dst})")
+            unchecked = recorded is None and (any((dst / out).is_file() for out in outputs)
+                                              or (dst / ANNOTATIONS).is_file())
+            if recorded is None:
+                try:
+                    write_record(dst, settings)
+                except OSError as e:
+                    raise DestinationError(e.errno, e.strerror or str(e), str(dst / RECORD)) from None
             removed = _remove_stale_parts(dst) + len(remove_stale_temporaries(dst))
             todo = [(rel, out) for out, rel in outputs.items() if not (dst / out).is_file()]
             state.existing = len(outputs) - len(todo)
@@ -325,15 +353,16 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
                 raise
             state.failed.sort()
             _write_failed(dst / FAILED_LIST, state.failed + skipped)
-            ann, classes = _write_annotations(dst, [out for out in outputs if (dst / out).is_file()])
+            ann, names = _write_annotations(dst, [out for out in outputs if (dst / out).is_file()],
+                                            numbering)
     except OSError as e:
         if not isinstance(e, DestinationError) and not _under(e.filename, dst):
             raise
         kept = sum((dst / out).is_file() for out in outputs)
         raise PrepareWriteError(_write_failure(e, state, dst, kept)) from None
     return {"converted": state.converted, "existing": state.existing, "failed": state.failed,
-            "skipped": skipped, "renamed": renamed, "annotations": ann, "classes": classes,
-            "took_over": stale, "removed": removed}
+            "skipped": skipped, "renamed": renamed, "annotations": ann, "classes": names,
+            "took_over": stale, "removed": removed, "unchecked": unchecked}
 
 
 def plan_sources(src: Path, dst: Path, short_side: int, fps: Optional[float], workers: int
@@ -358,6 +387,70 @@ def plan_sources(src: Path, dst: Path, short_side: int, fps: Optional[float], wo
         raise ValueError(f"no video files under {src} (extensions: {', '.join(VIDEO_EXTENSIONS)}){extra}")
     outputs, renamed = _plan(videos, src)
     return outputs, renamed, skipped
+
+
+def class_numbering(outputs: dict[str, str], classes, src: Path) -> tuple[list[str], dict[str, int]]:
+    """``(names by label, {class folder: label})`` in the order of ``classes``, a class-name
+    file (:func:`~zeroi2v.data.annotations.read_class_names`) or a list of names; a folder
+    matches by its output name (``classes.txt`` of an earlier prepare) or its source name. Refuses
+    (``ValueError``, before anything is written) videos outside class folders and folders the
+    list lacks."""
+    names, where = _class_list(classes)
+    loose = [rel for out, rel in sorted(outputs.items()) if "/" not in out]
+    if loose:
+        raise ValueError(f"--classes numbers class folders (SRC/<class>/<video>), and {len(loose)} "
+                         f"videos are not in one (e.g. {display_name(str(src / loose[0]))}): move "
+                         "them into class folders, or leave out --classes")
+    folders: dict[str, str] = {}  # output folder name -> source folder name
+    for out, rel in sorted(outputs.items()):
+        folders.setdefault(out.split("/", 1)[0], rel.split("/", 1)[0])
+    pos = {name: i for i, name in enumerate(names)}
+    label = {out: pos.get(out, pos.get(s)) for out, s in folders.items()}
+    unknown = [display_name(folders[out]) for out, i in label.items() if i is None]
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        one = len(unknown) == 1
+        raise ValueError(f"class folder{'' if one else 's'} {', '.join(unknown[:3])}{more} of {src} "
+                         f"{'is' if one else 'are'} not in {where} ({len(names)} names): add "
+                         f"{'it' if one else 'them'} to the list, or move {'it' if one else 'them'} "
+                         "out of the source folder (nothing was written)")
+    return names, label
+
+
+def _class_list(classes) -> tuple[list[str], str]:
+    """The names of ``classes`` (a file or a list) and how to name it in a message; refuses an
+    empty list, duplicates and names a ``classes.txt`` line cannot hold."""
+    from ..limits import MAX_CLASSES
+    from ..safe_io import short_repr
+    from .annotations import read_class_names
+
+    if isinstance(classes, (str, os.PathLike)):
+        where = f"--classes {os.fspath(classes)}"
+        try:
+            names = read_class_names(classes)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--classes file not found: {os.fspath(classes)}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} is not UTF-8 text (byte {e.start}): give a class-name file, "
+                             "one name per line") from None
+    else:
+        where, names = "the class list", list(classes)
+        bad = next((n for n in names if not isinstance(n, str) or not n.strip() or n != n.strip()
+                    or "\n" in n), None) if names else None
+        if bad is not None:
+            raise ValueError(f"{where} holds {short_repr(bad)}, not a class name (a non-empty string "
+                             "without surrounding whitespace)")
+    if not names:
+        raise ValueError(f"{where} lists no class names: give one name per line")
+    if len(names) > MAX_CLASSES:
+        raise ValueError(f"{where} lists {len(names):,} classes, over the {MAX_CLASSES:,} zeroi2v takes")
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            raise ValueError(f"{where} lists the class {short_repr(name)} twice (names {first[name] + 1} "
+                             f"and {i + 1}): list each class once")
+        first[name] = i
+    return names, where
 
 
 class PrepareWriteError(ValueError):
@@ -439,14 +532,19 @@ def _write_failed(path: Path, failed) -> None:
         raise DestinationError(e.errno, e.strerror or str(e), str(path)) from None
 
 
-def _write_annotations(dst: Path, outputs: list[str]) -> tuple[Optional[str], Optional[str]]:
-    """``annotations.txt`` + ``classes.txt`` when every output lies in a class folder."""
+def _write_annotations(dst: Path, outputs: list[str], numbering=None
+                       ) -> tuple[Optional[str], Optional[str]]:
+    """``annotations.txt`` + ``classes.txt`` when every output lies in a class folder; classes
+    numbered by ``numbering`` (:func:`class_numbering`), else in the sorted order of the folders."""
     from .annotations import write_annotations, write_text_atomic
 
     if not outputs or any("/" not in rel for rel in outputs):
         return None, None
-    classes = sorted({rel.split("/", 1)[0] for rel in outputs})
-    label = {c: i for i, c in enumerate(classes)}
+    if numbering is None:
+        classes = sorted({rel.split("/", 1)[0] for rel in outputs})
+        label = {c: i for i, c in enumerate(classes)}
+    else:
+        classes, label = numbering
     ann, names = dst / ANNOTATIONS, dst / CLASSES
     for path, write in ((ann, lambda: write_annotations(ann, [(rel, label[rel.split("/", 1)[0]])
                                                               for rel in sorted(outputs)])),

@@ -9,9 +9,12 @@ temporary name (``.shard-000003.tar.<pid>-<tag>.zeroi2v-part.tar``) and renamed 
 the shard size; then the index, ``DST/shards.json``, is rewritten atomically to list it, with
 ``"complete": false`` until the last shard. Resuming (the same command again) keeps the shards
 the index lists with their recorded size, removes any other shard file and every temporary,
-and continues from the first video after the last kept shard. Like ``prepare``: one run per
-``DST`` (its lock), unreadable inputs listed in ``DST/prepare_failed.txt`` (and in the index),
-a full disk or a permission error stops the run in one line naming the path and what was kept.
+and continues from the first video after the last kept shard; a rerun with other settings
+(``--short-side``, ``--fps``, ``--crf``, ``--classes``: the index's ``"settings"``) is refused
+naming each change. ``--classes FILE`` numbers the class folders in that list's order, as
+``prepare`` does. Like ``prepare``: one run per ``DST`` (its lock), unreadable inputs listed in
+``DST/prepare_failed.txt`` (and in the index), a full disk or a permission error stops the run
+in one line naming the path and what was kept.
 """
 from __future__ import annotations
 
@@ -39,9 +42,11 @@ from .prepare import (
     _under,
     _write_failed,
     _write_failure,
+    class_numbering,
     display_name,
     plan_sources,
 )
+from .prepare_settings import refuse_changed_settings
 from .shards import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, sample_key
 
 __all__ = ["prepare_shards", "pack_shards", "parse_shard_size", "DEFAULT_SHARD_SIZE",
@@ -207,9 +212,13 @@ def _resume(dst: Path, digest: str, fresh: dict) -> tuple[dict, list[Path]]:
                              f"this zeroi2v writes {INDEX_VERSION}: remove them or choose another "
                              "destination")
         if raw.get("digest") != digest:
-            raise ValueError(f"{dst} holds shards of other videos or settings (another SRC, "
-                             "--short-side, --fps or --crf): rerun the command that made them, or "
-                             f"choose another destination, or remove {path} and the shard-*.tar files")
+            fix = (f"rerun the command that made them, or choose another destination, or remove "
+                   f"{path} and the shard-*.tar files")
+            if isinstance(raw.get("settings"), dict):  # name the settings that changed, if any
+                refuse_changed_settings(f"the shards in {dst} were written", raw["settings"],
+                                        fresh["settings"], fix)
+            raise ValueError(f"{dst} holds shards of other videos (another SRC, or videos added, "
+                             f"removed or renamed since): {fix}")
         listed = raw.get("shards") or []
         if not isinstance(listed, list) or not all(_shard_entry_ok(x) for x in listed):
             raise ValueError(f"{path} lists a shard entry this zeroi2v did not write (a file "
@@ -377,10 +386,14 @@ def _listed_shards(dst: Path) -> list:
 
 
 def prepare_shards(src, dst, short_side: int = 256, fps: Optional[float] = None, workers: int = 1,
-                   crf: int = 23, shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True) -> dict:
+                   crf: int = 23, shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True,
+                   classes=None) -> dict:
     """``zeroi2v prepare SRC DST --shards``: every video under ``src`` (in class folders, whose
     sorted names number the labels) transcoded as :func:`~zeroi2v.data.prepare_videos` does it,
     written into shards of about ``shard_size`` bytes with the index ``dst/shards.json``.
+    ``classes`` (a class-name file or a list of names) numbers the labels in its order instead,
+    and becomes the index's ``"classes"`` and ``classes.txt`` whole
+    (:func:`~zeroi2v.data.prepare.class_numbering`); the index's ``"settings"`` records it.
 
     Returns ``dict(converted, existing, failed, skipped, index, shards, num_samples, bytes,
     classes, took_over, removed, dropped_shards)``: ``existing`` counts the videos in the complete
@@ -397,16 +410,23 @@ def prepare_shards(src, dst, short_side: int = 256, fps: Optional[float] = None,
         raise ValueError(f"--shards takes the labels from class folders (SRC/<class>/<video>), and "
                          f"{len(loose)} videos are not in one (e.g. {display_name(str(src / loose[0]))}): "
                          "move them into class folders")
-    classes = sorted({out.split("/", 1)[0] for out in outputs})
-    label = {c: i for i, c in enumerate(classes)}
+    if classes is None:
+        names = sorted({out.split("/", 1)[0] for out in outputs})
+        label = {c: i for i, c in enumerate(names)}
+    else:
+        names, label = class_numbering(outputs, classes, src)
     plan = [(out, rel, label[out.split("/", 1)[0]]) for out, rel in sorted(outputs.items())]
-    settings = {"short_side": int(short_side), "fps": fps, "crf": int(crf)}
+    # fps as a float, as the command line gives it: fps=6 from Python is the same setting
+    settings = {"short_side": int(short_side), "fps": float(fps) if fps is not None else None,
+                "crf": int(crf)}
+    if classes is not None:  # only then: the digests of indexes written before --classes hold
+        settings["classes"] = names
 
     def jobs(pos, staging, tag):
         return (str(src / plan[pos][1]), str(staging / f"{sample_key(pos)}.mp4"), tag, int(short_side),
                 fps, int(crf))
 
-    return _write_shards(dst, plan, classes, settings, jobs, _transcode_staged, staged=True,
+    return _write_shards(dst, plan, names, settings, jobs, _transcode_staged, staged=True,
                          shard_size=shard_size, workers=int(workers), progress=progress,
                          command=f"zeroi2v prepare {src} {dst} --shards", skipped=skipped)
 
