@@ -20,7 +20,7 @@ PACKAGE = os.path.join(ROOT, "zeroi2v")
 #: Layers from the bottom up; a module may import its own layer and those listed before it.
 #: ``__init__`` is the package itself (``import zeroi2v``), the public façade over everything.
 LAYERS: list[set[str]] = [
-    {"_native", "_C", "_version", "settings", "offsets", "limits", "errors", "safe_io"},
+    {"_native", "_C", "_version", "settings", "offsets", "limits", "errors", "safe_io", "progress"},
     {"ops"},
     {"kernels"},
     {"nn"},

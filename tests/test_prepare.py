@@ -452,3 +452,18 @@ def test_a_destination_without_a_record_is_accepted_with_a_note(tmp_path, capsys
     (dst / "prepare.json").write_text('{"format": "something else", "settings": {}}')
     with pytest.raises(ValueError, match="is not the settings record of zeroi2v prepare: remove it if"):
         prepare_videos(src, dst, short_side=32, progress=False)
+
+
+def test_progress_written_to_a_file_is_lines_not_terminal_frames(tree, tmp_path):
+    """Under nohup or Slurm the progress of prepare is plain lines, as training's is."""
+    src, _ = tree
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "-m", "zeroi2v.cli", "prepare", str(src),
+                            str(tmp_path / "dst"), "--short-side", "16"], stdout=f,
+                           stderr=subprocess.STDOUT, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    text = log.read_text()
+    assert r.returncode == 0, text[-500:]
+    assert "\r" not in text and "\x1b[" not in text
+    assert any(ln.startswith("prepare: ") and "/5 (" in ln for ln in text.splitlines()), text

@@ -16,7 +16,7 @@ from typing import Optional
 
 
 def _console():
-    from .train.logs import console
+    from .progress import console
 
     return console()
 

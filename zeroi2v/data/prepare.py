@@ -39,13 +39,15 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
+from .annotations import CLASSES_FILE
+
 __all__ = ["prepare_videos", "find_videos", "scan_sources", "safe_name",
            "VIDEO_EXTENSIONS", "DestinationError", "plan_sources"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
                     ".3gp", ".ogv", ".ts")
 _TMP_TAG = ".zeroi2v-part"
-FAILED_LIST, ANNOTATIONS, CLASSES = "prepare_failed.txt", "annotations.txt", "classes.txt"
+FAILED_LIST, ANNOTATIONS, CLASSES = "prepare_failed.txt", "annotations.txt", CLASSES_FILE
 
 
 def display_name(rel: str) -> str:
@@ -474,10 +476,11 @@ def _under(path, folder: Path) -> bool:
 
 
 def _run(todo, args, workers: int, progress: bool, state: _RunState) -> None:
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-    bar = tqdm(total=len(todo) + state.existing, initial=state.existing, desc="prepare", unit="video",
-               disable=not progress, dynamic_ncols=True)
+    total = len(todo) + state.existing
+    bar = progress_bar(total, "prepare", progress, every=max(1, total // 20),
+                       initial=state.existing, unit="video", leave=True)
 
     def done(rel: str, reason: str) -> None:
         if reason:

@@ -304,8 +304,7 @@ def _write_shards(dst: Path, plan: list, classes: list, settings: dict, jobs: Ca
     """The loop both entry points share: ``plan`` is ``[(output name, source, label)]`` in sample
     order, ``jobs(pos, staging_folder, tag)`` the arguments of ``produce``, which returns ``(file,
     "")`` or ``(None, reason)``; ``staged``: the files are this run's to remove once written."""
-    from tqdm.auto import tqdm
-
+    from ..progress import progress_bar
     from ..safe_io import folder_lock, remove_stale_temporaries
 
     digest = _digest(plan, settings)
@@ -330,8 +329,9 @@ def _write_shards(dst: Path, plan: list, classes: list, settings: dict, jobs: Ca
                     if staged:
                         staging.mkdir()
                     todo = [(pos, jobs(pos, staging, tag)) for pos in range(start, len(plan))]
-                    bar = tqdm(total=len(plan), initial=start, desc="prepare", unit="video",
-                               disable=not progress, dynamic_ncols=True)
+                    bar = progress_bar(len(plan), "prepare", progress,
+                                       every=max(1, len(plan) // 20), initial=start,
+                                       unit="video", leave=True)
                     with contextlib.closing(_results(todo, produce, workers)) as results, bar:
                         for pos, file, reason in results:
                             if reason:

@@ -232,7 +232,7 @@ def run_demo(out_dir: str = "demo_out", epochs: Optional[int] = None, seed: int 
 def print_demo_table(r: dict) -> None:
     from rich.table import Table
 
-    from .logs import console
+    from ..progress import console
 
     t = Table(title="ZeroI2V demo: synthetic temporal-order videos "
                     f"({len(r['settings']['classes'])} classes, chance "

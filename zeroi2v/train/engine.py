@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from ..data import LoadReport
+from ..progress import progress_bar
 from . import dist as zdist
 from .checkpoint import rng_state, save_checkpoint
 from .config import RunConfig
 from .evaluation import batch_parts, evaluate, summary, write_eval_report
-from .logs import epoch_line, plot_curves, progress_bar, tensorboard_missing
+from .logs import epoch_line, plot_curves, tensorboard_missing
 from .preflight import preflight
 from .run import TrainingRun, resume_path, resumed_config, sole_writer, start_run
 from .runtime import (

@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from ..data import LoadReport, VideoDecodeError, collate_videos
+from ..progress import progress_bar
 from ..safe_io import atomic_write_text
 from . import dist as zdist
-from .logs import progress_bar
 from .metrics import (
     average_views,
     classification_metrics,
