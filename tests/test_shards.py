@@ -468,3 +468,19 @@ def test_torchrun_two_ranks_train_on_shards(data, tmp_path):
     assert m2["world_size"] == 2 and m1["num_samples"] == m2["num_samples"] == 11
     for k in ("top1", "mean_class_acc", "confusion_matrix"):
         assert m1[k] == m2[k], k
+
+
+def test_classes_in_the_sorted_order_are_the_default_numbering(data, tmp_path):
+    """--classes naming the folders in sorted order numbers the shards as no --classes does, so
+    it resumes (or reruns) such an index instead of being refused as another numbering."""
+    from zeroi2v.data.shard_writer import prepare_shards
+
+    src = tmp_path / "src"
+    for cls in ("backward", "forward"):
+        (src / cls).mkdir(parents=True)
+        shutil.copy(sorted((data["src"] / cls).glob("*.mp4"))[0], src / cls / "v.mp4")
+    dst = tmp_path / "dst"
+    prepare_shards(src, dst, short_side=16, progress=False)
+    again = prepare_shards(src, dst, short_side=16, classes=["backward", "forward"], progress=False)
+    assert again["existing"] == 2 and again["converted"] == 0
+    assert "classes" not in json.loads((dst / "shards.json").read_text())["settings"]

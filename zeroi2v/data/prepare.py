@@ -20,10 +20,12 @@ Decoding full-size videos is what starves a GPU during training; resizing the wh
   ``classes=`` (``--classes FILE``, one name per line) numbers them in that list's order instead,
   e.g. a validation set in the training set's order: every class folder must be listed (matched
   by its output or its source name), and ``classes.txt`` is then the whole list;
-* settings checked: ``DST/prepare.json`` records ``short_side``, ``fps``, ``crf`` and the class
-  list before the first output; a rerun with other ones is refused (it would mix them in one
-  dataset, see :mod:`zeroi2v.data.prepare_settings`); a destination an older zeroi2v filled
-  without a record is accepted with a note (``unchecked``);
+* settings checked: ``DST/prepare.json`` records ``short_side``, ``fps`` and ``crf`` before the
+  first output; a rerun with other ones is refused (it would mix two encodings in one dataset,
+  see :mod:`zeroi2v.data.prepare_settings`); a destination an older zeroi2v filled without a
+  record is accepted with a note (``unchecked``). The class numbering is not such a setting
+  here: the two lists are rewritten whole by every run, so a rerun with another ``--classes``
+  renumbers the dataset without re-encoding it;
 * the lists are written atomically and every file gets the user's umask; a full disk or a
   permission error while writing stops the run with one line naming the path and what was kept.
 """
@@ -318,8 +320,10 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
     src, dst = Path(src), Path(dst)
     outputs, renamed, skipped = plan_sources(src, dst, short_side, fps, workers)
     numbering = class_numbering(outputs, classes, src) if classes is not None else None
+    # what the video files depend on; the class numbering lives only in annotations.txt and
+    # classes.txt, which every run rewrites whole, so renumbering (--classes) is no mixing
     settings = {"short_side": int(short_side), "fps": float(fps) if fps is not None else None,
-                "crf": int(crf), "classes": numbering[0] if numbering else None}
+                "crf": int(crf)}
     from ..safe_io import folder_lock, remove_stale_temporaries
     from .prepare_settings import RECORD, read_record, refuse_changed_settings, write_record
 
@@ -328,6 +332,7 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
         with folder_lock(dst, f"zeroi2v prepare {src} {dst}") as stale:
             recorded = read_record(dst)  # checked before anything in dst changes
             if recorded is not None:
+                recorded.pop("classes", None)  # (recorded by the first version of the record)
                 refuse_changed_settings(
                     f"the videos in {dst} were prepared", recorded, settings,
                     "run with the settings they were made with to resume, or choose another "

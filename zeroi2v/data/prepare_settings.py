@@ -3,9 +3,10 @@ that refuses a rerun with other ones: ``DST/prepare.json`` for one file per vide
 ``"settings"`` for ``--shards`` (:mod:`zeroi2v.data.shard_writer`).
 
 A rerun keeps the outputs that exist, so without this check a rerun with another
-``--short-side``, ``--fps``, ``--crf`` or ``--classes`` would mix two encodings (or two class
-numberings) in one dataset. Only what changes the outputs is a setting: ``--workers`` and the
-progress bar are not.
+``--short-side``, ``--fps`` or ``--crf`` would mix two encodings in one dataset (and, in shards,
+whose samples carry their labels, another ``--classes`` numbering two numberings). Only what
+changes the outputs is a setting: ``--workers`` and the progress bar are not, nor, for one file
+per video, ``--classes`` (its lists are rewritten whole by every run).
 """
 from __future__ import annotations
 

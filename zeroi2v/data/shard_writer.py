@@ -410,16 +410,18 @@ def prepare_shards(src, dst, short_side: int = 256, fps: Optional[float] = None,
         raise ValueError(f"--shards takes the labels from class folders (SRC/<class>/<video>), and "
                          f"{len(loose)} videos are not in one (e.g. {display_name(str(src / loose[0]))}): "
                          "move them into class folders")
-    if classes is None:
-        names = sorted({out.split("/", 1)[0] for out in outputs})
-        label = {c: i for i, c in enumerate(names)}
-    else:
+    names = sorted({out.split("/", 1)[0] for out in outputs})
+    label = {c: i for i, c in enumerate(names)}
+    default = names
+    if classes is not None:
         names, label = class_numbering(outputs, classes, src)
     plan = [(out, rel, label[out.split("/", 1)[0]]) for out, rel in sorted(outputs.items())]
     # fps as a float, as the command line gives it: fps=6 from Python is the same setting
     settings = {"short_side": int(short_side), "fps": float(fps) if fps is not None else None,
                 "crf": int(crf)}
-    if classes is not None:  # only then: the digests of indexes written before --classes hold
+    # the labels are inside the shards: a numbering other than the sorted folders' is a setting
+    # (recorded only then, so the digests of indexes written before --classes still hold)
+    if names != default:
         settings["classes"] = names
 
     def jobs(pos, staging, tag):
