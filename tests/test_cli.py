@@ -216,6 +216,26 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_data):
         assert m1[k] == m2[k], k
 
 
+def test_resume_on_more_processes_keeps_the_schedule_to_the_last_epoch(tmp_path, tiny_data):
+    """Resumed on 2 processes, an epoch has half the steps: the cosine is re-planned over the
+    epochs left, so the learning rate reaches its floor at the end of the last epoch, not at
+    the step count the 1-process plan had."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cfg = write_cfg(tmp_path / "c.yaml", tiny_data, epochs=4, out_dir=str(tmp_path / "r"))
+    assert main(["train", str(cfg), "--set", "train.stop_after_epoch=1"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "zeroi2v.cli"]
+    r = subprocess.run(cmd + ["train", "--resume", str(tmp_path / "r/last")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "learning-rate schedule: now ends at step" in r.stdout
+    recs = [json.loads(x) for x in (tmp_path / "r/log.jsonl").read_text().splitlines()]
+    lrs = {e: [x["lr"] for x in recs if x["type"] == "train" and x["epoch"] == e]
+           for e in (2, 3, 4)}
+    assert min(lrs[2] + lrs[3]) > 0 and lrs[4][-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(lrs[2] + lrs[3], (lrs[2] + lrs[3])[1:]))  # still falling
+
+
 def test_import_official(tmp_path, capsys):
     """``import-official`` converts a checkpoint in the official layout (random weights, an
     mmengine-style wrapper) into a file that eval/merge accept and that rebuilds the same model."""

@@ -112,6 +112,25 @@ def test_a_longer_run_on_resume_stretches_the_schedule_to_its_new_end(tmp_path, 
     assert len(change) == 1 and change[0]["total_steps"] * 2 == change[0]["was"] * 3
 
 
+def test_resume_to_fewer_epochs_than_done_is_refused_and_a_finished_run_says_so(tmp_path, data,
+                                                                                capsys):
+    cfg = _run(tmp_path, data, epochs=3)
+    out = tmp_path / "r"
+    assert main(["train", cfg, "--out", str(out), "--set", "train.stop_after_epoch=2"]) == 0
+    log = (out / "log.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), "--set", "train.epochs=1"]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "train.epochs is 1, but" in err[0] and "finished 2 epochs" in err[0]
+    assert (out / "log.jsonl").read_text() == log and "epochs: 3" in (out / "config.yaml").read_text()
+    # the saved stop was reached: the resume goes on to the end, and says so
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    assert "train.stop_after_epoch 2 was reached before this resume" in capsys.readouterr().out
+    assert (out / "last").resolve().name == "epoch_0003"
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    assert "the run has finished its 3 epochs, nothing to train" in capsys.readouterr().out
+
+
 def test_resume_of_a_checkpoint_continues_in_its_own_run_folder(tmp_path, data, capsys):
     """A checkpoint given without --out continues in the folder of the run that saved it, even
     after that folder moved and another run took its old place; resuming into a folder that

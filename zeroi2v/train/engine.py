@@ -78,6 +78,13 @@ def _train(cfg, info, resume, on_epoch_end, datasets, model, overwrite, changes)
     run, start_epoch = start_run(cfg, info, resume, datasets, model, overwrite, changes)
     result: dict = {"epoch": start_epoch, "step": run.step, "val": None, "best": run.best}
     stop_after = cfg.train.stop_after_epoch
+    if stop_after is not None and stop_after <= start_epoch < run.epochs:
+        # the stop a previous invocation was asked for (it is saved with the run): reached
+        if info.is_main:
+            print(f"note: train.stop_after_epoch {stop_after} was reached before this resume; the "
+                  f"run goes on to epoch {run.epochs} (--set train.stop_after_epoch=N stops it "
+                  "earlier)", flush=True)
+        stop_after = None
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, run.epochs):

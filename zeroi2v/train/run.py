@@ -198,9 +198,9 @@ def start_run(cfg: RunConfig, info, resume: Optional[Path], datasets: Optional[d
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     run = build_run(cfg, info, datasets or {}, model)
-    start_epoch, ckpt_rng = 0, None
+    start_epoch, ckpt_rng, notes = 0, None, []
     if resume is not None:
-        start_epoch, ckpt_rng = _resume(run, resume)
+        start_epoch, ckpt_rng, notes = _resume(run, resume)
     if info.is_main:
         atomic_write_text(out_dir / "config.yaml", dump_config(cfg))
         if changes:
@@ -208,6 +208,8 @@ def start_run(cfg: RunConfig, info, resume: Optional[Path], datasets: Optional[d
             print(f"resuming with changed settings: {text}", flush=True)
             run.log.log({"type": "resume_changes",
                          "changes": [{"key": k, "was": a, "now": b} for k, a, b in changes]})
+        for note in notes:
+            print(note, flush=True)
         text, rec = setup_summary(run, resume)
         run.log.log(rec)
         print(text, flush=True)
@@ -377,36 +379,45 @@ def setup_summary(run: TrainingRun, resume: Optional[Path]) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- resuming
 
 
-def _resume(run: TrainingRun, path: Path) -> tuple[int, Optional[dict]]:
+def _resume(run: TrainingRun, path: Path) -> tuple[int, Optional[dict], list[str]]:
+    """Load the checkpoint's state into ``run``: returns the epoch to start from, this rank's
+    random-number state and the notes to print (after the changed settings they follow from)."""
     ck = _resume_into(path, run.model, run.base)
     if int(ck.get("num_classes", run.num_classes)) != run.num_classes:
         raise ValueError(f"cannot resume from {path}: it has {ck['num_classes']} classes, the "
                          f"data {run.num_classes}")
+    start = int(ck["epoch"])
+    if run.epochs < start:
+        raise ValueError(f"train.epochs is {run.epochs}, but {path} has finished {start} epochs: "
+                         f"give more than {start} to go on (--set train.epochs=N)")
+    notes = []
+    if run.epochs == start:
+        notes.append(f"note: the run has finished its {start} epochs, nothing to train (go on "
+                     "with --set train.epochs=N)")
     run.optimizer.load_state_dict(ck["optimizer"])
-    planned = run.scheduler.total_steps  # from this run's train.epochs
     run.scheduler.load_state_dict(ck["scheduler"])
+    # The cosine ends after the epochs left at this run's steps per epoch. Unchanged settings
+    # give the saved end exactly; a longer train.epochs or another number of processes (other
+    # steps per epoch) would otherwise end where the old plan did.
+    planned = run.scheduler.last_step + (run.epochs - start) * run.steps_per_epoch
     if planned != run.scheduler.total_steps:
-        # train.epochs changed on resume: the cosine is stretched (or shrunk) to end with the
-        # new last epoch; without this it would end where the old run did
         was, lr_was = run.scheduler.total_steps, run.scheduler.get_last_lr()[0]
         run.scheduler.total_steps = planned
         run.scheduler.load_state_dict(run.scheduler.state_dict())  # re-applies the LR
         lr_now = run.scheduler.get_last_lr()[0]
-        if run.info.is_main:
-            print(f"learning-rate schedule: now ends at step {planned} (was {was}); the "
-                  f"learning rate at step {run.scheduler.last_step} goes from {lr_was:.4g} to "
-                  f"{lr_now:.4g}", flush=True)
+        notes.append(f"learning-rate schedule: now ends at step {planned} (was {was}); the "
+                     f"learning rate at step {run.scheduler.last_step} goes from {lr_was:.4g} "
+                     f"to {lr_now:.4g}")
         run.log.log({"type": "schedule_change", "total_steps": planned, "was": was,
                      "step": run.scheduler.last_step, "lr_was": lr_was, "lr": lr_now})
     if ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])
     run.step, run.best = int(ck["step"]), ck.get("best")
-    start = int(ck["epoch"])
     rngs = ck.get("rng") or []
     run.log.log({"type": "resume", "from": str(path), "epoch": start, "step": run.step})
     # Same world size: every rank continues its own stream. Otherwise the run is no longer
     # bit-identical anyway; reuse the saved states in turn.
-    return start, (rngs[run.info.rank % len(rngs)] if rngs else None)
+    return start, (rngs[run.info.rank % len(rngs)] if rngs else None), notes
 
 
 def _resume_into(path, model: nn.Module, base: Optional[dict]) -> dict:
