@@ -97,3 +97,20 @@ def test_a_shard_index_names_its_classes(data, tmp_path):
     ds = build_dataset(str(index / "shards.json"), "", num_frames=4, train=False, size=16)
     assert ds.class_names == data["classes"][::-1]
     assert ds.class_names_file == str(index / "shards.json")
+
+
+def test_data_class_names_must_be_the_data_classes(data, tmp_path, capsys):
+    """data.class_names naming the classes in another order (or spelling) than the data's own
+    classes.txt would name the model's outputs wrongly: refused before training."""
+    swapped = tmp_path / "names.txt"
+    swapped.write_text("\n".join(data["classes"][::-1]) + "\n")
+    cfg = write(tmp_path / "c.yaml", cfg_dict(data, data={"class_names": str(swapped)}))
+    assert main(["train", cfg, "--out", str(tmp_path / "r")]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "name label 0 differently" in err[0], err
+    assert "unset data.class_names" in err[0] and not (tmp_path / "r" / "checkpoints").exists()
+    same = tmp_path / "same.txt"
+    same.write_text("\n".join(data["classes"]) + "\n")
+    cfg = write(tmp_path / "c2.yaml", cfg_dict(data, data={"class_names": str(same)},
+                                               train={"epochs": 1}))
+    assert main(["train", cfg, "--out", str(tmp_path / "r2")]) == 0

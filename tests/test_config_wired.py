@@ -38,7 +38,9 @@ def files(tmp_path_factory):
     alt_root.symlink_to(ds["root"], target_is_directory=True)
     for key in ("train", "val"):
         shutil.copy(ds[key], base / f"alt_{key}.txt")
-    (base / "names.txt").write_text("left\nright\n")  # (classes.txt would be alt_train.txt's list)
+    # the data's classes and one it lacks (the data's list must begin data.class_names); not
+    # named classes.txt, which would be alt_train.txt's own list
+    (base / "names.txt").write_text("\n".join(ds["classes"] + ["still"]) + "\n")
     from zeroi2v.data import pack_shards
 
     shards = pack_shards(ds["train"], ds["root"], base / "shards")["index"]

@@ -219,15 +219,29 @@ def start_run(cfg: RunConfig, info, resume: Optional[Path], datasets: Optional[d
 
 
 def run_class_names(given: Optional[str], train_ds, val_ds) -> Optional[list]:
-    """The run's class names: ``data.class_names`` when set, else the training data's own class
-    list (``classes.txt`` beside its annotation file, or a shard index's). The validation data's
-    list, when both have one, must number the classes as the training data's does."""
+    """The run's class names: the training data's own class list (``classes.txt`` beside its
+    annotation file, or a shard index's), or ``data.class_names``. When both exist, the data's
+    list must begin the given one (label ``i`` named alike), and the validation data's list must
+    number the classes as the training data's does: a model's class ``i`` is one class
+    everywhere."""
     names = getattr(train_ds, "class_names", None)
+    where = f"the training data ({getattr(train_ds, 'class_names_file', None) or 'its class list'})"
+    if given:
+        listed = read_class_names(given)
+        if names and listed[:len(names)] != names:  # (it may name classes the data lacks)
+            i = next((i for i, (a, b) in enumerate(zip(listed, names)) if a != b),
+                     min(len(listed), len(names)))
+            shown = lambda xs: repr(xs[i]) if i < len(xs) else "nothing"  # noqa: E731
+            raise ValueError(
+                f"data.class_names ({given}) and {where} name label {i} differently ({shown(listed)}"
+                f" and {shown(names)}): the model's names must be the data's classes; unset "
+                "data.class_names (the data's list is used) or make the two files agree")
+        names = listed
     if names and val_ds is not None:
-        same_classes(names, getattr(val_ds, "class_names", None),
-                     model_source=f"the training data ({train_ds.class_names_file})",
-                     data_source=f"the validation data ({val_ds.class_names_file})")
-    return read_class_names(given) if given else names
+        same_classes(names, getattr(val_ds, "class_names", None), model_source=where,
+                     data_source="the validation data "
+                                 f"({getattr(val_ds, 'class_names_file', None) or 'its class list'})")
+    return names
 
 
 def build_run(cfg: RunConfig, info, datasets: dict, model) -> TrainingRun:
@@ -250,8 +264,9 @@ def build_run(cfg: RunConfig, info, datasets: dict, model) -> TrainingRun:
             raise ValueError(f"data.class_names: {d.class_names} names {len(class_names)} "
                              f"classes, the model and data have {num_classes}")
         if info.is_main:  # model.num_classes set above the data's list: it cannot name them all
-            print(f"note: {train_ds.class_names_file} names {len(class_names)} classes, the "
-                  f"model has {num_classes} (model.num_classes): the model gets no class "
+            src = getattr(train_ds, "class_names_file", None) or "the training data"
+            print(f"note: {src} names {len(class_names)} classes, the model has {num_classes} "
+                  "(model.num_classes): the model gets no class "
                   "names (set data.class_names to a list of all of them)", flush=True)
         class_names = None
 
