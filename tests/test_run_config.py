@@ -143,6 +143,7 @@ def test_resume_of_a_checkpoint_continues_in_its_own_run_folder(tmp_path, data, 
     log_a = (a / "log.jsonl").read_text()
     capsys.readouterr()
     assert main(["train", "--resume", str(moved / "last")]) == 0
+    assert "train.out_dir" in capsys.readouterr().out  # it moved: said
     assert (moved / "last").resolve().name == "epoch_0002"
     assert (a / "last").resolve().name == "epoch_0001" and (a / "log.jsonl").read_text() == log_a
     assert main(["train", "--resume", str(moved / "checkpoints" / "epoch_0001"),
@@ -151,6 +152,25 @@ def test_resume_of_a_checkpoint_continues_in_its_own_run_folder(tmp_path, data, 
     assert len(err) == 1 and "holds another run's checkpoints" in err[0], err
     assert f"--out {moved.resolve()}" in err[0]
     assert (a / "log.jsonl").read_text() == log_a
+    # a checkpoint of a run that stayed where it was: no change of out_dir to report
+    assert main(["train", "--resume", str(a / "last"), "--set", "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "train.out_dir" not in out and "train.epochs 2 -> 3" in out
+
+
+def test_a_run_copied_without_its_links_resumes(tmp_path, data):
+    """cp -rL / rsync -L turn last and best into folders: still the run's own checkpoints."""
+    import shutil
+
+    cfg = _run(tmp_path, data, epochs=2)
+    assert main(["train", cfg, "--out", str(tmp_path / "a"), "--set",
+                 "train.stop_after_epoch=1"]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "a", copy)  # follows the links, as cp -rL does
+    assert (copy / "last").is_dir() and not (copy / "last").is_symlink()
+    assert main(["train", "--resume", "--out", str(copy)]) == 0
+    assert (copy / "last").is_symlink() and (copy / "last").resolve().name == "epoch_0002"
+    assert (tmp_path / "a" / "last").resolve().name == "epoch_0001"
 
 
 def test_resume_needs_nothing_but_the_folder_and_reads_a_yaml_given_after_it(tmp_path, data,

@@ -145,7 +145,8 @@ def cmd_train(args) -> int:
                 raise ValueError(f"{args.resume} is not inside a run's checkpoints folder: name "
                                  "the folder to continue in with --out DIR")
             ckpt = resume_path(args.resume, own)
-            values["train.out_dir"] = str(own)
+            if Path(saved_run_config(ckpt).train.out_dir).resolve() != own:  # moved, or cwd
+                values["train.out_dir"] = str(own)
         cfg = set_values(apply_overrides(saved_run_config(ckpt), args.overrides), values)
     else:
         raise ValueError("train needs a YAML config (zeroi2v train CONFIG.yaml), or --resume "

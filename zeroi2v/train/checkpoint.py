@@ -77,9 +77,13 @@ def save_checkpoint(out_dir: PathLike, model: nn.Module, *, epoch: int, run_conf
         save_pretrained(unwrap(model), tmp, weights=weights, base_weights=base_weights,
                         run_config=run_config,
                         extra={"epoch": int(epoch), STATE_SHA_KEY: digest})
-    replace_symlink(out_dir / "last", folder)
-    if best:
-        replace_symlink(out_dir / "best", folder)
+    for name in ("last", "best") if best else ("last",):
+        link = out_dir / name
+        if link.is_dir() and not link.is_symlink():
+            # a copy of the run that followed the links (cp -rL, rsync -L): this folder copies
+            # a checkpoint that is under checkpoints/ too, and a link cannot replace a folder
+            shutil.rmtree(link)
+        replace_symlink(link, folder)
     _prune(out_dir)
     return folder
 
@@ -120,7 +124,11 @@ def run_folder_of(checkpoint: PathLike) -> Optional[Path]:
     """The output folder of the run that saved ``checkpoint`` (``RUN/checkpoints/epoch_N``), or
     None for a checkpoint copied elsewhere."""
     p = Path(checkpoint).resolve()
-    return p.parent.parent if p.parent.name == CHECKPOINTS else None
+    if p.parent.name == CHECKPOINTS:
+        return p.parent.parent
+    if p.name in ("last", "best") and (p.parent / CHECKPOINTS).is_dir():
+        return p.parent  # RUN/last as a folder: a copy of the run that followed the links
+    return None
 
 
 def holds_checkpoints(out_dir: PathLike) -> bool:
