@@ -81,7 +81,9 @@ def test_cli_train_eval_merge_predict(tmp_path, tiny_data, capsys):
     # by default a run's checkpoint keeps its results beside the run, not in a folder that
     # checkpoint rotation deletes
     assert main(["eval", str(run / "best"), "--no-progress"]) == 0
-    assert json.loads((run / "eval_best.json").read_text())["top1"] == res["top1"]
+    best = json.loads((run / "eval_best.json").read_text())
+    assert best["top1"] == res["top1"]
+    assert best["checkpoint_folder"] == str((run / "best").resolve())
     assert not (run / "best" / "eval.json").exists()
     capsys.readouterr()
 
@@ -123,6 +125,10 @@ def test_cli_train_eval_merge_predict(tmp_path, tiny_data, capsys):
     with torch.no_grad():
         want = model.eval()(views).numpy()
     assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
+
+    # a run replaced with --overwrite takes the old run's results with it
+    assert main(["train", str(cfg), "--out", str(run), "--overwrite"]) == 0
+    assert not (run / "eval_best.json").exists()
 
 
 def test_cli_errors(tmp_path, capsys):

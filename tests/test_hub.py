@@ -429,6 +429,15 @@ def test_cli_push_takes_the_run_config_and_eval_results_beside_the_model(tmp_pat
     assert "55.50" in card and "3 epochs" in card and "license: mit" in card
     assert "/home/me" not in (tmp_path / "up" / "run_config.yaml").read_text()
     assert api.calls[0][2]["private"] is True
+    # results of another checkpoint (an older RUN/best) are left out, and that is said
+    (folder / "eval.json").write_text(json.dumps({"top1": 55.5, "mean_class_acc": 50.0,
+                                                  "num_samples": 8, "merged": False,
+                                                  "checkpoint_folder": str(tmp_path / "old")}))
+    api2 = RecordingApi(tmp_path / "up2")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api2)
+    assert main(["push", str(folder), "someone/tiny2"]) == 0
+    assert f"{folder / 'eval.json'} evaluated {tmp_path / 'old'}" in capsys.readouterr().out
+    assert "55.50" not in (tmp_path / "up2" / "README.md").read_text()
     # a model on the Hub is not pushed again from the cache
     assert main(["push", "hf-hub:someone/tiny", "someone/other"]) == 2
     assert "push a local model folder" in _one_line(capsys.readouterr().err)

@@ -194,7 +194,9 @@ def cmd_eval(args) -> int:
         if info.is_main:
             out = _eval_out(args)
             res = write_eval_report(m, out, names, extra={
-                "checkpoint": str(args.checkpoint), "ann_file": str(ann), "merged": model.merged,
+                "checkpoint": str(args.checkpoint),
+                "checkpoint_folder": _evaluated_folder(args.checkpoint),
+                "ann_file": str(ann), "merged": model.merged,
                 "views": cfg.eval.num_clips * cfg.eval.num_crops,
                 "world_size": info.world_size, "eval_time_s": dt})
             _print_metrics(res, out)
@@ -207,12 +209,25 @@ def default_eval_file(model: str) -> Path:
     """Where ``zeroi2v eval MODEL`` writes its results by default, and ``push MODEL`` finds them:
     ``eval.json`` beside the model, or ``RUN/eval_best.json`` for a run's checkpoint ``RUN/best``
     (checkpoint folders are deleted as training goes on)."""
-    from .train.checkpoint import run_folder_of
+    from .train.checkpoint import CHECKPOINTS, run_folder_of
 
     src = Path(model)
     folder = src if src.is_dir() else src.parent
     run = run_folder_of(folder)
+    if run is None and (folder / "last").exists() and (folder / CHECKPOINTS).is_dir():
+        run, folder = folder, folder / "last"  # a run's folder: its last checkpoint
     return run / f"eval_{folder.name}.json" if run is not None else folder / "eval.json"
+
+
+def _evaluated_folder(model: str) -> Optional[str]:
+    """The folder a local MODEL resolves to (``RUN/best`` -> ``RUN/checkpoints/epoch_N``):
+    recorded with the results, so results of an older ``best`` are not taken for the new one."""
+    from .train.checkpoint import checkpoint_folder
+
+    if _is_hub_id(model):
+        return None
+    p = Path(model)
+    return str(checkpoint_folder(p) if p.is_dir() else p.resolve().parent)
 
 
 def _eval_out(args) -> Path:
@@ -452,6 +467,15 @@ def cmd_push(args) -> int:
     results = args.eval_results
     if results is None and default_eval_file(args.model).is_file():
         results = default_eval_file(args.model)
+        from .safe_io import load_json, read_text
+
+        evaluated = load_json(read_text(results, "results file"), str(results))
+        evaluated = evaluated.get("checkpoint_folder") if isinstance(evaluated, dict) else None
+        if evaluated is not None and evaluated != _evaluated_folder(args.model):
+            print(f"note: {results} evaluated {evaluated}, not the {_evaluated_folder(args.model)} "
+                  f"pushed now: left out of the card (zeroi2v eval {args.model} writes new ones)",
+                  flush=True)
+            results = None
     info = push_to_hub(model, args.repo_id, run_config=cfg if art.run_config_file else None,
                        eval_results=results, private=args.private or None,
                        revision=args.revision, commit_message=args.message,

@@ -41,7 +41,9 @@ def push_to_hub(model, repo_id: str, *, run_config=None, eval_results=None,
     Args:
         model: a :class:`~zeroi2v.ZeroI2VViT`, or a saved model folder (then loaded with every
             check of :func:`zeroi2v.load_model`; its ``run_config.yaml`` and an ``eval.json``
-            beside the weights are used when the arguments below are not given).
+            beside the weights are used when the arguments below are not given; the results
+            ``zeroi2v eval RUN/best`` keeps beside the run, ``RUN/eval_best.json``, are found by
+            ``zeroi2v push`` only: pass them here as ``eval_results``).
         run_config: the training run's config (a ``RunConfig``, a dict or a YAML file): written
             as ``run_config.yaml`` (without local paths) and summarised in the card.
         eval_results: the results of ``zeroi2v eval`` (its JSON file or the dict): in the card.

@@ -137,8 +137,9 @@ def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
                 shutil.rmtree(p)
             else:
                 p.unlink()
-        for p in out_dir.glob("val_results_*"):
-            p.unlink()
+        for p in [*out_dir.glob("val_results_*"), *out_dir.glob("eval_*")]:
+            if p.is_file():  # (eval_*: what `zeroi2v eval RUN/best` keeps beside the run)
+                p.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
