@@ -117,8 +117,8 @@ def test_cli_train_eval_merge_predict(tmp_path, tiny_data, capsys):
     ort = pytest.importorskip("onnxruntime", reason="pip install -e '.[test]' installs it")
     from zeroi2v.train import load_model_and_run_config, video_views
 
-    model, cfg, _ = load_model_and_run_config(ck)
-    views = video_views(odd, cfg)
+    model, run_cfg, _ = load_model_and_run_config(ck)
+    views = video_views(odd, run_cfg)
     assert views.shape[0] == 2 and views.std() > 0
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
     got = np.concatenate([sess.run(["logits"], {"video": v[None].numpy()})[0] for v in views])
