@@ -114,3 +114,20 @@ def test_data_class_names_must_be_the_data_classes(data, tmp_path, capsys):
     cfg = write(tmp_path / "c2.yaml", cfg_dict(data, data={"class_names": str(same)},
                                                train={"epochs": 1}))
     assert main(["train", cfg, "--out", str(tmp_path / "r2")]) == 0
+
+
+def test_eval_says_what_it_evaluates_and_when_labels_go_unchecked(trained, data, tmp_path,
+                                                                   capsys, monkeypatch):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(data["val"], bare / "val.txt")  # a hand-written list: no classes.txt beside it
+    assert main(["eval", str(trained / "best"), "--ann", str(bare / "val.txt"), "--root",
+                 data["root"], "--out", str(tmp_path / "e.json"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"evaluating {(trained / 'best').resolve()} on {bare / 'val.txt'}" in err
+    assert f"note: no classes.txt beside {bare / 'val.txt'}" in err
+    # the run config's relative annotation path, read from another directory
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(trained), "--ann", "nope/val.txt"]) == 2
+    err = _err(capsys)[-1]
+    assert f"annotation file not found: nope/val.txt, relative to {tmp_path}" in err, err

@@ -90,9 +90,9 @@ def test_cross_field_mismatches_before_any_work(tmp_path, data, capsys, change, 
 
 
 def test_class_names_file_must_fit(tmp_path, data, capsys):
-    names = tmp_path / "names.txt"
-    names.write_text("a\nb\nc\n")
-    cfg = cfg_dict(data, data={"class_names": str(names)})
+    names = tmp_path / "names.txt"  # the data's classes and one more, for a 2-class model
+    names.write_text("\n".join(data["classes"] + ["c"]) + "\n")
+    cfg = cfg_dict(data, data={"class_names": str(names)}, model={"num_classes": 2})
     assert main(["train", write(tmp_path / "c.yaml", cfg), "--out", str(tmp_path / "r")]) == 2
     assert "names 3 classes, the model and data have 2" in err_line(capsys)
 

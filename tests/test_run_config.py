@@ -173,6 +173,28 @@ def test_a_run_copied_without_its_links_resumes(tmp_path, data):
     assert (tmp_path / "a" / "last").resolve().name == "epoch_0001"
 
 
+def test_a_run_continued_in_a_new_folder_says_where_its_best_is(tmp_path, data, capsys):
+    cfg = _run(tmp_path, data, epochs=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", cfg, "--out", str(a), "--set", "train.stop_after_epoch=2"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(a / "checkpoints" / "epoch_0002"), "--out", str(b)]) == 0
+    best = (a / "best").resolve().name[len("epoch_"):].lstrip("0")
+    assert f"the best checkpoint so far (epoch {best}) stays in {a.resolve() / 'best'}" in \
+        capsys.readouterr().out
+    assert (b / "best").resolve().name == "epoch_0003"  # this folder's own best
+    assert main(["train", "--resume", str(a / "checkpoints" / "epoch_0009"), "--out",
+                 str(tmp_path / "c")]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "checkpoint not found" in err[0] and "keeps epoch_0001, epoch_0002" in err[0]
+
+
+def test_zeroi2v_alone_prints_what_it_can_do(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: zeroi2v") and "train" in err and "prepare" in err
+
+
 def test_resume_needs_nothing_but_the_folder_and_reads_a_yaml_given_after_it(tmp_path, data,
                                                                              capsys):
     cfg = _run(tmp_path, data, epochs=2)

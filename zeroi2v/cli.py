@@ -43,9 +43,9 @@ def _version() -> str:
     return f"{__version__} (torch {torch.__version__})"
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, example: str = "train.lr=1e-4") -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value with a dotted key, e.g. --set train.lr=1e-4 "
+                   help=f"override a config value with a dotted key, e.g. --set {example} "
                         "(repeatable; values are parsed as YAML)")
     p.add_argument("--pretrained", default=None,
                    help="local image-model weights (overrides model.pretrained)")
@@ -82,11 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a previous run in the output folder (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("eval", help="evaluate a saved model or checkpoint (top-1/5, mean class acc)")
+    p = sub.add_parser("eval", help="evaluate a saved model or checkpoint (top-1/5, mean class acc)",
+                       description="Evaluate MODEL on an annotation file with its run config's "
+                                   "test views (eval.num_clips x eval.num_crops): top-1, top-5, "
+                                   "mean class accuracy, confusion matrix and per-class tables. "
+                                   "Data whose classes.txt numbers the classes otherwise than the "
+                                   "model is refused.")
     p.add_argument("checkpoint", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("--ann", default=None, help="annotation file (default data.test_ann, then data.val_ann)")
     p.add_argument("--root", default=None, help="video folder (default data.val_root/data.root)")
-    _add_common(p)
+    _add_common(p, "eval.num_clips=3")
     p.add_argument("--out", default=None, help="results JSON (default: eval.json beside the "
                                                   "model; RUN/eval_best.json for RUN/best); with "
                                                   "_confusion.png, _per_class.csv/md")
@@ -96,33 +101,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge the adapters before evaluating")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("merge", help="fold the adapters into the frozen linears (a plain ViT)")
+    p = sub.add_parser("merge", help="fold the adapters into the frozen linears (a plain ViT)",
+                       description="Fold every adapter into the linear it adapts (float64) and "
+                                   "save a plain timm ViT with STDHA: the same outputs (the "
+                                   "error is printed), no extra parameters or compute.")
     p.add_argument("checkpoint", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("--out", required=True, help="folder for the merged model (new or empty)")
     p.add_argument("--pretrained", default=None,
                    help="image weights of a checkpoint that holds only its trainable tensors")
 
-    p = sub.add_parser("predict", help="classify one video file")
+    p = sub.add_parser("predict", help="classify one video file",
+                       description="Classify one video: its test views as evaluation makes "
+                                   "them, softmax averaged over the views, the top classes.")
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
-    p.add_argument("video")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("video", help="a video file (any name; decoded as the run config says)")
+    p.add_argument("--topk", type=int, default=5, help="classes to show (default 5)")
     p.add_argument("--class-names", default=None, help="text file, one class name per line")
-    _add_common(p)
+    _add_common(p, "eval.num_clips=3")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = sub.add_parser("demo", help="offline demo: synthetic videos, image-only vs STDHA, merge")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="offline demo: synthetic videos, image-only vs STDHA, merge",
+                       description="Write a synthetic video dataset, train a small ViT twice "
+                                   "(image-only vs STDHA head offsets), merge the STDHA model "
+                                   "and print accuracy, parameters and throughput. No network.")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per model (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
     p.add_argument("--quick", action="store_true", help="an even smaller run (tests)")
     p.add_argument("--train-backbone", action="store_true",
                    help="fine-tune the whole ViT too (default: the paper's recipe, frozen backbone; "
                         "adapters, temporal embedding, final norm and head trained)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
-    p = sub.add_parser("config", help="print a resolved config")
-    p.add_argument("config", nargs="?", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser("config", help="print a resolved config",
+                       description="Print the config training would use: the defaults, the "
+                                   "YAML file and the --set overrides, every key checked.")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: the defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value with a dotted key, e.g. --set train.lr=1e-4")
 
     p = sub.add_parser("import-official",
                        help="convert an official (mmaction2) ZeroI2V checkpoint into a saved model")
@@ -220,7 +236,11 @@ def _user_errors() -> tuple:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # `zeroi2v` alone: what it can do
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         debug = getattr(args, "debug", False) or settings.debug()
     except ValueError as e:  # a bad ZEROI2V_DEBUG value

@@ -172,7 +172,16 @@ def cmd_eval(args) -> int:
     try:
         model, cfg = _load_model_for(args, merge=args.merge)
         ann = test_annotations(cfg, args.ann)
+        if not Path(ann).is_file():
+            where = "" if args.ann else ", from the model's run config (data.test_ann/val_ann)"
+            rel = "" if Path(ann).is_absolute() else f", relative to {Path.cwd()}"
+            raise FileNotFoundError(f"annotation file not found: {ann}{where}{rel}: pass --ann "
+                                    "FILE (and --root DIR for its videos)")
         ds = build_test_dataset(cfg, ann, args.root)
+        if info.is_main:
+            print(f"evaluating {_evaluated_folder(args.checkpoint) or args.checkpoint} on {ann} "
+                  f"({len(ds)} videos x {cfg.eval.num_clips * cfg.eval.num_crops} views)",
+                  file=sys.stderr)
         used = len(set(getattr(ds, "labels", []) or []))
         if 0 < used < model.head.out_features and info.is_main:
             print(f"note: {ann} uses {used} of the model's {model.head.out_features} classes "
@@ -181,6 +190,10 @@ def cmd_eval(args) -> int:
         what = f"--class-names {args.class_names}" if args.class_names else "the model"
         same_classes(names, getattr(ds, "class_names", None), model_source=what,
                      data_source=f"{ann} (classes from {getattr(ds, 'class_names_file', '')})")
+        if names and not getattr(ds, "class_names", None) and info.is_main:
+            print(f"note: no classes.txt beside {ann}: its labels are taken as the model's class "
+                  "ids, unchecked (a classes.txt there is checked against the model's classes)",
+                  file=sys.stderr)
         names = names or getattr(ds, "class_names", None)  # the report names the data's labels
         device = info.device
         model.to(device)
@@ -333,16 +346,21 @@ def cmd_predict(args) -> int:
     if args.json:
         print(json.dumps({"video": args.video, "views": int(views.shape[0]), "topk": rows}, indent=2))
         return 0
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{args.video} ({views.shape[0]} views)")
+    n = int(views.shape[0])
+    con = _console()
+    con.print(f"{args.video} ({n} view{'s' if n != 1 else ''})", soft_wrap=True, markup=False,
+              highlight=False)  # the name whole, as it is
+    t = Table()
     t.add_column("rank", justify="right")
     t.add_column("class")
     t.add_column("id", justify="right")
     t.add_column("probability", justify="right")
     for r, row in enumerate(rows, 1):
-        t.add_row(str(r), row["label"], str(row["class_id"]), f"{row['prob']:.4f}")
-    _console().print(t)
+        t.add_row(str(r), escape(row["label"]), str(row["class_id"]), f"{row['prob']:.4f}")
+    con.print(t)
     return 0
 
 

@@ -162,6 +162,8 @@ def video_views(video: Union[str, os.PathLike], cfg: RunConfig) -> torch.Tensor:
     exported model (``zeroi2v export``) takes as its ``video`` input."""
     import tempfile
 
+    from ..data.decoders import VideoDecodeError
+
     vp = Path(video)
     if not vp.is_file():
         raise FileNotFoundError(f"video not found: {vp}")
@@ -173,5 +175,8 @@ def video_views(video: Union[str, os.PathLike], cfg: RunConfig) -> torch.Tensor:
         ann.write_text(f"{link.name} 0\n")
         c = cfg.model_copy(deep=True)
         c.data.on_error = "raise"
-        views, _ = build_test_dataset(c, str(ann), tmp)[0]
+        try:
+            views, _ = build_test_dataset(c, str(ann), tmp)[0]
+        except VideoDecodeError as e:  # named as the user named it, not by the link
+            raise type(e)(str(vp), e.reason.replace(str(link), str(vp))) from None
     return views if views.dim() == 5 else views.unsqueeze(0)

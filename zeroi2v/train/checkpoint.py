@@ -116,7 +116,11 @@ def checkpoint_folder(path: PathLike) -> Path:
     if p.is_dir() and not (p / TRAINING_STATE_FILE).is_file() and (p / "last").exists():
         p = p / "last"
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        there = sorted((p.parent.glob("epoch_*")), key=_epoch_of) if p.parent.name == CHECKPOINTS \
+            else []
+        kept = (f" ({p.parent} keeps {', '.join(q.name for q in there)}: older checkpoints are "
+                "removed as a run goes on)") if there else ""
+        raise FileNotFoundError(f"checkpoint not found: {path}{kept}")
     return p.resolve()
 
 

@@ -429,6 +429,13 @@ def _resume(run: TrainingRun, path: Path) -> tuple[int, Optional[dict], list[str
     if ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])
     run.step, run.best = int(ck["step"]), ck.get("best")
+    own = run_folder_of(path)
+    if run.best and own is not None and own != run.out_dir.resolve():
+        # a run continued in a new folder: its best so far stays behind; best here starts anew
+        notes.append(f"note: the best checkpoint so far (epoch {run.best.get('epoch')}) stays in "
+                     f"{own / 'best'}; {run.out_dir / 'best'} will be the best of the epochs "
+                     "trained here")
+        run.best = None
     rngs = ck.get("rng") or []
     run.log.log({"type": "resume", "from": str(path), "epoch": start, "step": run.step})
     # Same world size: every rank continues its own stream. Otherwise the run is no longer
