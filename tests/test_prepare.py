@@ -466,3 +466,12 @@ def test_progress_written_to_a_file_is_lines_not_terminal_frames(tree, tmp_path)
     assert r.returncode == 0, text[-500:]
     assert "\r" not in text and "\x1b[" not in text
     assert any(ln.startswith("prepare: ") and "/5 (" in ln for ln in text.splitlines()), text
+
+
+def test_videos_scaled_up_are_counted_and_said(tmp_path, capsys):
+    src = _small_tree(tmp_path, ["a/x.mp4", "b/y.mp4"])  # 32 x 32 clips
+    assert main(["prepare", str(src), str(tmp_path / "up"), "--short-side", "48",
+                 "--no-progress"]) == 0
+    assert "note: 2 of the 2 videos converted were smaller than --short-side" in \
+        capsys.readouterr().out
+    assert prepare_videos(src, tmp_path / "down", short_side=16, progress=False)["upscaled"] == 0

@@ -559,6 +559,10 @@ def _print_prepared(args, res: dict, leftovers: str, existing: str) -> None:
         print(f"  skipped: {display_name(rel)} ({reason})")
     if failed or skipped:
         print(f"  full list: {Path(args.dst) / FAILED_LIST}")
+    if res.get("upscaled"):
+        print(f"note: {res['upscaled']} of the {res['converted']} videos converted were smaller "
+              f"than --short-side {args.short_side} and were scaled up to it (more pixels, no "
+              "more detail; a smaller --short-side keeps them as they are)")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "predict": cmd_predict,

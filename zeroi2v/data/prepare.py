@@ -147,7 +147,8 @@ class _Sink:
         self._call(self.container.close)
 
 
-def _transcode(src: str, tmp: str, short_side: int, fps: Optional[float], crf: int) -> int:
+def _transcode(src: str, tmp: str, short_side: int, fps: Optional[float],
+               crf: int) -> tuple[int, bool]:
     """Decode ``src``, resize, resample to ``fps`` (``None``: keep every frame) and write ``tmp``.
     Returns the number of frames written."""
     import av
@@ -178,14 +179,16 @@ def _transcode(src: str, tmp: str, short_side: int, fps: Optional[float], crf: i
     return written
 
 
-def _convert(inp, ist, out: _Sink, short_side: int, fps: Optional[float], crf: int) -> int:
+def _convert(inp, ist, out: _Sink, short_side: int, fps: Optional[float],
+             crf: int) -> tuple[int, bool]:
+    """Frames written, and whether the source was smaller than ``short_side`` (scaled up)."""
     import math
 
     from .video_io import add_video_stream
 
     in_rate = ist.average_rate or ist.guessed_rate or Fraction(30)
     rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(in_rate)
-    ost, size, written = None, None, 0
+    ost, size, written, upscaled = None, None, 0, False
     pending, t0, t = None, None, 0.0
 
     def emit(frame, upto: int) -> None:
@@ -205,6 +208,7 @@ def _convert(inp, ist, out: _Sink, short_side: int, fps: Optional[float], crf: i
     for i, frame in enumerate(inp.decode(ist)):
         if ost is None:
             size = _output_size(frame.width, frame.height, short_side)
+            upscaled = min(frame.width, frame.height) < short_side
             ost = add_video_stream(out.container, "h264", size[0], size[1], rate,
                                    {"preset": "veryfast", "crf": str(crf)})
             cc = ost.codec_context
@@ -228,13 +232,14 @@ def _convert(inp, ist, out: _Sink, short_side: int, fps: Optional[float], crf: i
         emit(pending, max(written + (written == 0),
                           math.ceil((t + 1 / float(in_rate)) * float(rate) - 1e-6)))
     out.mux(ost.encode())
-    return written
+    return written, upscaled
 
 
 def _prepare_one(src: str, dst: str, tag: str, short_side: int, fps: Optional[float],
-                 crf: int) -> tuple[int, str]:
-    """Transcode one file atomically. Returns ``(frames, "")`` or ``(0, reason)`` for a bad input;
-    raises :class:`DestinationError` (naming ``dst``) when the output cannot be written."""
+                 crf: int) -> tuple[int, str, bool]:
+    """Transcode one file atomically. Returns ``(frames, "", scaled up)`` or ``(0, reason,
+    False)`` for a bad input; raises :class:`DestinationError` (naming ``dst``) when the output
+    cannot be written."""
     from .decoders import VideoDecodeError, _one_line
 
     d, name = os.path.split(dst)
@@ -244,18 +249,18 @@ def _prepare_one(src: str, dst: str, tag: str, short_side: int, fps: Optional[fl
             os.makedirs(d, exist_ok=True)
         except OSError as e:
             raise DestinationError(e.errno, e.strerror, e.filename or d) from None
-        n = _transcode(src, tmp, short_side, fps, crf)
+        n, upscaled = _transcode(src, tmp, short_side, fps, crf)
         try:
             os.replace(tmp, dst)
         except OSError as e:
             raise DestinationError(e.errno, e.strerror, dst) from None
-        return n, ""
+        return n, "", upscaled
     except DestinationError as e:
         raise DestinationError(e.errno, e.strerror, dst if e.filename == tmp else e.filename) from None
     except VideoDecodeError as e:
-        return 0, e.reason
+        return 0, e.reason, False
     except Exception as e:  # PyAV raises its own error types for unreadable input
-        return 0, _one_line(e)
+        return 0, _one_line(e), False
     finally:
         if os.path.lexists(tmp):  # only this run's temporary: the name holds its tag
             os.remove(tmp)
@@ -369,7 +374,8 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
         raise PrepareWriteError(_write_failure(e, state, dst, kept)) from None
     return {"converted": state.converted, "existing": state.existing, "failed": state.failed,
             "skipped": skipped, "renamed": renamed, "annotations": ann, "classes": names,
-            "took_over": stale, "removed": removed, "unchecked": unchecked}
+            "took_over": stale, "removed": removed, "unchecked": unchecked,
+            "upscaled": state.upscaled}
 
 
 def plan_sources(src: Path, dst: Path, short_side: int, fps: Optional[float], workers: int
@@ -466,7 +472,7 @@ class PrepareWriteError(ValueError):
 
 class _RunState:
     def __init__(self):
-        self.converted = self.existing = 0
+        self.converted = self.existing = self.upscaled = 0
         self.failed: list[tuple[str, str]] = []
         self.lists_error: Optional[str] = None
 
@@ -487,23 +493,25 @@ def _run(todo, args, workers: int, progress: bool, state: _RunState) -> None:
     bar = progress_bar(total, "prepare", progress, every=max(1, total // 20),
                        initial=state.existing, unit="video", leave=True)
 
-    def done(rel: str, reason: str) -> None:
+    def done(rel: str, result: tuple) -> None:
+        _, reason, upscaled = result
         if reason:
             state.failed.append((rel, reason))
         else:
             state.converted += 1
+            state.upscaled += upscaled
         bar.update(1)
 
     try:
         if workers == 1:
             for (rel, _), a in zip(todo, args):
-                done(rel, _prepare_one(*a)[1])
+                done(rel, _prepare_one(*a))
             return
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {pool.submit(_prepare_one, *a): rel for (rel, _), a in zip(todo, args)}
             try:
                 for fut in as_completed(futures):
-                    done(futures[fut], fut.result()[1])
+                    done(futures[fut], fut.result())
             except BaseException:
                 for fut in futures:  # the outputs under way finish or fail; nothing new starts
                     fut.cancel()

@@ -254,7 +254,7 @@ def _shard_entry_ok(entry) -> bool:
 
 
 def _results(todo: list, produce: Callable, workers: int):
-    """``(pos, file, reason)`` for each ``(pos, args)`` of ``todo``, in order; ``produce(*args)``
+    """``(pos, file, reason, scaled up)`` for each ``(pos, args)`` of ``todo``, in order; ``produce(*args)``
     runs in ``workers`` processes, at most two per worker ahead of the one written next."""
     if workers == 1:
         for pos, args in todo:
@@ -281,19 +281,19 @@ def _results(todo: list, produce: Callable, workers: int):
 
 
 def _transcode_staged(src: str, out: str, tag: str, short_side: int, fps, crf: int):
-    frames, reason = _prepare_one(src, out, tag, short_side, fps, crf)
-    return (None, reason) if reason else (out, "")
+    frames, reason, upscaled = _prepare_one(src, out, tag, short_side, fps, crf)
+    return (None, reason, False) if reason else (out, "", upscaled)
 
 
 def _existing(path: str):
     if not os.path.isfile(path):
-        return None, "file not found"
-    return path, ""
+        return None, "file not found", False
+    return path, "", False
 
 
 class _State:
     def __init__(self):
-        self.converted = self.existing = 0
+        self.converted = self.existing = self.upscaled = 0
         self.failed: list[tuple[str, str]] = []
         self.lists_error: Optional[str] = None
 
@@ -333,13 +333,14 @@ def _write_shards(dst: Path, plan: list, classes: list, settings: dict, jobs: Ca
                                        every=max(1, len(plan) // 20), initial=start,
                                        unit="video", leave=True)
                     with contextlib.closing(_results(todo, produce, workers)) as results, bar:
-                        for pos, file, reason in results:
+                        for pos, file, reason, upscaled in results:
                             if reason:
                                 index["failed"].append([plan[pos][1], reason, pos])
                                 state.failed.append((plan[pos][1], reason))
                             else:
                                 writer.add(pos, file, plan[pos])
                                 state.converted += 1
+                                state.upscaled += upscaled
                                 if staged:
                                     os.remove(file)
                             bar.update(1)
@@ -375,7 +376,7 @@ def _write_shards(dst: Path, plan: list, classes: list, settings: dict, jobs: Ca
             "skipped": list(skipped), "index": str(dst / INDEX_NAME), "shards": len(index["shards"]),
             "num_samples": writer.count, "bytes": sum(s["bytes"] for s in index["shards"]),
             "classes": str(dst / CLASSES) if classes else None, "took_over": stale,
-            "removed": removed, "dropped_shards": dropped}
+            "removed": removed, "dropped_shards": dropped, "upscaled": state.upscaled}
 
 
 def _listed_shards(dst: Path) -> list:
