@@ -131,3 +131,11 @@ def test_eval_says_what_it_evaluates_and_when_labels_go_unchecked(trained, data,
     assert main(["eval", str(trained), "--ann", "nope/val.txt"]) == 2
     err = _err(capsys)[-1]
     assert f"annotation file not found: nope/val.txt, relative to {tmp_path}" in err, err
+
+
+def test_reports_name_the_classes_the_data_names_and_number_the_rest():
+    from zeroi2v.train.metrics import class_names_or_ids
+
+    assert class_names_or_ids(3, ["a", "b"]) == ["a", "b", "2"]
+    assert class_names_or_ids(2, ["a", "b", "c"]) == ["a", "b"]
+    assert class_names_or_ids(2, None) == ["0", "1"]

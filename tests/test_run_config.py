@@ -243,8 +243,8 @@ def test_a_log_written_to_a_file_has_no_progress_frames(tmp_path, data):
 def test_durations_read_as_people_write_them():
     from zeroi2v.progress import seconds
 
-    assert [seconds(x) for x in (0.04, 0.42, 9.96, 12.3, 185, 7620)] == [
-        "0.0 s", "0.4 s", "10.0 s", "12 s", "3 min 05 s", "2 h 07 min"]
+    assert [seconds(x) for x in (0.04, 0.42, 9.96, 12.3, 59.6, 185, 7620)] == [
+        "0.0 s", "0.4 s", "10 s", "12 s", "1 min 00 s", "3 min 05 s", "2 h 07 min"]
 
 
 def test_tables_in_a_file_are_not_wrapped_at_80_columns(tmp_path):

@@ -58,9 +58,9 @@ class _Lines(_NoBar):
 
 def seconds(dt: float) -> str:
     """A duration as people read it: ``0.4 s``, ``12 s``, ``3 min 05 s``, ``2 h 07 min``."""
-    if dt < 10:
+    if round(dt, 1) < 10:
         return f"{dt:.1f} s"
-    if dt < 60:
+    if round(dt) < 60:
         return f"{dt:.0f} s"
     m, s = divmod(int(round(dt)), 60)
     return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"

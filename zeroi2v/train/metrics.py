@@ -64,9 +64,10 @@ def classification_metrics(probs, labels, num_classes: Optional[int] = None,
 
 
 def class_names_or_ids(num_classes: int, class_names: Optional[Sequence[str]] = None) -> list[str]:
-    if class_names is not None and len(class_names) >= num_classes:
-        return [str(c) for c in class_names[:num_classes]]
-    return [str(i) for i in range(num_classes)]
+    """A name for each class: its name where ``class_names`` has one, else its id (data that
+    names fewer classes than the model predicts)."""
+    names = [str(c) for c in (class_names or [])[:num_classes]]
+    return names + [str(i) for i in range(len(names), num_classes)]
 
 
 def write_per_class_tables(metrics: dict, out_prefix: os.PathLike,
