@@ -82,3 +82,23 @@ def rewrite_zip(path, change=lambda name, data: data, extra=None):
             new = change(n, data) if n in records else data
             data, kind = new if isinstance(new, tuple) else (new, zipfile.ZIP_STORED)
             z.writestr(n, data, compress_type=kind)
+
+
+def interrupt_transcode_at(monkeypatch, n: int) -> list:
+    """Make ``prepare``'s n-th transcode leave a half-written temporary and raise Ctrl-C (the
+    others run); returns the list of sources transcoded so far."""
+    from pathlib import Path
+
+    from zeroi2v.data import prepare as prep
+
+    calls, real = [], prep._transcode
+
+    def interrupted(src, tmp, *a):
+        calls.append(src)
+        if len(calls) == n:
+            Path(tmp).write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return real(src, tmp, *a)
+
+    monkeypatch.setattr(prep, "_transcode", interrupted)
+    return calls

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _helpers import interrupt_transcode_at
 from test_decoders import level_frames
 from zeroi2v.cli import main
 from zeroi2v.data import VideoReader, build_dataset, prepare_videos, read_annotations, write_video
@@ -52,17 +53,7 @@ def tree(tmp_path):
 def test_prepare_interrupted_then_resumed(tree, tmp_path, monkeypatch):
     src, refs = tree
     dst = tmp_path / "dst"
-    calls = []
-    real = prep._transcode
-
-    def interrupted(s, tmp, *a):
-        calls.append(s)
-        if len(calls) == 2:  # half-written, then Ctrl-C
-            Path(tmp).write_bytes(b"partial")
-            raise KeyboardInterrupt
-        return real(s, tmp, *a)
-
-    monkeypatch.setattr(prep, "_transcode", interrupted)
+    interrupt_transcode_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         prepare_videos(src, dst, short_side=32, progress=False)
     done = dst / "jump/a.mp4"
@@ -72,7 +63,7 @@ def test_prepare_interrupted_then_resumed(tree, tmp_path, monkeypatch):
     stale = dst / "run" / ".c.mp4.999-0badc0de.zeroi2v-part.mp4"  # what a killed run leaves behind
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"partial")
-    monkeypatch.setattr(prep, "_transcode", real)
+    monkeypatch.undo()  # the real transcoder again
 
     res = prepare_videos(src, dst, short_side=32, workers=2, progress=False)
     assert (res["converted"], res["existing"], res["removed"], res["took_over"]) == (3, 1, 1, None)

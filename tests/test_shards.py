@@ -18,6 +18,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from _helpers import interrupt_transcode_at
 from zeroi2v.cli import main
 from zeroi2v.data import (
     ShardedVideoDataset,
@@ -32,7 +33,6 @@ from zeroi2v.data import (
     read_annotations,
     write_annotations,
 )
-from zeroi2v.data import prepare as prep
 from zeroi2v.data.shards import buffer_shuffle, epoch_plan
 from zeroi2v.safe_io import LOCK_FILE
 
@@ -292,16 +292,7 @@ def _tar_digests(folder):
 
 def test_prepare_shards_resumes_after_an_interruption(data, tmp_path, monkeypatch):
     dst = tmp_path / "dst"
-    calls, real = [], prep._transcode
-
-    def interrupted(src, tmp, *a):
-        calls.append(src)
-        if len(calls) == 8:  # half-written, then Ctrl-C
-            Path(tmp).write_bytes(b"partial")
-            raise KeyboardInterrupt
-        return real(src, tmp, *a)
-
-    monkeypatch.setattr(prep, "_transcode", interrupted)
+    interrupt_transcode_at(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(data["src"], dst, short_side=16, shard_size=SHARD, progress=False)
     index = json.loads((dst / "shards.json").read_text())
@@ -314,7 +305,7 @@ def test_prepare_shards_resumes_after_an_interruption(data, tmp_path, monkeypatc
     (dst / f"shard-{len(kept):06d}.tar").write_bytes(b"complete but unlisted")
     (dst / f".shard-{len(kept) + 1:06d}.tar.999-0badc0de.zeroi2v-part.tar").write_bytes(b"x")
     (dst / ".999-0badc0de.zeroi2v-staging").mkdir()
-    monkeypatch.setattr(prep, "_transcode", real)
+    monkeypatch.undo()  # the real transcoder again
     with pytest.raises(ValueError, match=re.escape(
             f"the shards in {dst} were written with other settings (short_side 16 -> 32; crf 23 -> 30): "
             f"rerun the command that made them, or choose another destination, or remove "
