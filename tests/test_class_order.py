@@ -139,3 +139,38 @@ def test_reports_name_the_classes_the_data_names_and_number_the_rest():
     assert class_names_or_ids(3, ["a", "b"]) == ["a", "b", "2"]
     assert class_names_or_ids(2, ["a", "b", "c"]) == ["a", "b"]
     assert class_names_or_ids(2, None) == ["0", "1"]
+
+
+@pytest.mark.parametrize("text,want", [
+    ("1 backward\n0 forward\n", ["forward", "backward"]),     # ids, in any order
+    ("0,forward\n1,backward\n", ["forward", "backward"]),
+    ("forward\nbackward\r\n", ["forward", "backward"]),        # names only: line order
+    ("\ufeffforward\nbackward\n", ["forward", "backward"]),    # a byte-order mark is no name
+    ("1,fwd\nback\n", ["1,fwd", "back"]),                      # not every line has an id
+    ("100 metre dash\nswim\n", ["100 metre dash", "swim"]),
+    ("id,name\n0,forward\n1,backward\n", "remove the header line"),
+    ("0 a\n2 b\n", "the class ids are 0, 2, not 0 .. 1 each once"),
+])
+def test_class_files_with_ids_are_read_by_id(tmp_path, text, want):
+    from zeroi2v.data.annotations import read_class_names
+
+    p = tmp_path / "classes.txt"
+    p.write_text(text, encoding="utf-8")
+    if isinstance(want, list):
+        assert read_class_names(p) == want
+    else:
+        with pytest.raises(ValueError, match=want):
+            read_class_names(p)
+
+
+def test_a_classes_txt_that_is_no_file_is_refused(data, tmp_path, capsys):
+    import os
+
+    folder = tmp_path / "v"
+    folder.mkdir()
+    shutil.copy(data["val"], folder / "val.txt")
+    os.symlink("/dev/zero", folder / "classes.txt")
+    cfg = write(tmp_path / "c.yaml", cfg_dict(data, data={"val_ann": str(folder / "val.txt")}))
+    assert main(["train", cfg, "--out", str(tmp_path / "r")]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "classes.txt is a device or socket, not a class-name file" in err[0]

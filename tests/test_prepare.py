@@ -466,3 +466,37 @@ def test_videos_scaled_up_are_counted_and_said(tmp_path, capsys):
     assert "note: 2 of the 2 videos converted were smaller than --short-side" in \
         capsys.readouterr().out
     assert prepare_videos(src, tmp_path / "down", short_side=16, progress=False)["upscaled"] == 0
+
+
+def test_values_no_encoder_takes_are_refused_before_the_destination(tmp_path, capsys):
+    src = _small_tree(tmp_path, ["a/x.mp4"])
+    dst = tmp_path / "dst"
+    for args, msg in [(["--fps", "inf"], "--fps must be from 0.1 to 1000"),
+                      (["--fps", "1e-300"], "--fps must be from 0.1 to 1000"),
+                      (["--crf", "-5"], "--crf must be from 0 to 51"),
+                      (["--short-side", "100000"], "--short-side must be an even number from 2")]:
+        assert main(["prepare", str(src), str(dst), *args, "--no-progress"]) == 2
+        assert msg in _one_line_error(capsys)
+        assert not dst.exists()
+    # a record with nothing made under it holds nothing back; many workers start few processes
+    dst.mkdir()
+    (dst / "prepare.json").write_text(json.dumps({"format": "zeroi2v-prepare", "version": 1,
+                                                  "settings": {"short_side": 64}}))
+    assert main(["prepare", str(src), str(dst), "--short-side", "16", "--workers", "100000",
+                 "--no-progress"]) == 0
+    assert json.loads((dst / "prepare.json").read_text())["settings"]["short_side"] == 16
+
+
+def test_nothing_readable_is_an_error_and_a_device_as_record_is_refused(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "bad.mp4").write_bytes(b"not a video")
+    assert main(["prepare", str(src), str(tmp_path / "d1"), "--short-side", "16",
+                 "--no-progress"]) == 2
+    assert "none of the 1 videos could be read" in capsys.readouterr().err
+    src = _small_tree(tmp_path, ["a/x.mp4"])
+    dst = tmp_path / "d2"
+    dst.mkdir()
+    os.symlink("/dev/zero", dst / "prepare.json")
+    assert main(["prepare", str(src), str(dst), "--short-side", "16", "--no-progress"]) == 2
+    assert "prepare.json is a device or socket" in _one_line_error(capsys)

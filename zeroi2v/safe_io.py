@@ -526,15 +526,24 @@ MAX_TEXT_BYTES = 64 * 2**20
 
 
 def read_text(path: PathLike, what: str = "file") -> str:
-    """A UTF-8 text file of at most :data:`MAX_TEXT_BYTES`, or a ``ValueError`` naming it."""
+    """A UTF-8 text file of at most :data:`MAX_TEXT_BYTES` (a leading byte-order mark dropped),
+    or a ``ValueError`` naming it. Only a regular file: a FIFO would block, a device never end."""
     path = os.fspath(path)
-    size = os.path.getsize(path)
-    if size > MAX_TEXT_BYTES:
-        raise LimitError(f"{path}: a {what} of {fmt_bytes(size)}, over the "
-                         f"{fmt_bytes(MAX_TEXT_BYTES)} any real one takes")
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode) \
+            else "device or socket"
+        raise ValueError(f"{path} is a {kind}, not a {what}")
+    too_big = LimitError(f"{path}: a {what} of over {fmt_bytes(MAX_TEXT_BYTES)}, more than any "
+                         "real one takes")
+    if st.st_size > MAX_TEXT_BYTES:
+        raise too_big
+    with open(path, "rb") as f:
+        data = f.read(MAX_TEXT_BYTES + 1)  # bounded, should it grow after the stat
+    if len(data) > MAX_TEXT_BYTES:
+        raise too_big
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): not a {what}") from None
 

@@ -75,25 +75,39 @@ def write_text_atomic(path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def _with_id(line: str) -> Optional[tuple[int, str]]:
+    """``(id, name)`` of an ``"<id> <name>"`` / ``"<id>,<name>"`` / tab line, else None."""
+    for sep in (",", "\t", " "):
+        head, _, tail = line.partition(sep)
+        if tail.strip() and head.isdigit():
+            return int(head), tail.strip()
+    return None
+
+
 def read_class_names(path: Optional[Union[str, os.PathLike]]) -> Optional[list[str]]:
-    """One class name per line; ``"<id> <name>"`` or ``"<id>,<name>"`` lines are also accepted."""
+    """One class name per line, label ``i`` on line ``i``. A file whose every line is
+    ``"<id> <name>"`` (or ``<id>,<name>``, tab-separated) names each label by its id instead: the
+    ids must be 0 .. n-1, each once. A header line above such lines is refused (it would be
+    taken for class 0 and shift every label)."""
     if path is None:
         return None
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"class-name file not found: {p}")
-    names = []
-    for line in read_text(p, "class-name file").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        for sep in (",", "\t", " "):
-            head, _, tail = line.partition(sep)
-            if tail and head.isdigit():
-                line = tail.strip()
-                break
-        names.append(line)
-    return names
+    lines = [ln.strip() for ln in read_text(p, "class-name file").splitlines() if ln.strip()]
+    ids = [_with_id(ln) for ln in lines]
+    if len(lines) > 1 and ids[0] is None and all(ids[1:]):
+        raise ValueError(f"{p}: line 1 {short_repr(lines[0])} is not '<id> <name>' as the others "
+                         "are: remove the header line")
+    if not lines or not all(ids):
+        return lines  # names only, in label order
+    by_id = dict(ids)
+    if len(by_id) != len(ids) or sorted(by_id) != list(range(len(ids))):
+        got = sorted(i for i, _ in ids)
+        shown = ", ".join(map(str, got[:8])) + (", ..." if len(got) > 8 else "")
+        raise ValueError(f"{p}: the class ids are {shown}, not 0 .. {len(ids) - 1} each once: "
+                         "number the classes from 0 without gaps")
+    return [by_id[i] for i in range(len(ids))]
 
 
 def check_class_list(names: list[str], source, max_label: int, ann_file) -> list[str]:

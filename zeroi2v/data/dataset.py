@@ -195,8 +195,8 @@ class VideoDataset(Dataset):
         """``classes.txt`` beside the annotation file (``zeroi2v prepare`` writes both): the
         class order its labels follow, which evaluation and training check against the model's."""
         path = os.path.join(os.path.dirname(os.path.abspath(self.ann_file)), CLASSES_FILE)
-        if not os.path.isfile(path):
-            return None, None
+        if not os.path.lexists(path):
+            return None, None  # (one that is there but no file is refused by the reader)
         return check_class_list(read_class_names(path), path, max_label, self.ann_file), path
 
     def _video_file(self, index: int):

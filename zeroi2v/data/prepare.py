@@ -323,7 +323,7 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
     settings, and :class:`PrepareWriteError` when ``dst`` cannot be written.
     """
     src, dst = Path(src), Path(dst)
-    outputs, renamed, skipped = plan_sources(src, dst, short_side, fps, workers)
+    outputs, renamed, skipped = plan_sources(src, dst, short_side, fps, workers, crf)
     numbering = class_numbering(outputs, classes, src) if classes is not None else None
     # what the video files depend on; the class numbering lives only in annotations.txt and
     # classes.txt, which every run rewrites whole, so renumbering (--classes) is no mixing
@@ -336,14 +336,16 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
     try:
         with folder_lock(dst, f"zeroi2v prepare {src} {dst}") as stale:
             recorded = read_record(dst)  # checked before anything in dst changes
+            made = next(dst.rglob("*.mp4"), None) is not None if dst.is_dir() else False
+            if recorded is not None and not made:
+                recorded = None  # nothing made with the recorded settings: nothing to mix
             if recorded is not None:
                 recorded.pop("classes", None)  # (recorded by the first version of the record)
                 refuse_changed_settings(
                     f"the videos in {dst} were prepared", recorded, settings,
                     "run with the settings they were made with to resume, or choose another "
                     f"destination (or empty {dst})")
-            unchecked = recorded is None and (any((dst / out).is_file() for out in outputs)
-                                              or (dst / ANNOTATIONS).is_file())
+            unchecked = recorded is None and made and not (dst / RECORD).exists()
             if recorded is None:
                 try:
                     write_record(dst, settings)
@@ -365,6 +367,9 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
                 raise
             state.failed.sort()
             _write_failed(dst / FAILED_LIST, state.failed + skipped)
+            if state.failed and state.converted + state.existing == 0:
+                raise ValueError(f"none of the {len(state.failed)} videos could be read (reasons "
+                                 f"in {dst / FAILED_LIST})")
             ann, names = _write_annotations(dst, [out for out in outputs if (dst / out).is_file()],
                                             numbering)
     except OSError as e:
@@ -378,7 +383,8 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
             "upscaled": state.upscaled}
 
 
-def plan_sources(src: Path, dst: Path, short_side: int, fps: Optional[float], workers: int
+def plan_sources(src: Path, dst: Path, short_side: int, fps: Optional[float], workers: int,
+                 crf: int = 23
                  ) -> tuple[dict[str, str], list[tuple[str, str]], list[tuple[str, str]]]:
     """The checks every prepare run makes before it touches ``dst``; returns ``({output:
     source}, renamed, skipped)`` (see :func:`_plan` and :func:`scan_sources`)."""
@@ -387,10 +393,15 @@ def plan_sources(src: Path, dst: Path, short_side: int, fps: Optional[float], wo
     if src.resolve() == dst.resolve():
         raise ValueError("the destination must differ from the source folder (outputs are .mp4 files "
                          "that would replace the inputs)")
-    if int(short_side) < 2 or int(short_side) % 2:
-        raise ValueError(f"--short-side must be an even number >= 2 (H.264 yuv420p), got {short_side}")
-    if fps is not None and not float(fps) > 0:
-        raise ValueError(f"--fps must be > 0, got {fps}")
+    # checked here, before dst is locked or recorded: a value no encoder takes would otherwise
+    # fail every video one by one, and be recorded as the destination's setting
+    if not 2 <= int(short_side) <= 8192 or int(short_side) % 2:
+        raise ValueError(f"--short-side must be an even number from 2 to 8192 (H.264 yuv420p), "
+                         f"got {short_side}")
+    if fps is not None and not 0.1 <= float(fps) <= 1000:
+        raise ValueError(f"--fps must be from 0.1 to 1000 frames per second, got {fps}")
+    if not 0 <= int(crf) <= 51:
+        raise ValueError(f"--crf must be from 0 to 51 (x264's range; lower is better), got {crf}")
     if int(workers) < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     videos, skipped = scan_sources(src, exclude=dst)
@@ -502,6 +513,7 @@ def _run(todo, args, workers: int, progress: bool, state: _RunState) -> None:
             state.upscaled += upscaled
         bar.update(1)
 
+    workers = useful_workers(workers, len(todo))
     try:
         if workers == 1:
             for (rel, _), a in zip(todo, args):
@@ -518,6 +530,12 @@ def _run(todo, args, workers: int, progress: bool, state: _RunState) -> None:
                 raise
     finally:
         bar.close()
+
+
+def useful_workers(asked: int, jobs: int) -> int:
+    """Processes worth starting: no more than the jobs or the CPUs (transcoding is CPU-bound;
+    a typo such as --workers 100000 must not fork that many)."""
+    return max(1, min(int(asked), jobs, os.cpu_count() or 1))
 
 
 def _write_failure(e: OSError, state: _RunState, dst: Path, kept_videos: int) -> str:

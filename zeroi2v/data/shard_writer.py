@@ -45,6 +45,7 @@ from .prepare import (
     class_numbering,
     display_name,
     plan_sources,
+    useful_workers,
 )
 from .prepare_settings import refuse_changed_settings
 from .shards import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, sample_key
@@ -256,6 +257,7 @@ def _shard_entry_ok(entry) -> bool:
 def _results(todo: list, produce: Callable, workers: int):
     """``(pos, file, reason, scaled up)`` for each ``(pos, args)`` of ``todo``, in order; ``produce(*args)``
     runs in ``workers`` processes, at most two per worker ahead of the one written next."""
+    workers = useful_workers(workers, len(todo))
     if workers == 1:
         for pos, args in todo:
             yield (pos, *produce(*args))
@@ -405,7 +407,7 @@ def prepare_shards(src, dst, short_side: int = 256, fps: Optional[float] = None,
     shard_size = int(shard_size)
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least one byte, got {shard_size}")
-    outputs, _, skipped = plan_sources(src, dst, short_side, fps, workers)
+    outputs, _, skipped = plan_sources(src, dst, short_side, fps, workers, crf)
     loose = [rel for out, rel in sorted(outputs.items()) if "/" not in out]
     if loose:
         raise ValueError(f"--shards takes the labels from class folders (SRC/<class>/<video>), and "
