@@ -334,3 +334,23 @@ def test_workers_default_to_the_machine_and_aliases_suggest_the_key(capsys):
     assert "did you mean 'train.lr'?" in _err(capsys)[0]
     assert main(["config", "--set", "model.frames=4"]) == 2
     assert "did you mean 'model.num_frames'?" in _err(capsys)[0]
+
+
+def test_a_folder_named_checkpoints_is_no_run_and_copies_beside_checkpoints_stay(tmp_path, data,
+                                                                                 capsys):
+    import shutil
+
+    cfg = _run(tmp_path, data, epochs=3)
+    run = tmp_path / "run"
+    assert main(["train", cfg, "--out", str(run), "--set", "train.stop_after_epoch=1"]) == 0
+    store = tmp_path / "store" / "checkpoints"
+    store.mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "epoch_0001", store / "epoch_0001")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(store / "epoch_0001")]) == 2
+    assert "is not inside a run's checkpoints folder" in _err(capsys)[0]
+    assert not (tmp_path / "store" / "log.jsonl").exists()
+    keep = run / "checkpoints" / "epoch_0001_keep"  # the user's own copy
+    shutil.copytree(run / "checkpoints" / "epoch_0001", keep)
+    assert main(["train", "--resume", "--out", str(run)]) == 0
+    assert keep.is_dir()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Optional, Union
@@ -92,7 +93,9 @@ def _prune(out_dir: Path) -> None:
     """Keep ``last``, the checkpoint before it (the one to fall back to should ``last`` ever be
     damaged) and ``best``."""
     keep = {(out_dir / n).resolve() for n in ("last", "best") if (out_dir / n).exists()}
-    folders = sorted((out_dir / CHECKPOINTS).glob("epoch_*"), key=_epoch_of)
+    # only the names save_checkpoint gives: a user's epoch_0003_keep or epoch_0003.bak stays
+    folders = sorted((d for d in (out_dir / CHECKPOINTS).glob("epoch_*")
+                      if re.fullmatch(r"epoch_\d+(_\d+)?", d.name)), key=_epoch_of)
     last = (out_dir / "last").resolve()
     older = [d for d in folders if d.resolve() != last and _epoch_of(d) <= _epoch_of(last)]
     if older:
@@ -129,10 +132,13 @@ def run_folder_of(checkpoint: PathLike) -> Optional[Path]:
     None for a checkpoint copied elsewhere."""
     p = Path(checkpoint).resolve()
     if p.parent.name == CHECKPOINTS:
-        return p.parent.parent
-    if p.name in ("last", "best") and (p.parent / CHECKPOINTS).is_dir():
-        return p.parent  # RUN/last as a folder: a copy of the run that followed the links
-    return None
+        run = p.parent.parent
+    elif p.name in ("last", "best") and (p.parent / CHECKPOINTS).is_dir():
+        run = p.parent  # RUN/last as a folder: a copy of the run that followed the links
+    else:
+        return None
+    # a run's folder, not any folder named checkpoints: a run writes these beside them
+    return run if any((run / n).exists() for n in ("log.jsonl", "config.yaml", "last")) else None
 
 
 def holds_checkpoints(out_dir: PathLike) -> bool:
