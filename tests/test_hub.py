@@ -438,6 +438,15 @@ def test_cli_push_takes_the_run_config_and_eval_results_beside_the_model(tmp_pat
     assert main(["push", str(folder), "someone/tiny2"]) == 0
     assert f"{folder / 'eval.json'} evaluated {tmp_path / 'old'}" in capsys.readouterr().out
     assert "55.50" not in (tmp_path / "up2" / "README.md").read_text()
+    # a hand-edited results file: what is not of its type is left out of the card
+    (folder / "eval.json").write_text(json.dumps({"top1": 55.5, "merged": [1], "ann_file": 5,
+                                                  "num_samples": "many", "num_skipped": {}}))
+    api3 = RecordingApi(tmp_path / "up3")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api3)
+    assert main(["push", str(folder), "someone/tiny3"]) == 0
+    card = (tmp_path / "up3" / "README.md").read_text()
+    assert "55.50" in card and "many" not in card
+    capsys.readouterr()
     # a model on the Hub is not pushed again from the cache
     assert main(["push", "hf-hub:someone/tiny", "someone/other"]) == 2
     assert "push a local model folder" in _one_line(capsys.readouterr().err)

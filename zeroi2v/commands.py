@@ -487,10 +487,12 @@ def cmd_push(args) -> int:
         results = default_eval_file(args.model)
         from .safe_io import load_json, read_text
 
-        evaluated = load_json(read_text(results, "results file"), str(results))
-        evaluated = evaluated.get("checkpoint_folder") if isinstance(evaluated, dict) else None
+        doc = load_json(read_text(results, "results file"), str(results))
+        evaluated = doc.get("checkpoint_folder") if isinstance(doc, dict) else None
+        results = doc if isinstance(doc, dict) else results  # (read once; a non-dict refused there)
         if evaluated is not None and evaluated != _evaluated_folder(args.model):
-            print(f"note: {results} evaluated {evaluated}, not the {_evaluated_folder(args.model)} "
+            print(f"note: {default_eval_file(args.model)} evaluated {evaluated}, not the "
+                  f"{_evaluated_folder(args.model)} "
                   f"pushed now: left out of the card (zeroi2v eval {args.model} writes new ones)",
                   flush=True)
             results = None

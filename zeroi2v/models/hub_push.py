@@ -101,15 +101,13 @@ def _as_dict(x, what: str) -> Optional[dict]:
     if isinstance(x, Mapping):
         return json.loads(json.dumps(dict(x), default=str))  # plain values, a copy
     if isinstance(x, (str, os.PathLike)):
-        import yaml
+        from ..safe_io import load_json, load_yaml, read_text
 
         p = Path(x)
-        if not p.is_file():
+        if not p.exists():
             raise FileNotFoundError(f"{what}: file not found: {p}")
-        try:
-            d = yaml.safe_load(p.read_text())  # JSON is YAML
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ValueError(f"{what}: {p} is not valid JSON/YAML: {e}") from None
+        text = read_text(p, f"{what} file")  # bounded; JSON and YAML nesting bounded too
+        d = load_json(text, str(p)) if p.suffix == ".json" else load_yaml(text, str(p))
         if not isinstance(d, dict):
             raise ValueError(f"{what}: {p} does not hold a mapping")
         return d
@@ -300,21 +298,23 @@ def _training(cfg: Optional[dict], has_file: bool) -> list[str]:
 def _evaluation(res: Optional[dict]) -> list[str]:
     if not res or "top1" not in res:
         return []
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     cols = [("top-1 (%)", res.get("top1")), ("top-5 (%)", res.get("top5")),
             ("mean class acc. (%)", res.get("mean_class_acc")),
             ("videos", res.get("num_samples")), ("views", res.get("views"))]
-    cols = [(k, v) for k, v in cols if v is not None]
-    ann = res.get("ann_file")
+    cols = [(k, v) for k, v in cols if number(v)]  # a hand-edited file: only numbers shown
+    ann = res.get("ann_file") if isinstance(res.get("ann_file"), str) else None
     out = ["", "## Evaluation", "",
            "| " + " | ".join(k for k, _ in cols) + " |",
            "|" + "---|" * len(cols),
            "| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for _, v in cols)
            + " |", ""]
     where = f" on `{Path(ann).name}`" if ann else ""
-    merged = {True: " (merged model)", False: " (adapters kept)"}.get(res.get("merged"), "")
+    merged = {True: " (merged model)", False: " (adapters kept)"}.get(res.get("merged"), "") \
+        if isinstance(res.get("merged"), bool) else ""
+    skipped = res.get("num_skipped") if number(res.get("num_skipped")) else 0
     out.append(f"Measured with `zeroi2v eval`{where}{merged}"
-               + (f"; {res['num_skipped']} unreadable videos left out." if res.get("num_skipped")
-                  else "."))
+               + (f"; {skipped} unreadable videos left out." if skipped else "."))
     return out
 
 
