@@ -174,3 +174,13 @@ def test_a_classes_txt_that_is_no_file_is_refused(data, tmp_path, capsys):
     assert main(["train", cfg, "--out", str(tmp_path / "r")]) == 2
     err = _err(capsys)
     assert len(err) == 1 and "classes.txt is a device or socket, not a class-name file" in err[0]
+
+
+def test_class_names_are_drawn_as_text_not_mathtext(tmp_path):
+    import numpy as np
+
+    from zeroi2v.train.metrics import plot_confusion_matrix
+
+    out = plot_confusion_matrix(np.eye(2, dtype=np.int64), tmp_path / "cm.png",
+                                ["cost $\\badcmd{x}$", "back_$x^$ward"])
+    assert Path(out).stat().st_size > 1000

@@ -240,6 +240,16 @@ def test_a_log_written_to_a_file_has_no_progress_frames(tmp_path, data):
                for ln in r.stdout.splitlines() if not ln.startswith("epoch 1/2: loss"))
 
 
+def test_a_stray_line_in_the_log_costs_no_epoch(tmp_path, data):
+    cfg = _run(tmp_path, data, epochs=2)
+    out = tmp_path / "r"
+    assert main(["train", cfg, "--out", str(out), "--set", "train.stop_after_epoch=1"]) == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"type": "epoch"}\n[1, 2]\n{"type": "train", "step": "x"}\n')
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    assert (out / "last").resolve().name == "epoch_0002" and (out / "curves.png").is_file()
+
+
 def test_durations_read_as_people_write_them():
     from zeroi2v.progress import seconds
 

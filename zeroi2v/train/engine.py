@@ -123,13 +123,14 @@ def _validate_and_save(run: TrainingRun, epoch: int, rec: dict) -> Optional[dict
     run.board.record(rec)
     if run.info.is_main:
         print(epoch_line(epoch + 1, run.epochs, rec, val), flush=True)
-        # redrawn every epoch, but at most every CURVES_EVERY_S seconds (a plot costs ~0.2 s,
-        # which 30 one-second epochs of the demo would feel) and always after the last one
+    # curves.png is redrawn every epoch, but at most every CURVES_EVERY_S seconds (a plot costs
+    # ~0.2 s, which 30 one-second epochs of the demo would feel) and always after the last one
+    _save_epoch(run, epoch, val)  # before the plot: nothing in a figure can cost an epoch
+    if run.info.is_main:
         now = time.monotonic()
         if now - run.curves_drawn >= CURVES_EVERY_S or epoch + 1 == run.epochs:
             plot_curves(run.log.records(), run.out_dir / "curves.png")
             run.curves_drawn = now
-    _save_epoch(run, epoch, val)
     return val
 
 

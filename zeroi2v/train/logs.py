@@ -60,8 +60,13 @@ def epoch_line(epoch: int, epochs: int, rec: dict, val: Optional[dict]) -> str:
 def plot_curves(records: list[dict], path: Path) -> Optional[Path]:
     """``curves.png``: training loss (per log interval and per epoch), training and validation
     accuracy, and the learning rate, against the optimiser step. None when there is nothing."""
-    steps = [r for r in records if r.get("type") == "train"]
-    epochs = [r for r in records if r.get("type") == "epoch"]
+    def numbers(r, *keys) -> bool:  # log.jsonl is appended to by anyone: only whole records
+        return isinstance(r, dict) and all(
+            isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in keys)
+
+    steps = [r for r in records if numbers(r, "step", "loss", "lr") and r.get("type") == "train"]
+    epochs = [r for r in records if numbers(r, "step", "train_loss", "train_acc", "lr")
+              and r.get("type") == "epoch"]
     if not steps and not epochs:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -78,7 +83,7 @@ def plot_curves(records: list[dict], path: Path) -> Optional[Path]:
         x = [r["step"] for r in epochs]
         loss.plot(x, [r["train_loss"] for r in epochs], "o-", label="epoch mean")
         acc.plot(x, [r["train_acc"] for r in epochs], "o-", label="train")
-        val = [(r["step"], r["val"]["top1"]) for r in epochs if r.get("val")]
+        val = [(r["step"], r["val"]["top1"]) for r in epochs if numbers(r.get("val"), "top1")]
         if val:
             acc.plot(*zip(*val), "s-", label="validation top-1")
         if not steps:

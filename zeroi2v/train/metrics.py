@@ -115,8 +115,9 @@ def plot_confusion_matrix(cm, path: os.PathLike, class_names: Optional[Sequence[
     if k <= 40:
         ax.set_xticks(range(k))
         ax.set_yticks(range(k))
-        ax.set_xticklabels(names, rotation=90, fontsize=8)
-        ax.set_yticklabels(names, fontsize=8)
+        labels = [n.replace("$", r"\$") for n in names]  # a name is text, not mathtext
+        ax.set_xticklabels(labels, rotation=90, fontsize=8)
+        ax.set_yticklabels(labels, fontsize=8)
     if k <= 12:
         for i in range(k):
             for j in range(k):
