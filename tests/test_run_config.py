@@ -364,3 +364,10 @@ def test_a_folder_named_checkpoints_is_no_run_and_copies_beside_checkpoints_stay
     shutil.copytree(run / "checkpoints" / "epoch_0001", keep)
     assert main(["train", "--resume", "--out", str(run)]) == 0
     assert keep.is_dir()
+
+
+def test_an_unknown_option_is_named_by_its_command(capsys):
+    assert main(["eval", "somewhere", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zeroi2v eval: error: unrecognized arguments: --bogus") and \
+        err.count("\n") == 1

@@ -282,6 +282,11 @@ def test_shards_that_do_not_match_their_index(data, corrupt, tmp_path):
     bad.write_text('{"a": 1}')
     with pytest.raises(ValueError, match="not a zeroi2v shard index"):
         _ds(data, False, str(bad))
+    index = json.loads(Path(corrupt["index"]).read_text())
+    for classes in (5, "fb", {"a": 1}, [1, 2]):  # (a string would be read as one class a letter)
+        bad.write_text(json.dumps(dict(index, classes=classes)))
+        with pytest.raises(ValueError, match='its "classes" are not a list of names'):
+            _ds(data, False, str(bad))
 
 
 # ------------------------------------------------------------------------------ prepare --shards

@@ -240,7 +240,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not (sys.argv[1:] if argv is None else argv):  # `zeroi2v` alone: what it can do
         parser.print_help(sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command, as its other errors are
+        print(f"zeroi2v {args.command}: error: unrecognized arguments: {' '.join(extra)} (see "
+              f"zeroi2v {args.command} --help)", file=sys.stderr)
+        return 2
     try:
         debug = getattr(args, "debug", False) or settings.debug()
     except ValueError as e:  # a bad ZEROI2V_DEBUG value

@@ -141,6 +141,11 @@ class ShardIndex:
         if not raw.get("complete"):
             raise _bad(path, "the index of an unfinished zeroi2v prepare --shards run",
                        "run the same prepare command again to finish it")
+        classes = raw.get("classes")
+        if classes is not None and not (isinstance(classes, list)
+                                        and all(isinstance(c, str) for c in classes)):
+            raise _bad(path, f"its \"classes\" are not a list of names ({str(classes)[:80]})",
+                       "prepare the shards again")
         shards = raw.get("shards")
         if not isinstance(shards, list) or not shards:
             raise _bad(path, "the index lists no shards")

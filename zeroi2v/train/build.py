@@ -165,8 +165,10 @@ def video_views(video: Union[str, os.PathLike], cfg: RunConfig) -> torch.Tensor:
     from ..data.decoders import VideoDecodeError
 
     vp = Path(video)
-    if not vp.is_file():
+    if not vp.exists():
         raise FileNotFoundError(f"video not found: {vp}")
+    if not vp.is_file():  # a FIFO would block the decoder, a device never end
+        raise ValueError(f"{vp} is not a video file (a folder, FIFO or device)")
     with tempfile.TemporaryDirectory() as tmp:
         # a link with a plain name: the annotation format cannot hold every file name
         link = Path(tmp) / ("video" + "".join(c for c in vp.suffix if c.isalnum() or c == "."))
