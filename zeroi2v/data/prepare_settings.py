@@ -27,7 +27,7 @@ def _show(key: str, value) -> str:
 
     if value is None:
         return _UNSET.get(key, "none")
-    if isinstance(value, list):  # a class list: its length, not hundreds of names
+    if key == "classes" and isinstance(value, list):  # its length, not hundreds of names
         return f"{len(value)} names"
     return str(value) if isinstance(value, (int, float)) else short_repr(value)
 
@@ -75,7 +75,7 @@ def read_record(dst: Path) -> Optional[dict]:
         raise ValueError(f"{path} cannot be read ({e.strerror or e}): {fix}") from None
     if not isinstance(raw, dict) or raw.get("format") != _FORMAT or not isinstance(raw.get("settings"), dict):
         raise ValueError(f"{path} is not the settings record of zeroi2v prepare: {fix}")
-    if raw.get("version") != _VERSION:
+    if raw.get("version") != _VERSION or isinstance(raw.get("version"), bool):
         raise ValueError(f"{path} is a settings record of version {_show('', raw.get('version'))}, "
                          f"this zeroi2v writes {_VERSION}: {fix}")
     return raw["settings"]
