@@ -526,6 +526,11 @@ def cmd_prepare(args) -> int:
               f"index: {res['index']} (set data.train_ann / data.val_ann to it)")
         return 0
     res = prepare_videos(args.src, args.dst, **common)
+    if res["failed"] and res["converted"] + res["existing"] == 0:  # (the API returns the list)
+        from .data.prepare import FAILED_LIST
+
+        raise ValueError(f"none of the {len(res['failed'])} videos could be read (reasons in "
+                         f"{Path(args.dst) / FAILED_LIST})")
     if res["unchecked"]:
         print(f"note: {args.dst} holds videos of an older zeroi2v that did not record its settings, "
               "so they cannot be checked against this command's; they are kept, and this command's "

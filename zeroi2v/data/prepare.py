@@ -367,9 +367,6 @@ def prepare_videos(src: str | os.PathLike, dst: str | os.PathLike, short_side: i
                 raise
             state.failed.sort()
             _write_failed(dst / FAILED_LIST, state.failed + skipped)
-            if state.failed and state.converted + state.existing == 0:
-                raise ValueError(f"none of the {len(state.failed)} videos could be read (reasons "
-                                 f"in {dst / FAILED_LIST})")
             ann, names = _write_annotations(dst, [out for out in outputs if (dst / out).is_file()],
                                             numbering)
     except OSError as e:
