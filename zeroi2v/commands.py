@@ -137,17 +137,16 @@ def cmd_train(args) -> int:
         if args.resume == "auto" and not args.out:
             raise ValueError("--resume without a config needs the run's folder: zeroi2v train "
                              "--resume --out DIR (or --resume DIR/last)")
-        if args.out:
-            ckpt = resume_path(args.resume, Path(args.out))
-        else:  # a checkpoint continues in the folder of the run that saved it
-            own = run_folder_of(checkpoint_folder(args.resume))
-            if own is None:
-                raise ValueError(f"{args.resume} is not inside a run's checkpoints folder: name "
-                                 "the folder to continue in with --out DIR")
-            ckpt = resume_path(args.resume, own)
-            if Path(saved_run_config(ckpt).train.out_dir).resolve() != own:  # moved, or cwd
-                values["train.out_dir"] = str(own)
-        cfg = set_values(apply_overrides(saved_run_config(ckpt), args.overrides), values)
+        own = None if args.out else run_folder_of(checkpoint_folder(args.resume))
+        if not args.out and own is None:
+            raise ValueError(f"{args.resume} is not inside a run's checkpoints folder: name the "
+                             "folder to continue in with --out DIR")
+        # a checkpoint without --out continues in the folder of the run that saved it
+        ckpt = resume_path(args.resume, Path(args.out) if args.out else own)
+        saved = saved_run_config(ckpt)
+        if own is not None and Path(saved.train.out_dir).resolve() != own:  # moved, or cwd
+            values["train.out_dir"] = str(own)
+        cfg = set_values(apply_overrides(saved, args.overrides), values)
     else:
         raise ValueError("train needs a YAML config (zeroi2v train CONFIG.yaml), or --resume "
                          "--out DIR to continue a run")
@@ -178,8 +177,10 @@ def cmd_eval(args) -> int:
             raise FileNotFoundError(f"annotation file not found: {ann}{where}{rel}: pass --ann "
                                     "FILE (and --root DIR for its videos)")
         ds = build_test_dataset(cfg, ann, args.root)
+        evaluated = _evaluated_folder(args.checkpoint)
+        data_names = getattr(ds, "class_names", None)
         if info.is_main:
-            print(f"evaluating {_evaluated_folder(args.checkpoint) or args.checkpoint} on {ann} "
+            print(f"evaluating {evaluated or args.checkpoint} on {ann} "
                   f"({len(ds)} videos x {cfg.eval.num_clips * cfg.eval.num_crops} views)",
                   file=sys.stderr)
         used = len(set(getattr(ds, "labels", []) or []))
@@ -188,13 +189,13 @@ def cmd_eval(args) -> int:
                   "(metrics over those; predictions may name any class)", file=sys.stderr)
         names = _class_names(args.class_names, model)
         what = f"--class-names {args.class_names}" if args.class_names else "the model"
-        same_classes(names, getattr(ds, "class_names", None), model_source=what,
+        same_classes(names, data_names, model_source=what,
                      data_source=f"{ann} (classes from {getattr(ds, 'class_names_file', '')})")
-        if names and not getattr(ds, "class_names", None) and info.is_main:
+        if names and not data_names and info.is_main:
             print(f"note: no classes.txt beside {ann}: its labels are taken as the model's class "
                   "ids, unchecked (a classes.txt there is checked against the model's classes)",
                   file=sys.stderr)
-        names = names or getattr(ds, "class_names", None)  # the report names the data's labels
+        names = names or data_names  # the report names the data's labels
         device = info.device
         model.to(device)
         num_classes = model.head.out_features
@@ -208,7 +209,7 @@ def cmd_eval(args) -> int:
             out = _eval_out(args)
             res = write_eval_report(m, out, names, extra={
                 "checkpoint": str(args.checkpoint),
-                "checkpoint_folder": _evaluated_folder(args.checkpoint),
+                "checkpoint_folder": evaluated,
                 "ann_file": str(ann), "merged": model.merged,
                 "views": cfg.eval.num_clips * cfg.eval.num_crops,
                 "world_size": info.world_size, "eval_time_s": dt})
@@ -482,19 +483,17 @@ def cmd_push(args) -> int:
     if is_hub_id(args.model):
         raise ValueError(f"{args.model} is on the Hub already: push a local model folder")
     model, cfg, art = load_model_and_run_config(args.model)
-    results = args.eval_results
-    if results is None and default_eval_file(args.model).is_file():
-        results = default_eval_file(args.model)
+    results, found = args.eval_results, default_eval_file(args.model)
+    if results is None and found.is_file():
         from .safe_io import load_json, read_text
 
-        doc = load_json(read_text(results, "results file"), str(results))
+        doc = load_json(read_text(found, "results file"), str(found))
         evaluated = doc.get("checkpoint_folder") if isinstance(doc, dict) else None
-        results = doc if isinstance(doc, dict) else results  # (read once; a non-dict refused there)
-        if evaluated is not None and evaluated != _evaluated_folder(args.model):
-            print(f"note: {default_eval_file(args.model)} evaluated {evaluated}, not the "
-                  f"{_evaluated_folder(args.model)} "
-                  f"pushed now: left out of the card (zeroi2v eval {args.model} writes new ones)",
-                  flush=True)
+        results = doc if isinstance(doc, dict) else found  # (read once; a non-dict refused there)
+        pushed = _evaluated_folder(args.model)
+        if evaluated is not None and evaluated != pushed:
+            print(f"note: {found} evaluated {evaluated}, not the {pushed} pushed now: left out "
+                  f"of the card (zeroi2v eval {args.model} writes new ones)", flush=True)
             results = None
     info = push_to_hub(model, args.repo_id, run_config=cfg if art.run_config_file else None,
                        eval_results=results, private=args.private or None,

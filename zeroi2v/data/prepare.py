@@ -449,11 +449,8 @@ def _class_list(classes) -> tuple[list[str], str]:
         where = f"--classes {os.fspath(classes)}"
         try:
             names = read_class_names(classes)
-        except FileNotFoundError:
+        except FileNotFoundError:  # (not UTF-8 is read_text's one-line ValueError)
             raise FileNotFoundError(f"--classes file not found: {os.fspath(classes)}") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{where} is not UTF-8 text (byte {e.start}): give a class-name file, "
-                             "one name per line") from None
     else:
         where, names = "the class list", list(classes)
         bad = next((n for n in names if not isinstance(n, str) or not n.strip() or n != n.strip()

@@ -54,7 +54,7 @@ def push_to_hub(model, repo_id: str, *, run_config=None, eval_results=None,
 
     Returns what ``upload_folder`` returns (the commit's information).
     """
-    from .artefact import CONFIG_FILE, RUN_CONFIG_FILE, load_model, read_artefact
+    from .artefact import CONFIG_FILE, RUN_CONFIG_FILE, model_from_artefact, read_artefact
     from .hub import parse_hub_id
 
     ref = parse_hub_id(f"{HUB_PREFIX}{repo_id}")
@@ -63,7 +63,7 @@ def push_to_hub(model, repo_id: str, *, run_config=None, eval_results=None,
     if not hasattr(model, "save_pretrained"):  # a saved folder: loaded and checked like any
         folder = Path(model)
         art = read_artefact(folder)
-        model = load_model(folder)
+        model = model_from_artefact(art)  # (the folder is read and checked once)
         if run_config is None and art.run_config_file is not None:
             run_config = art.run_config_file
         if eval_results is None and (art.folder / "eval.json").is_file():

@@ -112,6 +112,12 @@ class WarmupCosineLR:
         self.last_step += 1
         self._apply()
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """End the schedule at ``total_steps`` from here on (a run extended on resume); the
+        groups' learning rates follow at once."""
+        self.total_steps = int(total_steps)
+        self._apply()
+
     def get_last_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
 

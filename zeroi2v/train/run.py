@@ -271,22 +271,17 @@ def build_run(cfg: RunConfig, info, datasets: dict, model) -> TrainingRun:
                   "names (set data.class_names to a list of all of them)", flush=True)
         class_names = None
 
-    if isinstance(train_ds, IterableDataset):
-        # sharded data (zeroi2v.data.ShardStream): the dataset splits each epoch between the
-        # ranks and workers itself and is its own sampler (set_epoch, seed)
-        sampler = train_ds
-        loader = DataLoader(train_ds, batch_size=t.batch_size, num_workers=d.num_workers,
-                            drop_last=True, pin_memory=pin_memory_for(d.pin_memory, device),
-                            worker_init_fn=seed_worker, persistent_workers=False,
-                            collate_fn=collate_videos)
-    else:
-        sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
-                                     shuffle=True, seed=t.seed, drop_last=False)
-        loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler,
-                            num_workers=d.num_workers, drop_last=True,
-                            pin_memory=pin_memory_for(d.pin_memory, device),
-                            worker_init_fn=seed_worker, persistent_workers=False,
-                            collate_fn=collate_videos)
+    # sharded data (zeroi2v.data.ShardStream) splits each epoch between the ranks and workers
+    # itself and is its own sampler (set_epoch, seed); a DataLoader takes no sampler for it
+    streamed = isinstance(train_ds, IterableDataset)
+    sampler = train_ds if streamed else DistributedSampler(
+        train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=t.seed,
+        drop_last=False)
+    loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=None if streamed else sampler,
+                        num_workers=d.num_workers, drop_last=True,
+                        pin_memory=pin_memory_for(d.pin_memory, device),
+                        worker_init_fn=seed_worker, persistent_workers=False,
+                        collate_fn=collate_videos)
     steps = steps_per_epoch(len(loader), t.batch_size, t.accum_steps)
     global_batch = t.batch_size * t.accum_steps * info.world_size
 
@@ -418,8 +413,7 @@ def _resume(run: TrainingRun, path: Path) -> tuple[int, Optional[dict], list[str
     planned = run.scheduler.last_step + (run.epochs - start) * run.steps_per_epoch
     if planned != run.scheduler.total_steps:
         was, lr_was = run.scheduler.total_steps, run.scheduler.get_last_lr()[0]
-        run.scheduler.total_steps = planned
-        run.scheduler.load_state_dict(run.scheduler.state_dict())  # re-applies the LR
+        run.scheduler.set_total_steps(planned)
         lr_now = run.scheduler.get_last_lr()[0]
         notes.append(f"learning-rate schedule: now ends at step {planned} (was {was}); the "
                      f"learning rate at step {run.scheduler.last_step} goes from {lr_was:.4g} "
